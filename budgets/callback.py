@@ -1,0 +1,134 @@
+"""The Lightning callback that stops training before the next unit of work would cross the budget.
+
+Lightning's own ``max_time`` is checked after each step and then still runs a validation pass and
+saves checkpoints, so it overshoots. This callback instead keeps, at every step, room for:
+
+- the next training step,
+- the epoch boundary that any stop triggers (Lightning validates and checkpoints when
+  ``should_stop`` is set mid-epoch, and does so anyway at an epoch's end),
+- the finalization after ``fit``: the evaluation on the TEST split and the saving of the model.
+
+Each is measured as training goes; before the first measurement it is derived from the others.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from budgets.meter import BudgetMeter, WorkEstimator
+
+
+class BudgetStopping(Callback):
+    def __init__(
+        self,
+        meter: BudgetMeter,
+        final_eval_batches: int,
+        save_seconds: float,
+        safety_factor: float = 1.25,
+    ) -> None:
+        self.meter = meter
+        self.final_eval_batches = final_eval_batches
+        self.save_seconds = save_seconds
+        self.step = WorkEstimator(safety_factor=safety_factor)
+        self.eval_batch = WorkEstimator(safety_factor=safety_factor)
+        self.boundary = WorkEstimator(safety_factor=safety_factor)
+        self.stopped_by_budget = False
+        self.steps_done = 0
+        self._step_started: float | None = None
+        self._last_step_ended: float | None = None
+        self._eval_batch_started: float | None = None
+        self._epoch_ended = False
+
+    # -- estimates -------------------------------------------------------------------------
+
+    def eval_batch_estimate(self) -> float:
+        # A forward pass costs less than a training step, so a step is a safe prior.
+        return self.eval_batch.estimate(prior_seconds=self.step.estimate())
+
+    def finalize_estimate(self) -> float:
+        return self.final_eval_batches * self.eval_batch_estimate() + self.save_seconds
+
+    def boundary_estimate(self, val_batches: int) -> float:
+        prior = val_batches * self.eval_batch_estimate() + self.save_seconds
+        return self.boundary.estimate(prior_seconds=prior)
+
+    def reserve_after_step(self, val_batches: int) -> float:
+        """Seconds to keep after the next step: a stop's epoch boundary, then finalization."""
+        return self.boundary_estimate(val_batches) + self.finalize_estimate()
+
+    def next_step_fits(self, val_batches: int) -> bool:
+        return self.meter.fits(self.step.estimate() + self.reserve_after_step(val_batches))
+
+    # -- Lightning hooks -------------------------------------------------------------------
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.meter.start()
+        # Nothing measured yet: the first step is allowed if a stop right after it still fits.
+        self._decide(trainer, fits=self.meter.fits(self.reserve_after_step(_val_batches(trainer))))
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        now = self.meter.clock()
+        if self._epoch_ended and self._last_step_ended is not None:
+            self.boundary.record(now - self._last_step_ended)
+        self._epoch_ended = False
+        self._step_started = now
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        now = self.meter.clock()
+        if self._step_started is not None:
+            self.step.record(now - self._step_started)
+        self._last_step_ended = now
+        self.steps_done += 1
+        self._decide(trainer, fits=self.next_step_fits(_val_batches(trainer)))
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_ended = True
+
+    def on_validation_batch_start(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._eval_batch_started = self.meter.clock()
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._eval_batch_started is not None:
+            self.eval_batch.record(self.meter.clock() - self._eval_batch_started)
+
+    # -- decision --------------------------------------------------------------------------
+
+    def _decide(self, trainer: Trainer, fits: bool) -> None:
+        want_stop = not fits
+        # Every rank must stop at the same step: any rank out of budget stops them all.
+        if trainer.world_size > 1:
+            want_stop = trainer.strategy.reduce_boolean_decision(want_stop, all=False)
+        if want_stop:
+            self.stopped_by_budget = True
+            trainer.should_stop = True
+
+
+def _val_batches(trainer: Trainer) -> int:
+    counts = getattr(trainer, "num_val_batches", None) or [0]
+    return int(sum(c for c in counts if c != float("inf")))
+
+
+def wall_clock() -> float:
+    return time.monotonic()

@@ -1,0 +1,1 @@
+"""Metrics and reports per task, and their plots. Never imports ``trainer``."""

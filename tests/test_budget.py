@@ -1,0 +1,171 @@
+"""The budget logic, driven by an injected clock through the hooks Lightning would call."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from budgets import BudgetMeter, BudgetOutOfBounds, check_budget
+from budgets.callback import BudgetStopping
+from budgets.meter import milli_node_hours
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class FakeTrainer:
+    val_batches: int
+    should_stop: bool = False
+    world_size: int = 1
+    num_val_batches: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.num_val_batches = [self.val_batches]
+
+
+@dataclass
+class Workload:
+    """How long each unit of work takes, in seconds."""
+
+    step: Callable[[int], float]
+    steps_per_epoch: int = 10
+    val_batches: int = 4
+    val_batch: float = 0.1
+    final_eval_batches: int = 4
+    save: float = 0.5
+    setup: float = 1.0
+
+
+def simulate(budget: int, work: Workload, nodes: int = 1) -> tuple[BudgetMeter, BudgetStopping]:
+    """Replay Lightning's order of hooks: sanity check, steps, validation at each epoch end
+    and on a stop, then the final evaluation and the save."""
+    clock = FakeClock()
+    meter = BudgetMeter(budget, nodes=nodes, clock=clock)
+    meter.start()
+    clock.advance(work.setup)
+    callback = BudgetStopping(meter, work.final_eval_batches, save_seconds=work.save)
+    trainer = FakeTrainer(work.val_batches)
+
+    def validate(batches: int) -> None:
+        for index in range(batches):
+            callback.on_validation_batch_start(trainer, None, None, index)
+            clock.advance(work.val_batch)
+            callback.on_validation_batch_end(trainer, None, None, None, index)
+
+    validate(2)  # Lightning's sanity check
+    callback.on_train_start(trainer, None)
+    steps = itertools.count()
+    while not trainer.should_stop:
+        for index in range(work.steps_per_epoch):
+            callback.on_train_batch_start(trainer, None, None, index)
+            clock.advance(work.step(next(steps)))
+            callback.on_train_batch_end(trainer, None, None, None, index)
+            if trainer.should_stop:
+                break
+        validate(work.val_batches)
+        clock.advance(work.save)  # the epoch's checkpoint
+        callback.on_train_epoch_end(trainer, None)
+    clock.advance(work.final_eval_batches * work.val_batch + work.save)
+    return meter, callback
+
+
+def test_cost_formula_rounds_up_node_seconds() -> None:
+    assert milli_node_hours(3.6, nodes=1) == 1
+    assert milli_node_hours(3.61, nodes=1) == 2
+    assert milli_node_hours(3.6 * 5, nodes=1) == 5
+    assert milli_node_hours(3.6, nodes=4) == 4
+    assert milli_node_hours(0.0, nodes=1) == 0
+
+
+def test_meter_limit_is_budget_over_nodes() -> None:
+    clock = FakeClock()
+    meter = BudgetMeter(10, nodes=2, clock=clock)
+    meter.start()
+    assert meter.limit_seconds() == pytest.approx(18.0)
+    clock.advance(18.0)
+    assert meter.cost_milli_node_hours() == 10
+    assert not meter.fits(0.01)
+
+
+def test_stops_just_before_crossing() -> None:
+    meter, callback = simulate(100, Workload(step=lambda i: 1.0))
+    assert callback.stopped_by_budget
+    assert meter.cost_milli_node_hours() <= 100
+    # Not wastefully early: less than one more step plus the reserve was left unused.
+    unused = meter.limit_seconds() - meter.elapsed_seconds()
+    assert unused < 1.0 * 1.25 + callback.reserve_after_step(4) + 1.0
+
+
+def test_steps_that_slow_down() -> None:
+    meter, callback = simulate(60, Workload(step=lambda i: 0.2 * 1.08**i))
+    assert callback.stopped_by_budget
+    assert meter.cost_milli_node_hours() <= 60
+
+
+def test_validation_slower_than_a_step() -> None:
+    work = Workload(step=lambda i: 0.05, val_batches=20, val_batch=0.4, steps_per_epoch=50)
+    meter, callback = simulate(20, work)
+    assert callback.stopped_by_budget
+    assert meter.cost_milli_node_hours() <= 20
+    assert callback.boundary.measured
+
+
+def test_single_step_longer_than_all_that_is_left() -> None:
+    # A 36 s budget: the first step shows that steps take 30 s, more than the 4.8 s left.
+    meter, callback = simulate(10, Workload(step=lambda i: 30.0))
+    assert callback.stopped_by_budget
+    assert callback.steps_done == 1
+    assert meter.cost_milli_node_hours() <= 10
+
+
+def test_one_sudden_long_step_is_then_expected() -> None:
+    slow_once = Workload(step=lambda i: 40.0 if i == 5 else 0.5, steps_per_epoch=100)
+    meter, callback = simulate(25, slow_once)
+    assert meter.cost_milli_node_hours() <= 25
+    assert callback.step.estimate() >= 40.0
+
+
+def test_budget_too_small_for_even_setup() -> None:
+    meter, callback = simulate(1, Workload(step=lambda i: 0.1, setup=5.0))
+    assert callback.stopped_by_budget
+    assert callback.steps_done == 0
+
+
+def test_nodes_multiply_the_cost() -> None:
+    meter, callback = simulate(40, Workload(step=lambda i: 0.5), nodes=4)
+    assert callback.stopped_by_budget
+    assert meter.cost_milli_node_hours() <= 40
+    assert meter.elapsed_seconds() <= 40 * 3.6 / 4
+
+
+@pytest.mark.parametrize(
+    ("budget", "low", "high"), [(999, 1000, 100000), (100001, 1000, 100000), (0, 1, 10)]
+)
+def test_bounds_refuse_outside(budget: int, low: int, high: int) -> None:
+    with pytest.raises(
+        BudgetOutOfBounds, match=r"outside the bounds .*budget.min_milli_node_hours"
+    ):
+        check_budget(budget, low, high)
+
+
+@pytest.mark.parametrize("value", ["abc", 5.5, True, None])
+def test_bounds_refuse_non_integers(value: object) -> None:
+    with pytest.raises(BudgetOutOfBounds, match="not an integer"):
+        check_budget(value, 1, 10)
+
+
+def test_bounds_accept_edges() -> None:
+    assert check_budget(1000, 1000, 100000) == 1000
+    assert check_budget(100000, 1000, 100000) == 100000

@@ -1,0 +1,65 @@
+"""A user's mistake: exit code 2 and one line on stderr that names the value, no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import run_trainer
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["dataset.path=/no/such/folder"], ["dataset.path='/no/such/folder'", "does not exist"]),
+        (["model_type=mobile-fast-9"], ["model_type 'mobile-fast-9'", "mobile-versatile-1"]),
+        (
+            ["budget.train_budget_milli_node_hours=500"],
+            ["500", "[1000, 100000]", "budget.min_milli_node_hours"],
+        ),
+        (
+            ["model_type=cloud", "budget.train_budget_milli_node_hours=900000"],
+            ["900000", "[8000, 800000]"],
+        ),
+        (["budget.train_budget_milli_node_hours=abc"], ["'abc'", "not an integer"]),
+        (["budget.train_budget_milli_node_hours=5.5"], ["5.5", "not an integer"]),
+        (["display_name=my-model"], ["display_name 'my-model'", "underscores"]),
+        (["display_name=" + "x" * 33], ["display_name 'xxx", "1 to 32"]),
+        (["display_name=my-model!"], ["cannot parse the override", "display_name=my-model!"]),
+    ],
+)
+def test_config_mistakes(tmp_path: Path, trainer_home: Path, args, needles) -> None:
+    result = run_trainer(*args, cwd=tmp_path, home=trainer_home)
+    assert_one_line_error(result, *needles)
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any work
+
+
+def _image(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+
+
+def test_dataset_with_one_label(tmp_path: Path, trainer_home: Path) -> None:
+    for index in range(5):
+        _image(tmp_path / "data" / "only_cats" / f"{index}.png")
+    result = run_trainer(f"dataset.path={tmp_path / 'data'}", cwd=tmp_path, home=trainer_home)
+    assert_one_line_error(result, "1 usable label", "at least two labels")
+
+
+def test_dataset_with_invalid_label(tmp_path: Path, trainer_home: Path) -> None:
+    _image(tmp_path / "data" / "good_label" / "a.png")
+    _image(tmp_path / "data" / "bad label!" / "b.png")
+    result = run_trainer(f"dataset.path={tmp_path / 'data'}", cwd=tmp_path, home=trainer_home)
+    assert_one_line_error(result, "label 'bad label!'", "ASCII letters")

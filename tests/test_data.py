@@ -1,0 +1,107 @@
+"""Reading datasets: folders, AutoML CSVs, the deterministic split, unreadable images."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from trainer.data import TEST, TRAIN, VALIDATE, describe, read_dataset, split_for
+from trainer.demo_data import LABELS, ensure_demo_dataset
+from trainer.errors import UserError
+
+
+def image(path: Path, colour=(0, 128, 255)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), colour).save(path)
+    return path
+
+
+def test_split_is_deterministic_and_near_80_10_10() -> None:
+    keys = [f"label/{i}.png" for i in range(5000)]
+    splits = Counter(split_for(key) for key in keys)
+    assert [split_for(key) for key in keys[:50]] == [split_for(key) for key in keys[:50]]
+    assert 0.77 < splits[TRAIN] / 5000 < 0.83
+    assert 0.08 < splits[VALIDATE] / 5000 < 0.12
+    assert 0.08 < splits[TEST] / 5000 < 0.12
+
+
+def test_csv_with_and_without_ml_use_and_quoted_paths(tmp_path: Path) -> None:
+    image(tmp_path / "img" / "a 1.png")
+    image(tmp_path / "img" / "b,2.png")
+    image(tmp_path / "img" / "c.png")
+    image(tmp_path / "img" / "d.png")
+    csv = tmp_path / "data.csv"
+    csv.write_text(
+        'TRAIN,"img/a 1.png",cat\n'
+        'VALIDATION,"img/b,2.png",cat\n'
+        "TEST,img/c.png,dog\n"
+        "TRAIN,img/d.png,dog\n"
+        "\n"
+    )
+    csv2 = tmp_path / "unassigned.csv"
+    csv2.write_text(f"{tmp_path / 'img' / 'c.png'},dog\nUNASSIGNED,img/d.png,cat\n")
+
+    with pytest.raises(UserError, match="no TRAIN item|no VALIDATE|no TEST"):
+        read_dataset(csv2)
+    manifest = read_dataset(csv)
+    by_key = {item.key: item for item in manifest.items}
+    assert by_key["img/a 1.png"].split == TRAIN
+    assert by_key["img/b,2.png"].split == VALIDATE
+    assert by_key["img/b,2.png"].path == tmp_path / "img" / "b,2.png"
+    assert by_key["img/c.png"].split == TEST
+    assert manifest.labels == ["cat", "dog"]
+
+
+def test_unassigned_rows_use_the_hash_split(tmp_path: Path) -> None:
+    rows = []
+    for index in range(40):
+        image(tmp_path / f"{index}.png")
+        rows.append(f"UNASSIGNED,{index}.png,{'ab'[index % 2]}")
+    rows += ["TEST,0.png,a"]  # a repeated path keeps its first row
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    try:
+        manifest = read_dataset(tmp_path / "d.csv")
+    except UserError:
+        pytest.fail("40 items should fill all three splits")
+    for item in manifest.items:
+        assert item.split == split_for(item.key)
+
+
+def test_broken_empty_and_missing_images_are_skipped_and_counted(tmp_path: Path) -> None:
+    folder = ensure_demo_dataset(tmp_path / "home", per_label=10, size=16)
+    (folder / "circle" / "empty.png").write_bytes(b"")
+    (folder / "square" / "broken.png").write_bytes(b"\x89PNG not really")
+    good = (folder / "triangle" / "triangle_0000.png").read_bytes()
+    (folder / "triangle" / "truncated.png").write_bytes(good[: len(good) // 2])
+    manifest = read_dataset(folder)
+    assert manifest.skipped == Counter({"empty": 1, "broken": 2})
+    assert len(manifest.items) == 10 * len(LABELS)
+    assert "skipped 3" in describe(manifest)
+
+    csv = tmp_path / "with_missing.csv"
+    lines = [f"{item.path},{item.label}" for item in manifest.items]
+    csv.write_text("\n".join([*lines, f"{tmp_path}/gone.png,circle"]) + "\n")
+    assert read_dataset(csv).skipped == Counter({"missing": 1})
+
+
+def test_label_with_no_training_item(tmp_path: Path) -> None:
+    for index in range(20):
+        image(tmp_path / f"a{index}.png")
+    rows = [f"TRAIN,a{i}.png,a" for i in range(10)] + [
+        f"VALIDATE,a{i}.png,b" for i in range(10, 15)
+    ]
+    rows += [f"TEST,a{i}.png,a" for i in range(15, 20)]
+    (tmp_path / "d.csv").write_text("\n".join(rows))
+    with pytest.raises(UserError, match="label\\(s\\) b have no TRAIN item"):
+        read_dataset(tmp_path / "d.csv")
+
+
+def test_demo_dataset_is_deterministic(tmp_path: Path) -> None:
+    first = ensure_demo_dataset(tmp_path / "one", per_label=5, size=16)
+    second = ensure_demo_dataset(tmp_path / "two", per_label=5, size=16)
+    assert read_dataset(first).fingerprint() == read_dataset(second).fingerprint()
+    for file in first.rglob("*.png"):
+        assert file.read_bytes() == (second / file.relative_to(first)).read_bytes()

@@ -1,0 +1,136 @@
+"""Real short trainings through `python -m trainer`, on small generated data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST, read_json, run_dirs, run_trainer
+
+META = "imageClassificationModelMetadata"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, trainer_home: Path, tiny_shapes: Path):
+    cwd = tmp_path_factory.mktemp("train")
+    result = run_trainer(
+        *FAST, f"dataset.path={tiny_shapes}", "display_name=tiny_v1", cwd=cwd, home=trainer_home
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(cwd)
+    return cwd, run_dir, result
+
+
+def test_run_directory_holds_the_model_and_operation(trained) -> None:
+    cwd, run_dir, result = trained
+    model = read_json(run_dir / "model.json")
+    meta = model[META]
+    assert model["name"].startswith("models/ICN")
+    assert model["displayName"] == "tiny_v1"
+    assert len(model["datasetId"]) == 24
+    assert model["deploymentState"] == "UNDEPLOYED"
+    assert model["createTime"].endswith("Z") and model["updateTime"] >= model["createTime"]
+    assert meta["modelType"] == "mobile-low-latency-1"
+    assert meta["stopReason"] == "MODEL_CONVERGED"
+    assert meta["trainBudgetMilliNodeHours"] == "200"
+    assert 1 <= int(meta["trainCostMilliNodeHours"]) <= 200
+    assert meta["nodeCount"] == "1" and meta["nodeQps"] > 0
+    assert meta["baseModelId"] == ""
+
+    operation = read_json(run_dir / "operation.json")
+    assert operation["name"].startswith("operations/ICN")
+    assert operation["done"] is True
+    assert operation["response"] == model
+    assert operation["metadata"]["progressPercentage"] == 100
+
+    metrics = read_json(run_dir / "metrics.json")
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_loss"] > 0
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+    # The Model JSON is printed at the end; the operation name is logged at the start.
+    assert json.loads(result.stdout) == model
+    assert operation["name"] in result.stderr.splitlines()[0] + result.stderr
+    assert "milli-node-hours" in result.stderr and "val_accuracy" in result.stderr
+
+
+def test_model_is_registered_in_mlflow_with_its_metadata(trained) -> None:
+    import mlflow
+
+    cwd, run_dir, _ = trained
+    model = read_json(run_dir / "model.json")
+    model_id = model["name"].split("/")[1]
+    mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    (registered,) = client.search_registered_models(f"name = '{model_id}'")
+    assert registered.tags["stopReason"] == "MODEL_CONVERGED"
+    assert registered.tags["display_name"] == "tiny_v1"
+    assert registered.tags["modelType"] == "mobile-low-latency-1"
+    (version,) = client.search_model_versions(f"name = '{model_id}'")
+    run = client.get_run(version.run_id)
+    assert run.data.tags["trainCostMilliNodeHours"] == model[META]["trainCostMilliNodeHours"]
+    assert "val_accuracy" in run.data.metrics and "train_loss_epoch" in run.data.metrics
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert len(history) >= 2  # one value per epoch
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "model.json", "metrics.json"} <= artifacts
+    assert not (cwd / "mlruns").exists()  # it would make a plain `mlflow ui` use the file store
+
+    # The logged model loads back and classifies a batch.
+    import numpy as np
+
+    network = mlflow.pytorch.load_model(f"models:/{model_id}/1")
+    import torch
+
+    with torch.no_grad():
+        out = network(torch.from_numpy(np.zeros((2, 3, 32, 32), dtype=np.float32)))
+    assert out.shape == (2, 6)
+
+
+def test_budget_reached_with_a_five_milli_node_hour_budget(
+    tmp_path: Path, trainer_home: Path, tiny_shapes: Path
+) -> None:
+    result = run_trainer(
+        *FAST,
+        f"dataset.path={tiny_shapes}",
+        "budget.train_budget_milli_node_hours=5",
+        "budget.disable_early_stopping=true",
+        cwd=tmp_path,
+        home=trainer_home,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path)
+    meta = read_json(run_dir / "model.json")[META]
+    assert meta["stopReason"] == "BUDGET_REACHED"
+    assert 4 <= int(meta["trainCostMilliNodeHours"]) <= 5
+
+
+def test_multirun_trains_each_model_type_and_returns_the_metric(
+    tmp_path: Path, trainer_home: Path, tiny_shapes: Path
+) -> None:
+    record = tmp_path / "returns.jsonl"
+    result = run_trainer(
+        "-m",
+        *FAST,
+        "model_type=mobile-low-latency-1,mobile-versatile-1",
+        "budget.min_milli_node_hours=1",
+        "budget.train_budget_milli_node_hours=8",
+        f"dataset.path={tiny_shapes}",
+        "+hydra.callbacks.record._target_=tests.hydra_probe.RecordReturn",
+        cwd=tmp_path,
+        home=trainer_home,
+        env={"RECORD_RETURN_FILE": str(record)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    models = [read_json(d / "model.json") for d in run_dirs(tmp_path)]
+    assert sorted(m[META]["modelType"] for m in models) == [
+        "mobile-low-latency-1",
+        "mobile-versatile-1",
+    ]
+    assert len({m["name"] for m in models}) == 2
+    returns = [json.loads(line)["return_value"] for line in record.read_text().splitlines()]
+    assert len(returns) == 2
+    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 and not math.isnan(v) for v in returns)

@@ -1,0 +1,1 @@
+"""The application: CLI dispatch, data, backbones, the training job and the store."""

@@ -1,0 +1,97 @@
+"""Progress on stderr while training, and the operation's progress on disk.
+
+A terminal gets a live rich status line; anything else (a log file, CI) gets plain lines, one per
+epoch and one every ``plain_every_seconds`` within long epochs.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from budgets.callback import BudgetStopping
+
+log = logging.getLogger("trainer")
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class ProgressReport(Callback):
+    def __init__(
+        self,
+        budget: BudgetStopping,
+        monitor: str,
+        on_progress: Callable[[float], None],
+        plain_every_seconds: float = 30.0,
+    ) -> None:
+        self.budget = budget
+        self.monitor = monitor
+        self.on_progress = on_progress
+        self.plain_every_seconds = plain_every_seconds
+        self.live = sys.stderr.isatty()
+        self._status: Any = None
+        self._last_report = 0.0
+
+    def status_line(self, trainer: Trainer) -> str:
+        meter = self.budget.meter
+        metrics = trainer.callback_metrics
+        loss = metrics.get("train_loss_epoch", metrics.get("train_loss"))
+        val = metrics.get(self.monitor)
+        parts = [f"epoch {trainer.current_epoch}", f"step {trainer.global_step}"]
+        if loss is not None:
+            parts.append(f"loss {float(loss):.4f}")
+        if val is not None:
+            parts.append(f"{self.monitor} {float(val):.4f}")
+        parts.append(
+            f"{meter.cost_milli_node_hours()}/{meter.budget_milli_node_hours} milli-node-hours"
+        )
+        # The budget bounds the time left; early stopping may end the run sooner.
+        parts.append(f"at most {format_seconds(meter.remaining_seconds())} left")
+        return " | ".join(parts)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.live and trainer.is_global_zero:
+            from rich.console import Console
+
+            self._status = Console(stderr=True).status(self.status_line(trainer))
+            self._status.start()
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        now = time.monotonic()
+        if self._status is not None:
+            self._status.update(self.status_line(trainer))
+        elif now - self._last_report >= self.plain_every_seconds:
+            self._report(trainer)
+        if now - self._last_report >= self.plain_every_seconds:
+            self._last_report = now
+            self.on_progress(self.budget.meter.fraction_spent())
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        self._report(trainer)
+        self._last_report = time.monotonic()
+        self.on_progress(self.budget.meter.fraction_spent())
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+    def _report(self, trainer: Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self._status is not None:
+            self._status.console.log(self.status_line(trainer))
+        else:
+            log.info(self.status_line(trainer))

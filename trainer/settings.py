@@ -1,0 +1,87 @@
+"""Checking the composed config before any work, so a user's mistake costs nothing."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from budgets import BudgetOutOfBounds, check_budget
+from trainer.data import check_name
+from trainer.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS_CHECKED = ("task", "model_type")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    budget: int
+    nodes: int
+    display_name: str
+    dataset_path: str | None
+
+
+def validate(cfg: dict[str, Any]) -> TrainSettings:
+    try:
+        budget = check_budget(
+            cfg["budget"]["train_budget_milli_node_hours"],
+            cfg["budget"]["min_milli_node_hours"],
+            cfg["budget"]["max_milli_node_hours"],
+        )
+    except BudgetOutOfBounds as error:
+        raise UserError(str(error)) from None
+    display_name = check_name("display_name", str(cfg["display_name"]))
+    nodes = cfg["trainer"]["num_nodes"]
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise UserError(f"trainer.num_nodes={nodes!r} must be a whole number >= 1")
+    seed = cfg["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"seed={seed!r} must be an integer")
+    dataset_path = cfg["dataset"]["path"]
+    if dataset_path is not None and not Path(str(dataset_path)).expanduser().exists():
+        raise UserError(
+            f"dataset.path={dataset_path!r} does not exist; give a folder with one sub-folder "
+            "per label or an AutoML CSV, or leave it out to use the bundled demo dataset"
+        )
+    return TrainSettings(budget, nodes, display_name, dataset_path)
+
+
+def available(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Refuse malformed overrides and unknown groups before Hydra starts, with exit code 2."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    overrides = [arg for arg in argv if not arg.startswith("-")]
+    try:
+        OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as error:
+        first = str(error).strip().splitlines()[0]
+        _fail(f"cannot parse the override {first!r}; write key=value, quoting odd characters")
+    check_group_choices(overrides)
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Refuse an unknown task or model type with exit code 2 before Hydra composes anything.
+
+    Hydra reports a missing config option with a multi-line error and exit code 1; users get
+    one line that lists the choices instead.
+    """
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in GROUPS_CHECKED or "(" in value:
+            continue
+        choices = available(key)
+        for choice in value.split(","):
+            if choice not in choices:
+                _fail(f"unknown {key} {choice!r}; choose one of: {', '.join(choices)}")

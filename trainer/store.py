@@ -1,0 +1,102 @@
+"""MLflow as the system of record: one run per operation, the model in the registry."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+# Listing requirements explicitly saves MLflow ~8 s of inferring them on every log_model call.
+PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1"]
+
+
+def metadata_tags(model: dict[str, Any], metadata_key: str) -> dict[str, str]:
+    """The Model resource flattened into tags, for the registry and the run."""
+    tags = {
+        "model_id": model["name"].split("/", 1)[1],
+        "display_name": model["displayName"],
+        "dataset_id": model["datasetId"],
+        "create_time": model["createTime"],
+        "metadata_key": metadata_key,
+    }
+    tags.update({key: str(value) for key, value in model[metadata_key].items()})
+    return tags
+
+
+def _artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of a local SQLite store go to ``mlartifacts/`` beside the database.
+
+    MLflow's default is ``./mlruns``, and a ``./mlruns`` folder makes a later `mlflow ui` in the
+    same folder switch to the deprecated file store and show nothing (DESIGN.md).
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return None  # a tracking server decides where artifacts go
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    return (database.resolve().parent / "mlartifacts").as_uri()
+
+
+class Store:
+    def __init__(self, tracking_uri: str, experiment_name: str) -> None:
+        self.tracking_uri = tracking_uri
+        # MLflow 3 silently switches to the deprecated file store when ./mlruns exists unless
+        # the URI is set explicitly (DESIGN.md): always set it, for the client and the fluent API.
+        mlflow.set_tracking_uri(tracking_uri)
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        experiment = self.client.get_experiment_by_name(experiment_name)
+        self.experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else self.client.create_experiment(
+                experiment_name, artifact_location=_artifact_location(tracking_uri)
+            )
+        )
+
+    def start_run(self, run_name: str, tags: dict[str, str], config: dict[str, Any]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        run_id = run.info.run_id
+        self.client.log_dict(run_id, config, "config.json")
+        return run_id
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    def log_files(self, run_id: str, files: list[Path], artifact_path: str | None = None) -> None:
+        for file in files:
+            if file.is_file():
+                self.client.log_artifact(run_id, str(file), artifact_path)
+
+    def record_model(
+        self,
+        run_id: str,
+        model: dict[str, Any],
+        metadata_key: str,
+        network: Any,
+        input_example: Any,
+    ) -> None:
+        """Log the network so `mlflow models serve` can serve it and register it under its ID."""
+        import mlflow.pytorch  # imported here: the flavour pulls in more than the store needs
+
+        tags = metadata_tags(model, metadata_key)
+        model_id = tags["model_id"]
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                network,
+                name="model",
+                input_example=input_example,
+                pip_requirements=PIP_REQUIREMENTS,
+                serialization_format="pickle",
+            )
+        self.client.create_registered_model(model_id, tags=tags, description=json.dumps(model))
+        self.client.create_model_version(
+            model_id, info.model_uri, run_id=run_id, tags=tags, await_creation_for=0
+        )
+        self.set_tags(run_id, tags)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)

@@ -64,7 +64,7 @@ def simulate(budget: int, work: Workload, nodes: int = 1) -> tuple[BudgetMeter, 
             clock.advance(work.val_batch)
             callback.on_validation_batch_end(trainer, None, None, None, index)
 
-    validate(2)  # Lightning's sanity check
+    validate(1)  # Lightning's sanity check (num_sanity_val_steps=1)
     callback.on_train_start(trainer, None)
     steps = itertools.count()
     while not trainer.should_stop:

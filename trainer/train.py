@@ -147,7 +147,7 @@ def _train(
         num_nodes=trainer_cfg["num_nodes"],
         precision=trainer_cfg["precision"],
         max_epochs=-1,  # the budget and early stopping decide when training ends
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=1,  # also times one validation batch before training starts
         callbacks=callbacks,
         logger=MLFlowLogger(
             experiment_name=cfg["mlflow"]["experiment_name"],

@@ -1,0 +1,44 @@
+"""A dataset of real images that the project's own generator did not make: scikit-learn's
+handwritten digits (1,797 scanned 8x8 images that ship inside the package, no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import read_json, run_dirs, run_trainer
+
+
+def write_digits(folder: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for index, (pixels, target) in enumerate(zip(digits.images, digits.target, strict=True)):
+        label_dir = folder / f"digit_{target}"
+        label_dir.mkdir(parents=True, exist_ok=True)
+        grey = (pixels * (255 / 16)).astype(np.uint8)
+        Image.fromarray(grey).convert("RGB").save(label_dir / f"{index:04d}.png")
+
+
+def test_real_digits_train_far_above_chance(tmp_path: Path, trainer_home: Path) -> None:
+    write_digits(tmp_path / "digits")
+    result = run_trainer(
+        f"dataset.path={tmp_path / 'digits'}",
+        "model.input_size=[32,32]",
+        "data.crop_scale=[0.85,1.0]",
+        "data.horizontal_flip=false",  # a mirrored digit is another glyph
+        "early_stopping.patience=3",
+        "budget.min_milli_node_hours=1",
+        "budget.train_budget_milli_node_hours=25",
+        "display_name=digits",
+        cwd=tmp_path,
+        home=trainer_home,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path)
+    metrics = read_json(run_dir / "metrics.json")
+    model = read_json(run_dir / "model.json")
+    assert int(model["imageClassificationModelMetadata"]["trainCostMilliNodeHours"]) <= 25
+    assert metrics["test_accuracy"] >= 0.6, metrics  # chance is 0.1

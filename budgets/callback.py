@@ -82,8 +82,12 @@ class BudgetStopping(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         now = self.meter.clock()
-        if self._step_started is not None:
-            self.step.record(now - self._step_started)
+        # A step is the whole cycle from the previous step's end: fetching the batch, the
+        # forward and backward passes, and the hooks of callbacks listed before this one.
+        within_epoch = batch_idx > 0 and self._last_step_ended is not None
+        started = self._last_step_ended if within_epoch else self._step_started
+        if started is not None:
+            self.step.record(now - started)
         self._last_step_ended = now
         self.steps_done += 1
         self._decide(trainer, fits=self.next_step_fits(_val_batches(trainer)))

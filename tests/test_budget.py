@@ -46,6 +46,7 @@ class Workload:
     final_eval_batches: int = 4
     save: float = 0.5
     setup: float = 1.0
+    fetch: float = 0.0  # loading a batch, between one step's end and the next step's start
 
 
 def simulate(budget: int, work: Workload, nodes: int = 1) -> tuple[BudgetMeter, BudgetStopping]:
@@ -69,6 +70,7 @@ def simulate(budget: int, work: Workload, nodes: int = 1) -> tuple[BudgetMeter, 
     steps = itertools.count()
     while not trainer.should_stop:
         for index in range(work.steps_per_epoch):
+            clock.advance(work.fetch)
             callback.on_train_batch_start(trainer, None, None, index)
             clock.advance(work.step(next(steps)))
             callback.on_train_batch_end(trainer, None, None, None, index)
@@ -112,6 +114,13 @@ def test_steps_that_slow_down() -> None:
     meter, callback = simulate(60, Workload(step=lambda i: 0.2 * 1.08**i))
     assert callback.stopped_by_budget
     assert meter.cost_milli_node_hours() <= 60
+
+
+def test_data_loading_between_steps_counts_as_step_time() -> None:
+    meter, callback = simulate(30, Workload(step=lambda i: 0.1, fetch=0.5))
+    assert callback.stopped_by_budget
+    assert meter.cost_milli_node_hours() <= 30
+    assert callback.step.estimate() >= 0.6
 
 
 def test_validation_slower_than_a_step() -> None:

@@ -69,6 +69,11 @@ def test_model_is_registered_in_mlflow_with_its_metadata(trained) -> None:
     assert registered.tags["stopReason"] == "MODEL_CONVERGED"
     assert registered.tags["display_name"] == "tiny_v1"
     assert registered.tags["modelType"] == "mobile-low-latency-1"
+    cost = model[META]["trainCostMilliNodeHours"]
+    assert registered.tags["trainCostMilliNodeHours"] == cost
+    assert json.loads(registered.tags["labels"]) == sorted(
+        ["circle", "square", "triangle", "cross", "stripes_h", "stripes_v"]
+    )
     (version,) = client.search_model_versions(f"name = '{model_id}'")
     run = client.get_run(version.run_id)
     assert run.data.tags["trainCostMilliNodeHours"] == model[META]["trainCostMilliNodeHours"]

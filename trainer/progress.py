@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping
 
 from budgets.callback import BudgetStopping
 
@@ -32,9 +33,12 @@ class ProgressReport(Callback):
         budget: BudgetStopping,
         monitor: str,
         on_progress: Callable[[float], None],
+        early_stopping: EarlyStopping | None = None,
         plain_every_seconds: float = 30.0,
     ) -> None:
         self.budget = budget
+        self.early_stopping = early_stopping
+        self._train_started = 0.0
         self.monitor = monitor
         self.on_progress = on_progress
         self.plain_every_seconds = plain_every_seconds
@@ -55,11 +59,22 @@ class ProgressReport(Callback):
         parts.append(
             f"{meter.cost_milli_node_hours()}/{meter.budget_milli_node_hours} milli-node-hours"
         )
-        # The budget bounds the time left; early stopping may end the run sooner.
-        parts.append(f"at most {format_seconds(meter.remaining_seconds())} left")
+        parts.append(f"~{format_seconds(self.seconds_left(trainer))} left")
         return " | ".join(parts)
 
+    def seconds_left(self, trainer: Trainer) -> float:
+        """The budget left, or less when early stopping would end training sooner: the epochs
+        of patience left if the metric stops improving now, at the measured epoch time."""
+        left = self.budget.meter.remaining_seconds()
+        epochs_done = trainer.current_epoch
+        if self.early_stopping is None or epochs_done == 0:
+            return left
+        epoch_seconds = (time.monotonic() - self._train_started) / epochs_done
+        patience_left = self.early_stopping.patience - self.early_stopping.wait_count
+        return min(left, max(0, patience_left) * epoch_seconds)
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._train_started = time.monotonic()
         if self.live and trainer.is_global_zero:
             from rich.console import Console
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -71,19 +72,13 @@ class Store:
             if file.is_file():
                 self.client.log_artifact(run_id, str(file), artifact_path)
 
-    def record_model(
-        self,
-        run_id: str,
-        model: dict[str, Any],
-        metadata_key: str,
-        network: Any,
-        input_example: Any,
-    ) -> None:
-        """Log the network so `mlflow models serve` can serve it and register it under its ID."""
+    def log_network(self, run_id: str, network: Any, input_example: Any) -> str:
+        """Log the network so that `mlflow models serve` can serve it; return its model URI."""
         import mlflow.pytorch  # imported here: the flavour pulls in more than the store needs
 
-        tags = metadata_tags(model, metadata_key)
-        model_id = tags["model_id"]
+        # We log pickles on purpose (pt2 export is slow and freezes shapes); skip the warning.
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(
                 network,
@@ -92,9 +87,22 @@ class Store:
                 pip_requirements=PIP_REQUIREMENTS,
                 serialization_format="pickle",
             )
+        return info.model_uri
+
+    def register(
+        self,
+        run_id: str,
+        model_uri: str,
+        model: dict[str, Any],
+        metadata_key: str,
+        extra_tags: dict[str, str],
+    ) -> None:
+        """Register the logged network under the model's ID, its metadata as tags."""
+        tags = {**metadata_tags(model, metadata_key), **extra_tags}
+        model_id = tags["model_id"]
         self.client.create_registered_model(model_id, tags=tags, description=json.dumps(model))
         self.client.create_model_version(
-            model_id, info.model_uri, run_id=run_id, tags=tags, await_creation_for=0
+            model_id, model_uri, run_id=run_id, tags=tags, await_creation_for=0
         )
         self.set_tags(run_id, tags)
 

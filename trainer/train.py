@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
@@ -125,11 +124,6 @@ def _train(
         save_last=True,
         save_top_k=1,
     )
-    callbacks: list[pl.Callback] = [
-        budget,
-        checkpoints,
-        ProgressReport(budget, task["monitor"], operation.progress),
-    ]
     early_stopping = None
     if not cfg["budget"]["disable_early_stopping"]:
         early_stopping = EarlyStopping(
@@ -138,7 +132,8 @@ def _train(
             patience=cfg["early_stopping"]["patience"],
             min_delta=cfg["early_stopping"]["min_delta"],
         )
-        callbacks.append(early_stopping)
+    progress = ProgressReport(budget, task["monitor"], operation.progress, early_stopping)
+    callbacks = [c for c in (budget, checkpoints, progress, early_stopping) if c is not None]
 
     trainer_cfg = cfg["trainer"]
     trainer = pl.Trainer(
@@ -203,28 +198,21 @@ def _train(
         )
 
     example = next(iter(test_loader))[0][:2].numpy()
-    # The cost recorded with the model is measured just before recording it; the budget
-    # callback reserved the recording time, and the final cost is re-measured afterwards.
     started = time.monotonic()
-    store.record_model(
-        run_id,
-        resource(meter.cost_milli_node_hours()),
-        task["metadata_key"],
-        module.backbone.eval(),
-        example,
-    )
-    store.log_files(run_id, [run_dir / "metrics.json"])
+    model_uri = store.log_network(run_id, module.backbone.eval(), example)
+    # The cost is measured once the network is logged; what follows is a few small writes.
     model = resource(meter.cost_milli_node_hours())
-    store.set_tags(
-        run_id,
-        {
-            "trainCostMilliNodeHours": model[task["metadata_key"]]["trainCostMilliNodeHours"],
-            "state": "SUCCEEDED",
-        },
-    )
+    extra_tags = {
+        "task": task["name"],
+        "labels": json.dumps(manifest.labels),
+        "run_dir": str(run_dir.resolve()),
+        "operation": operation.name,
+        "state": "SUCCEEDED",
+    }
+    store.register(run_id, model_uri, model, task["metadata_key"], extra_tags)
     write_json_atomic(run_dir / "model.json", model)
     operation.succeed(model)
-    store.log_files(run_id, [run_dir / "model.json", run_dir / "operation.json"])
+    store.log_files(run_id, [run_dir / f for f in ("model.json", "metrics.json", "operation.json")])
     store.end_run(run_id)
     log.info("recorded the model in %.1f s", time.monotonic() - started)
     print(json.dumps(model, indent=2), flush=True)
@@ -236,8 +224,3 @@ def _load_manifest(cfg: dict[str, Any]) -> datasets.Manifest:
     if path is None:
         path = ensure_demo_dataset(cfg["home"])
     return datasets.read_dataset(path)
-
-
-def set_threads() -> None:
-    # On a small CPU box intra-op threads beyond the core count only add contention.
-    torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -77,7 +77,7 @@ def test_model_is_registered_in_mlflow_with_its_metadata(trained) -> None:
     (version,) = client.search_model_versions(f"name = '{model_id}'")
     run = client.get_run(version.run_id)
     assert run.data.tags["trainCostMilliNodeHours"] == model[META]["trainCostMilliNodeHours"]
-    assert "val_accuracy" in run.data.metrics and "train_loss_epoch" in run.data.metrics
+    assert "val_accuracy" in run.data.metrics and "train_loss" in run.data.metrics
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert len(history) >= 2  # one value per epoch
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

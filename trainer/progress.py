@@ -32,7 +32,7 @@ class ProgressReport(Callback):
         self,
         budget: BudgetStopping,
         monitor: str,
-        on_progress: Callable[[float], None],
+        on_progress: Callable[[Trainer], None],
         early_stopping: EarlyStopping | None = None,
         plain_every_seconds: float = 30.0,
     ) -> None:
@@ -49,7 +49,7 @@ class ProgressReport(Callback):
     def status_line(self, trainer: Trainer) -> str:
         meter = self.budget.meter
         metrics = trainer.callback_metrics
-        loss = metrics.get("train_loss_epoch", metrics.get("train_loss"))
+        loss = metrics.get("train_loss")
         val = metrics.get(self.monitor)
         parts = [f"epoch {trainer.current_epoch}", f"step {trainer.global_step}"]
         if loss is not None:
@@ -89,14 +89,14 @@ class ProgressReport(Callback):
             self._report(trainer)
         if now - self._last_report >= self.plain_every_seconds:
             self._last_report = now
-            self.on_progress(self.budget.meter.fraction_spent())
+            self.on_progress(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         self._report(trainer)
         self._last_report = time.monotonic()
-        self.on_progress(self.budget.meter.fraction_spent())
+        self.on_progress(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._status is not None:

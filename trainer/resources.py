@@ -97,6 +97,19 @@ class Operation:
         }
         self._write()
 
+    @classmethod
+    def reopen(cls, path: Path) -> Operation:
+        """An interrupted operation, running again: not done, its error cleared."""
+        operation = cls.__new__(cls)
+        operation.path = path
+        operation.resource = json.loads(path.read_text())
+        operation.name = operation.resource["name"]
+        operation.resource["done"] = False
+        operation.resource.pop("error", None)
+        operation.resource["metadata"]["updateTime"] = utc_now()
+        operation._write()
+        return operation
+
     def progress(self, fraction: float) -> None:
         metadata = self.resource["metadata"]
         metadata["progressPercentage"] = int(max(0.0, min(1.0, fraction)) * 100)

@@ -106,5 +106,31 @@ class Store:
         )
         self.set_tags(run_id, tags)
 
+    def registered_tags(self, model_id: str) -> dict[str, str] | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return dict(self.client.get_registered_model(model_id).tags)
+        except MlflowException:
+            return None
+
+    def run_of_operation(self, operation_name: str) -> Any | None:
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.operation = '{operation_name}'"
+        )
+        return runs[0] if runs else None
+
+    def reopen_run(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def download(self, run_id: str, artifact_path: str, destination: Path) -> Path | None:
+        from mlflow.exceptions import MlflowException
+
+        destination.mkdir(parents=True, exist_ok=True)
+        try:
+            return Path(self.client.download_artifacts(run_id, artifact_path, str(destination)))
+        except (MlflowException, OSError):
+            return None
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

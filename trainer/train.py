@@ -1,15 +1,19 @@
 """One budgeted training, top to bottom: check, measure, train, evaluate, record.
 
 The budget meter starts once the config has been checked; everything after that, data setup,
-training, validation, the final TEST evaluation and the recording of the model, is billed.
+training, validation, the final TEST evaluation and the recording of the model, is billed. A
+resumed operation carries the seconds its earlier pieces spent, so the invariant cost <= budget
+holds for the whole operation.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,14 @@ from budgets import BudgetMeter
 from budgets.callback import BudgetStopping
 from trainer import data as datasets
 from trainer.backbones import build_backbone
+from trainer.checkpoints import (
+    AtomicCheckpointIO,
+    SafetyCheckpoints,
+    StopRequest,
+    TrainingInterrupted,
+    load_first_good,
+)
+from trainer.continuation import StartFrom
 from trainer.demo_data import ensure_demo_dataset
 from trainer.errors import UserError
 from trainer.images import LabelledImages, eval_transform, make_loader, train_transform
@@ -34,7 +46,8 @@ from trainer.resources import (
     utc_now,
     write_json_atomic,
 )
-from trainer.settings import TrainSettings, validate
+from trainer.run_state import FAILED, INTERRUPTED, RUNNING, SUCCEEDED, RunState
+from trainer.settings import validate
 from trainer.store import Store
 
 log = logging.getLogger("trainer")
@@ -42,56 +55,117 @@ log = logging.getLogger("trainer")
 for _noisy in ("lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
-warnings.filterwarnings("ignore", ".*Saving pytorch model by Pickle.*")
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch.*")
 
 MODEL_CONVERGED = "MODEL_CONVERGED"
 BUDGET_REACHED = "BUDGET_REACHED"
-CANCELLED = 1  # google.rpc.Code
-INTERNAL = 13
+ABORTED, INTERNAL = 10, 13  # google.rpc.Code
 
 
-def run_training(cfg: dict[str, Any], run_dir: Path) -> float:
+@dataclass
+class Job:
+    """What one training works with, from its checked config to its store."""
+
+    cfg: dict[str, Any]
+    budget: int
+    nodes: int
+    meter: BudgetMeter
+    start: StartFrom
+    state: RunState
+    operation: Operation
+    store: Store
+    stop: StopRequest
+    run_dir: Path
+
+    def flush(self, trainer: pl.Trainer | None = None) -> None:
+        """Put the cost spent so far on record (operation.json, state.json)."""
+        self.operation.progress(self.meter.fraction_spent())
+        self.state.spent_seconds = self.meter.elapsed_seconds()
+        if trainer is not None:
+            self.state.global_step = trainer.global_step
+        self.state.save(self.run_dir)
+
+
+def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = None) -> float:
     """Train one model as ``cfg`` says; return its best validation metric (for sweepers)."""
+    start = start or StartFrom()
     settings = validate(cfg)
-    meter = BudgetMeter(settings.budget, settings.nodes)
+    spent_before = start.state.spent_seconds if start.state else 0.0
+    meter = BudgetMeter(settings.budget, settings.nodes, spent_before_seconds=spent_before)
+    if meter.remaining_seconds() <= 0:
+        raise UserError(
+            f"the operation has spent {meter.cost_milli_node_hours()} of {settings.budget} "
+            "milli-node-hours; resume it with a larger budget.train_budget_milli_node_hours"
+        )
     meter.start()
-    task = cfg["task"]
-    model_id = new_id(task["id_prefix"])
-    operation = Operation(new_id(task["id_prefix"]), run_dir / "operation.json")
-    log.info("operation %s started for models/%s in %s", operation.name, model_id, run_dir)
     store = Store(cfg["mlflow"]["tracking_uri"], cfg["mlflow"]["experiment_name"])
-    run_id = store.start_run(
-        settings.display_name,
-        {"operation": operation.name, "model_id": model_id, "task": task["name"]},
-        cfg,
-    )
+    operation, state = _open_operation(cfg, settings.display_name, start, store, run_dir)
+    job = Job(
+        cfg, settings.budget, settings.nodes, meter, start, state, operation, store,
+        StopRequest(), run_dir,
+    )  # fmt: skip
+    job.flush()
+    verb = "resumed" if start.state else "started"
+    log.info("operation %s %s for models/%s in %s", operation.name, verb, state.model_id, run_dir)
+    job.stop.install()
     try:
-        return _train(cfg, settings, meter, model_id, operation, store, run_id, run_dir)
+        return _train(job)
+    except TrainingInterrupted as interruption:
+        hint = f"python -m trainer resume_operation={operation.name.split('/')[1]}"
+        state.global_step = interruption.global_step
+        _end_unfinished(job, INTERRUPTED, ABORTED, f"{interruption}; continue with {hint}")
+        print(f"error: {interruption}; checkpoint and cost saved; continue with {hint}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        raise SystemExit(128 + interruption.signal_number) from None
     except BaseException as error:
-        cost = meter.cost_milli_node_hours()
         code = 2 if isinstance(error, UserError) else INTERNAL
-        if isinstance(error, KeyboardInterrupt):
-            code = CANCELLED
-        operation.fail(code, f"{type(error).__name__}: {error} (cost {cost} milli-node-hours)")
-        store.set_tags(run_id, {"trainCostMilliNodeHours": str(cost), "state": "FAILED"})
-        store.end_run(run_id, "KILLED" if code == CANCELLED else "FAILED")
+        _end_unfinished(job, FAILED, code, f"{type(error).__name__}: {error}")
         raise
+    finally:
+        job.stop.restore()
 
 
-def _train(
-    cfg: dict[str, Any],
-    settings: TrainSettings,
-    meter: BudgetMeter,
-    model_id: str,
-    operation: Operation,
-    store: Store,
-    run_id: str,
-    run_dir: Path,
-) -> float:
+def _open_operation(
+    cfg: dict[str, Any], display_name: str, start: StartFrom, store: Store, run_dir: Path
+) -> tuple[Operation, RunState]:
+    if start.state is not None:  # the same operation, model ID and MLflow run, going on
+        state = start.state
+        state.status, state.config = RUNNING, cfg
+        store.reopen_run(state.run_id)
+        return Operation.reopen(run_dir / "operation.json"), state
+    task = cfg["task"]
+    operation = Operation(new_id(task["id_prefix"]), run_dir / "operation.json")
+    model_id = new_id(task["id_prefix"])
+    tags = {
+        "operation": operation.name,
+        "model_id": model_id,
+        "task": task["name"],
+        "run_dir": str(run_dir.resolve()),
+    }
+    run_id = store.start_run(display_name, tags, cfg)
+    state = RunState(
+        operation.name, model_id, run_id, cfg, utc_now(), base_model_id=start.base_model_id
+    )
+    return operation, state
+
+
+def _end_unfinished(job: Job, status: str, code: int, message: str) -> None:
+    job.state.status = status
+    job.flush()
+    cost = job.meter.cost_milli_node_hours()
+    job.operation.fail(code, f"{message} (cost so far {cost} milli-node-hours)")
+    job.store.set_tags(job.state.run_id, {"trainCostMilliNodeHours": str(cost), "state": status})
+    job.store.end_run(job.state.run_id, "KILLED" if status == INTERRUPTED else "FAILED")
+
+
+def _train(job: Job) -> float:
+    cfg, state, run_dir = job.cfg, job.state, job.run_dir
     task, model_cfg, data_cfg = cfg["task"], cfg["model"], cfg["data"]
-    create_time = utc_now()
     manifest = _load_manifest(cfg)
     log.info("dataset: %s", datasets.describe(manifest))
+    _check_labels(job.start, manifest.labels)
+    state.labels = manifest.labels
     pl.seed_everything(cfg["seed"], workers=True, verbose=False)
 
     size, mean, std = model_cfg["input_size"], data_cfg["mean"], data_cfg["std"]
@@ -107,6 +181,7 @@ def _train(
     train_loader = loader(datasets.TRAIN, augment, True)
     val_loader = loader(datasets.VALIDATE, evaluate, False)
     test_loader = loader(datasets.TEST, evaluate, False)
+    start_checkpoint = _start_checkpoint(job)
 
     backbone = build_backbone(
         model_cfg["constructor"], len(manifest.labels), bool(model_cfg["pretrained"])
@@ -115,7 +190,7 @@ def _train(
         backbone, len(manifest.labels), cfg["optimizer"]["lr"], cfg["optimizer"]["weight_decay"]
     )
 
-    budget = BudgetStopping(meter, len(test_loader), cfg["budget"]["save_reserve_seconds"])
+    budget = BudgetStopping(job.meter, len(test_loader), cfg["budget"]["save_reserve_seconds"])
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -123,6 +198,7 @@ def _train(
         mode=task["monitor_mode"],
         save_last=True,
         save_top_k=1,
+        enable_version_counter=False,
     )
     early_stopping = None
     if not cfg["budget"]["disable_early_stopping"]:
@@ -132,8 +208,15 @@ def _train(
             patience=cfg["early_stopping"]["patience"],
             min_delta=cfg["early_stopping"]["min_delta"],
         )
-    progress = ProgressReport(budget, task["monitor"], operation.progress, early_stopping)
-    callbacks = [c for c in (budget, checkpoints, progress, early_stopping) if c is not None]
+    progress = ProgressReport(
+        budget, task["monitor"], job.flush, early_stopping, cfg["checkpoint"]["cost_flush_seconds"]
+    )
+    safety = SafetyCheckpoints(
+        run_dir / "checkpoints", cfg["checkpoint"]["every_minutes"], job.stop
+    )
+    # Safety checkpoints come before the budget callback, so that their time is part of the step
+    # that the budget measures.
+    callbacks = [safety, budget, checkpoints, progress, early_stopping]
 
     trainer_cfg = cfg["trainer"]
     trainer = pl.Trainer(
@@ -143,37 +226,35 @@ def _train(
         precision=trainer_cfg["precision"],
         max_epochs=-1,  # the budget and early stopping decide when training ends
         num_sanity_val_steps=1,  # also times one validation batch before training starts
-        callbacks=callbacks,
+        callbacks=[c for c in callbacks if c is not None],
+        plugins=[AtomicCheckpointIO()],
         logger=MLFlowLogger(
             experiment_name=cfg["mlflow"]["experiment_name"],
             tracking_uri=cfg["mlflow"]["tracking_uri"],
-            run_id=run_id,
+            run_id=state.run_id,
         ),
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=trainer_cfg["log_every_n_steps"],
         default_root_dir=run_dir,
     )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*log_every_n_steps.*")
-        trainer.fit(module, train_loader, val_loader)
-        if budget.steps_done == 0:
-            raise UserError(
-                f"budget.train_budget_milli_node_hours={settings.budget} is too small to train "
-                f"even one step after setup ({meter.cost_milli_node_hours()} spent); raise it"
-            )
-        stop_reason = BUDGET_REACHED if budget.stopped_by_budget else MODEL_CONVERGED
-        best_score = float(
-            checkpoints.best_model_score or trainer.callback_metrics[task["monitor"]]
+    if job.stop.signal_name:  # interrupted during set-up
+        raise TrainingInterrupted(job.stop.signal_name, 0)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=start_checkpoint)
+    if budget.steps_done == 0:
+        raise UserError(
+            f"budget.train_budget_milli_node_hours={job.budget} is too small to train "
+            f"even one step after setup ({job.meter.cost_milli_node_hours()} spent); raise it"
         )
+    stop_reason = BUDGET_REACHED if budget.stopped_by_budget else MODEL_CONVERGED
+    best_score = float(checkpoints.best_model_score or trainer.callback_metrics[task["monitor"]])
 
-        # The final model is the best one by the validation metric.
-        best_path = checkpoints.best_model_path or checkpoints.last_model_path
-        test_results = trainer.test(module, test_loader, ckpt_path=best_path, verbose=False)[0]
+    # The final model is the best one by the validation metric.
+    best_path = checkpoints.best_model_path or checkpoints.last_model_path
+    test_results = trainer.test(module, test_loader, ckpt_path=best_path, verbose=False)[0]
 
     val_images = len(val_loader.dataset)
-    node_qps = val_images / max(budget.eval_batch.last() * len(val_loader), 1e-9) / settings.nodes
+    node_qps = val_images / max(budget.eval_batch.last() * len(val_loader), 1e-9) / job.nodes
     metrics = {
         "test_accuracy": float(test_results["test_accuracy"]),
         "test_loss": float(test_results["test_loss"]),
@@ -186,37 +267,84 @@ def _train(
 
     def resource(cost: int) -> dict[str, Any]:
         metadata = classification_metadata(
-            model_cfg["type"], settings.budget, cost, stop_reason, node_qps, settings.nodes
-        )
+            model_cfg["type"], job.budget, cost, stop_reason, node_qps, job.nodes,
+            state.base_model_id,
+        )  # fmt: skip
         return model_resource(
-            model_id,
-            settings.display_name,
+            state.model_id,
+            cfg["display_name"],
             manifest.fingerprint(),
-            create_time,
+            state.create_time,
             task["metadata_key"],
             metadata,
         )
 
     example = next(iter(test_loader))[0][:2].numpy()
     started = time.monotonic()
-    model_uri = store.log_network(run_id, module.backbone.eval(), example)
+    store = job.store
+    model_uri = store.log_network(state.run_id, module.backbone.eval(), example)
+    store.log_files(state.run_id, [Path(best_path)], "checkpoints")
     # The cost is measured once the network is logged; what follows is a few small writes.
-    model = resource(meter.cost_milli_node_hours())
+    model = resource(job.meter.cost_milli_node_hours())
     extra_tags = {
         "task": task["name"],
         "labels": json.dumps(manifest.labels),
         "run_dir": str(run_dir.resolve()),
-        "operation": operation.name,
-        "state": "SUCCEEDED",
+        "run_id": state.run_id,
+        "operation": job.operation.name,
+        "state": SUCCEEDED,
     }
-    store.register(run_id, model_uri, model, task["metadata_key"], extra_tags)
+    store.register(state.run_id, model_uri, model, task["metadata_key"], extra_tags)
     write_json_atomic(run_dir / "model.json", model)
-    operation.succeed(model)
-    store.log_files(run_id, [run_dir / f for f in ("model.json", "metrics.json", "operation.json")])
-    store.end_run(run_id)
+    state.status = SUCCEEDED
+    job.flush(trainer)
+    job.operation.succeed(model)
+    files = [run_dir / name for name in ("model.json", "metrics.json", "operation.json")]
+    store.log_files(state.run_id, files)
+    store.end_run(state.run_id)
     log.info("recorded the model in %.1f s", time.monotonic() - started)
     print(json.dumps(model, indent=2), flush=True)
     return best_score
+
+
+def _check_labels(start: StartFrom, labels: list[str]) -> None:
+    if start.labels is None or start.labels == labels:
+        return
+    added = sorted(set(labels) - set(start.labels))
+    missing = sorted(set(start.labels) - set(labels))
+    source = "the base model" if start.base_model_id else "the interrupted operation"
+    raise UserError(
+        f"the dataset's labels differ from {source}'s: added {', '.join(added) or 'none'}, "
+        f"missing {', '.join(missing) or 'none'}; use a dataset with the same labels"
+    )
+
+
+def _start_checkpoint(job: Job) -> str | None:
+    """The checkpoint ``fit`` restores: weights, optimizer, scheduler and step counters."""
+    if not job.start.checkpoints and not job.start.base_model_id:
+        return None  # a new model from scratch
+    found = load_first_good(job.start.checkpoints)
+    if found is None:
+        if not job.start.base_model_id:
+            log.warning("no readable checkpoint of this operation: training restarts at step 0")
+            return None
+        tried = ", ".join(str(p) for p in job.start.checkpoints) or "none logged"
+        raise UserError(
+            f"the checkpoint of base model {job.start.base_model_id} is missing or unreadable "
+            f"(tried {tried}); train a new model instead"
+        )
+    path, checkpoint = found
+    if job.start.strip_callback_state:
+        # A new model: early stopping and best-model tracking start afresh, the rest carries on.
+        checkpoint["callbacks"] = {
+            key: value
+            for key, value in checkpoint.get("callbacks", {}).items()
+            if not key.startswith(("EarlyStopping", "ModelCheckpoint"))
+        }
+        path = job.run_dir / "start.ckpt"
+        AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+    log.info("starting from %s (global step %s)", path, checkpoint.get("global_step", 0))
+    return str(path)
 
 
 def _load_manifest(cfg: dict[str, Any]) -> datasets.Manifest:

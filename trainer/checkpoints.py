@@ -1,0 +1,126 @@
+"""Checkpoints that survive Ctrl-C, SIGTERM and kill -9.
+
+- ``AtomicCheckpointIO`` writes every checkpoint to a temporary file, fsyncs it and renames it
+  over the old one, keeping the old one as ``<name>.prev.ckpt``: a crash mid-write never leaves a
+  truncated checkpoint. Lightning's own ``TorchCheckpointIO`` writes in place.
+- ``SafetyCheckpoints`` writes ``last.ckpt`` every ``every_minutes`` of training (so long epochs
+  are covered) and, when a stop is requested by a signal, writes it and raises
+  ``TrainingInterrupted`` at the next step boundary.
+- ``StopRequest`` turns the first SIGINT or SIGTERM into that cooperative stop; a second one
+  exits at once, leaving the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+log = logging.getLogger("trainer")
+
+LAST, BEST = "last.ckpt", "best.ckpt"
+
+
+class TrainingInterrupted(Exception):
+    def __init__(self, signal_name: str, global_step: int) -> None:
+        super().__init__(f"interrupted by {signal_name} at global step {global_step}")
+        self.signal_name = signal_name
+        self.signal_number = int(signal.Signals[signal_name])
+        self.global_step = global_step
+
+
+def previous(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with temp.open("wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if path.exists():
+                os.replace(path, previous(path))
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+
+
+def load_first_good(candidates: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+    """The first candidate that loads, warning about each one that does not."""
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # a damaged file raises anything from pickle to zipfile
+            log.warning("checkpoint %s does not load (%s); trying the previous one", path, error)
+    return None
+
+
+class StopRequest:
+    """The first SIGINT or SIGTERM asks training to stop cleanly; a second exits at once."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._saved: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._saved[signum] = signal.signal(signum, self._on_signal)
+
+    def restore(self) -> None:
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+        self._saved.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:
+            # The last good checkpoint is intact: every write is atomic.
+            os._exit(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+        log.warning(
+            "%s received: checkpointing and stopping (again to exit at once)", self.signal_name
+        )
+
+
+class SafetyCheckpoints(Callback):
+    def __init__(self, checkpoint_dir: Path, every_minutes: float, stop: StopRequest) -> None:
+        self.path = checkpoint_dir / LAST
+        self.every_seconds = every_minutes * 60
+        self.stop = stop
+        self._last_save = time.monotonic()
+
+    def _save(self, trainer: Trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        self._last_save = time.monotonic()
+
+    def _stop_if_requested(self, trainer: Trainer) -> None:
+        if self.stop.signal_name is not None:
+            self._save(trainer)
+            raise TrainingInterrupted(self.stop.signal_name, trainer.global_step)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._stop_if_requested(trainer)
+        if time.monotonic() - self._last_save >= self.every_seconds:
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._last_save = time.monotonic()  # ModelCheckpoint has just written last.ckpt
+            self._stop_if_requested(trainer)

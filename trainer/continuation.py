@@ -1,0 +1,175 @@
+"""Starting a training from earlier work: a base model (training further) or an interrupted
+operation (resuming). Both are checked before any training; a refusal is a UserError."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from trainer.errors import UserError
+from trainer.run_state import RunState
+
+log = logging.getLogger("trainer")
+
+# What a resumed operation may change, by override key prefix; everything else is fixed.
+MAY_CHANGE_ON_RESUME = (
+    "budget.",
+    "optimizer.",
+    "data.batch_size",
+    "data.num_workers",
+    "early_stopping.",
+    "checkpoint.",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.precision",
+    "mlflow.",
+    "dataset.path",  # a moved dataset; its labels are checked once it is read
+)
+IGNORED_ON_RESUME = ("resume_operation", "hydra.")
+
+
+@dataclass
+class StartFrom:
+    """Where a training starts: a checkpoint to restore, and what it must stay consistent with."""
+
+    checkpoints: list[Path] = field(default_factory=list)  # the first that loads is used
+    labels: list[str] | None = None
+    state: RunState | None = None  # set when resuming an operation
+    base_model_id: str = ""
+    strip_callback_state: bool = False  # a new model restarts early stopping and best-tracking
+
+
+def bare_id(text: str, collection: str) -> str:
+    return text.removeprefix(f"{collection}/")
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [(o.key_or_group, o.value()) for o in parsed]
+
+
+def explicit_keys(overrides: list[str]) -> set[str]:
+    return {key for key, _ in parse_overrides(overrides)}
+
+
+# -- training further from a base model ----------------------------------------------------
+
+
+def base_model_tags(store: Any, base_model_id: str) -> dict[str, str]:
+    model_id = bare_id(str(base_model_id), "models")
+    tags = store.registered_tags(model_id)
+    if tags is None:
+        raise UserError(
+            f"base_model_id={base_model_id!r} is not a model in {store.tracking_uri}; "
+            "list models in the MLflow registry or check mlflow.tracking_uri"
+        )
+    return tags
+
+
+def check_base_model(cfg: dict[str, Any], tags: dict[str, str]) -> None:
+    model_id = tags["model_id"]
+    if tags.get("task") != cfg["task"]["name"]:
+        raise UserError(
+            f"base model {model_id} is a {tags.get('task')} model, not "
+            f"{cfg['task']['name']}; train further with task={tags.get('task')}"
+        )
+    if tags.get("modelType") != cfg["model"]["type"]:
+        raise UserError(
+            f"base model {model_id} is model_type={tags.get('modelType')}, not "
+            f"{cfg['model']['type']}; drop model_type= or set model_type={tags.get('modelType')}"
+        )
+    created = datetime.fromisoformat(tags["create_time"].replace("Z", "+00:00"))
+    age_days = (datetime.now(timezone.utc) - created).total_seconds() / 86400
+    limit = cfg["resume"]["max_base_model_age_days"]
+    if age_days > limit:
+        raise UserError(
+            f"base model {model_id} was created {age_days:.1f} days ago, more than "
+            f"resume.max_base_model_age_days={limit}; train a new model instead"
+        )
+
+
+def from_base_model(cfg: dict[str, Any], store: Any, tags: dict[str, str]) -> StartFrom:
+    check_base_model(cfg, tags)
+    run_dir = Path(tags.get("run_dir", ""))
+    checkpoints = [
+        run_dir / "checkpoints" / "best.ckpt",
+        run_dir / "checkpoints" / "best.prev.ckpt",
+    ]
+    if not any(path.is_file() for path in checkpoints) and "run_id" in tags:
+        # A model on a remote tracking server: its checkpoint is an artifact of its run.
+        downloaded = store.download(
+            tags["run_id"], "checkpoints/best.ckpt", Path(".base_models") / tags["model_id"]
+        )
+        checkpoints = [downloaded] if downloaded else []
+    return StartFrom(
+        checkpoints=checkpoints,
+        labels=json.loads(tags["labels"]),
+        base_model_id=tags["model_id"],
+        strip_callback_state=True,
+    )
+
+
+# -- resuming an interrupted operation ------------------------------------------------------
+
+
+def resume_config(saved: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """The operation's own config, with the user's overrides that may change applied."""
+    config = OmegaConf.create(saved)
+    for key, value in parse_overrides(overrides):
+        if key.startswith(IGNORED_ON_RESUME):
+            continue
+        if not key.startswith(MAY_CHANGE_ON_RESUME):
+            current = _group_choice(saved, key)
+            if current is not None and value == current:
+                continue
+            raise UserError(
+                f"{key} may not change when resuming an operation (it is {current!r}); "
+                f"drop it, or start a new training. May change: {', '.join(MAY_CHANGE_ON_RESUME)}"
+            )
+        before = OmegaConf.select(config, key)
+        if before != value:
+            OmegaConf.update(config, key, value, force_add=True)
+            log.info("resume: %s changed from %r to %r", key, before, value)
+    return OmegaConf.to_container(config, resolve=True)
+
+
+def _group_choice(saved: dict[str, Any], key: str) -> Any:
+    if key == "model_type":
+        return saved["model"]["type"]
+    if key == "task":
+        return saved["task"]["name"]
+    return OmegaConf.select(OmegaConf.create(saved), key)
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """Newest first; a training further that never checkpointed restarts from its base."""
+    from trainer.checkpoints import BEST, LAST, previous  # torch: only when resuming
+
+    directory = run_dir / "checkpoints"
+    last, best = directory / LAST, directory / BEST
+    return [last, previous(last), best, previous(best), run_dir / "start.ckpt"]
+
+
+def for_resume(store: Any, operation_id: str) -> tuple[Path, RunState]:
+    name = f"operations/{bare_id(str(operation_id), 'operations')}"
+    run = store.run_of_operation(name)
+    if run is None:
+        raise UserError(
+            f"resume_operation={operation_id!r} is not an operation in {store.tracking_uri}; "
+            "check the ID and mlflow.tracking_uri"
+        )
+    run_dir = Path(run.data.tags.get("run_dir", ""))
+    state = RunState.load(run_dir)
+    if state.status == "SUCCEEDED":
+        raise UserError(f"operation {name} has already finished; nothing to resume")
+    if state.still_running():
+        raise UserError(f"operation {name} is still running (process {state.pid}); stop it first")
+    return run_dir, state

@@ -307,6 +307,7 @@ def test_ctrl_c_twice_exits_at_once_leaving_a_good_checkpoint(
     try:
         wait_for(lambda: any(tmp_path.glob("runs/*/*/checkpoints/last.ckpt")))
         process.send_signal(signal.SIGINT)
+        time.sleep(0.1)  # two signals sent at once would merge into one pending signal
         process.send_signal(signal.SIGINT)
         sent = time.monotonic()
         process.communicate(timeout=30)

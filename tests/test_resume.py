@@ -317,5 +317,22 @@ def test_ctrl_c_twice_exits_at_once_leaving_a_good_checkpoint(
     assert process.returncode == 128 + signal.SIGINT
     (run_dir,) = run_dirs(tmp_path)
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") > 0
-    # It left at once: no clean-up ran, so the operation is as a kill -9 leaves it (resumable).
-    assert read_json(run_dir / "operation.json")["done"] is False
+
+
+def test_second_signal_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deterministically, in-process: the first SIGINT asks for a stop, the second exits."""
+    from trainer.checkpoints import StopRequest
+
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    stop = StopRequest()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # let the interpreter run the handler
+        assert stop.signal_name == "SIGINT" and exits == []
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert exits == [128 + signal.SIGINT]
+    finally:
+        stop.restore()

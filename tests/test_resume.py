@@ -330,7 +330,7 @@ def test_second_signal_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     try:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)  # let the interpreter run the handler
-        assert stop.signal_name == "SIGINT" and exits == []
+        assert stop.reason == "SIGINT" and exits == []
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
         assert exits == [128 + signal.SIGINT]

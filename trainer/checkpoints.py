@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,23 @@ log = logging.getLogger("trainer")
 LAST, BEST = "last.ckpt", "best.ckpt"
 
 
+CANCEL = "CANCEL"  # a stop requested through the store (`operations cancel`), not a signal
+
+
 class TrainingInterrupted(Exception):
-    def __init__(self, signal_name: str, global_step: int) -> None:
-        super().__init__(f"interrupted by {signal_name} at global step {global_step}")
-        self.signal_name = signal_name
-        self.signal_number = int(signal.Signals[signal_name])
+    def __init__(self, reason: str, global_step: int) -> None:
+        what = "cancelled" if reason == CANCEL else f"interrupted by {reason}"
+        super().__init__(f"{what} at global step {global_step}")
+        self.reason = reason
         self.global_step = global_step
+
+    @property
+    def cancelled(self) -> bool:
+        return self.reason == CANCEL
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.cancelled else 128 + int(signal.Signals[self.reason])
 
 
 def previous(path: Path) -> Path:
@@ -72,10 +84,11 @@ def load_first_good(candidates: list[Path]) -> tuple[Path, dict[str, Any]] | Non
 
 
 class StopRequest:
-    """The first SIGINT or SIGTERM asks training to stop cleanly; a second exits at once."""
+    """The first SIGINT or SIGTERM, or a cancel, asks training to stop cleanly; a second
+    signal exits at once."""
 
     def __init__(self) -> None:
-        self.signal_name: str | None = None
+        self.reason: str | None = None
         self._saved: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -88,13 +101,16 @@ class StopRequest:
         self._saved.clear()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.signal_name is not None:
+        if self.reason is not None:
             # The last good checkpoint is intact: every write is atomic.
             os._exit(128 + signum)
-        self.signal_name = signal.Signals(signum).name
-        log.warning(
-            "%s received: checkpointing and stopping (again to exit at once)", self.signal_name
-        )
+        self.reason = signal.Signals(signum).name
+        log.warning("%s received: checkpointing and stopping (again to exit at once)", self.reason)
+
+    def cancel(self) -> None:
+        if self.reason is None:
+            self.reason = CANCEL
+            log.warning("cancel requested: checkpointing and stopping")
 
 
 class SafetyCheckpoints(Callback):
@@ -109,9 +125,9 @@ class SafetyCheckpoints(Callback):
         self._last_save = time.monotonic()
 
     def _stop_if_requested(self, trainer: Trainer) -> None:
-        if self.stop.signal_name is not None:
+        if self.stop.reason is not None:
             self._save(trainer)
-            raise TrainingInterrupted(self.stop.signal_name, trainer.global_step)
+            raise TrainingInterrupted(self.stop.reason, trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -124,3 +140,24 @@ class SafetyCheckpoints(Callback):
         if not trainer.sanity_checking:
             self._last_save = time.monotonic()  # ModelCheckpoint has just written last.ckpt
             self._stop_if_requested(trainer)
+
+
+class CancelWatch(Callback):
+    """Asks the store every ``every_seconds`` whether someone cancelled this operation.
+
+    The request travels through the store, so a cancel works from any machine that shares the
+    MLflow tracking server, not only by a signal on this one.
+    """
+
+    def __init__(self, cancelled: Callable[[], bool], every_seconds: float, stop: StopRequest):
+        self.cancelled = cancelled
+        self.every_seconds = every_seconds
+        self.stop = stop
+        self._last_poll = time.monotonic()
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if time.monotonic() - self._last_poll < self.every_seconds:
+            return
+        self._last_poll = time.monotonic()
+        if self.cancelled():
+            self.stop.cancel()

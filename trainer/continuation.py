@@ -86,7 +86,13 @@ def check_base_model(cfg: dict[str, Any], tags: dict[str, str]) -> None:
             f"base model {model_id} is model_type={tags.get('modelType')}, not "
             f"{cfg['model']['type']}; drop model_type= or set model_type={tags.get('modelType')}"
         )
-    created = datetime.fromisoformat(tags["create_time"].replace("Z", "+00:00"))
+    expire = tags.get("expire_time")
+    if expire and _parse_time(expire) < datetime.now(timezone.utc):
+        raise UserError(
+            f"base model {model_id} expired on {expire}; it can be listed and deleted, "
+            "not trained further: train a new model instead"
+        )
+    created = _parse_time(tags["create_time"])
     age_days = (datetime.now(timezone.utc) - created).total_seconds() / 86400
     limit = cfg["resume"]["max_base_model_age_days"]
     if age_days > limit:
@@ -94,6 +100,10 @@ def check_base_model(cfg: dict[str, Any], tags: dict[str, str]) -> None:
             f"base model {model_id} was created {age_days:.1f} days ago, more than "
             f"resume.max_base_model_age_days={limit}; train a new model instead"
         )
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def from_base_model(cfg: dict[str, Any], store: Any, tags: dict[str, str]) -> StartFrom:
@@ -168,8 +178,10 @@ def for_resume(store: Any, operation_id: str) -> tuple[Path, RunState]:
         )
     run_dir = Path(run.data.tags.get("run_dir", ""))
     state = RunState.load(run_dir)
-    if state.status == "SUCCEEDED":
-        raise UserError(f"operation {name} has already finished; nothing to resume")
+    if state.status in ("SUCCEEDED", "CANCELLED"):
+        raise UserError(
+            f"operation {name} has {state.status.lower()}; only interrupted ones can be resumed"
+        )
     if state.still_running():
         raise UserError(f"operation {name} is still running (process {state.pid}); stop it first")
     return run_dir, state

@@ -39,6 +39,21 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
+def add_months(timestamp: str, months: int) -> str:
+    """An RFC 3339 UTC timestamp ``months`` later, the day clamped to the month's length."""
+    moment = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%S.%fZ")
+    month_index = moment.month - 1 + months
+    year, month = moment.year + month_index // 12, month_index % 12 + 1
+    for day in range(moment.day, 27, -1):
+        try:
+            return moment.replace(year=year, month=month, day=day).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        except ValueError:
+            continue
+    return moment.replace(year=year, month=month, day=min(moment.day, 28)).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ"
+    )
+
+
 def model_resource(
     model_id: str,
     display_name: str,
@@ -46,6 +61,7 @@ def model_resource(
     create_time: str,
     metadata_key: str,
     metadata: dict[str, Any],
+    lifespan_months: int,
 ) -> dict[str, Any]:
     return {
         "name": f"models/{model_id}",
@@ -53,6 +69,7 @@ def model_resource(
         "datasetId": dataset_id,
         "createTime": create_time,
         "updateTime": utc_now(),
+        "expireTime": add_months(create_time, lifespan_months),
         "deploymentState": "UNDEPLOYED",
         metadata_key: metadata,
     }
@@ -111,6 +128,8 @@ class Operation:
         return operation
 
     def progress(self, fraction: float) -> None:
+        if self.resource["done"]:
+            return
         metadata = self.resource["metadata"]
         metadata["progressPercentage"] = int(max(0.0, min(1.0, fraction)) * 100)
         metadata["updateTime"] = utc_now()

@@ -18,6 +18,7 @@ from trainer.errors import UserError
 from trainer.resources import utc_now, write_json_atomic
 
 RUNNING, INTERRUPTED, SUCCEEDED, FAILED = "RUNNING", "INTERRUPTED", "SUCCEEDED", "FAILED"
+CANCELLED = "CANCELLED"
 
 
 @dataclass

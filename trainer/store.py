@@ -22,6 +22,7 @@ def metadata_tags(model: dict[str, Any], metadata_key: str) -> dict[str, str]:
         "display_name": model["displayName"],
         "dataset_id": model["datasetId"],
         "create_time": model["createTime"],
+        "expire_time": model["expireTime"],
         "metadata_key": metadata_key,
     }
     tags.update({key: str(value) for key, value in model[metadata_key].items()})
@@ -131,6 +132,20 @@ class Store:
             return Path(self.client.download_artifacts(run_id, artifact_path, str(destination)))
         except (MlflowException, OSError):
             return None
+
+    def publish_operation(self, run_id: str, operation: dict[str, Any], state: str) -> None:
+        """Mirror the Operation resource into the run, for readers on other machines."""
+        self.set_tags(
+            run_id,
+            {
+                "operation_json": json.dumps(operation),
+                "state": state,
+                "update_time": operation["metadata"]["updateTime"],
+            },
+        )
+
+    def cancel_requested(self, run_id: str) -> bool:
+        return self.client.get_run(run_id).data.tags.get("cancel_requested") == "true"
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

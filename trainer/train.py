@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -27,6 +28,7 @@ from trainer import data as datasets
 from trainer.backbones import build_backbone
 from trainer.checkpoints import (
     AtomicCheckpointIO,
+    CancelWatch,
     SafetyCheckpoints,
     StopRequest,
     TrainingInterrupted,
@@ -46,7 +48,7 @@ from trainer.resources import (
     utc_now,
     write_json_atomic,
 )
-from trainer.run_state import FAILED, INTERRUPTED, RUNNING, SUCCEEDED, RunState
+from trainer.run_state import CANCELLED, FAILED, INTERRUPTED, RUNNING, SUCCEEDED, RunState
 from trainer.settings import validate
 from trainer.store import Store
 
@@ -60,7 +62,9 @@ warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended befor
 
 MODEL_CONVERGED = "MODEL_CONVERGED"
 BUDGET_REACHED = "BUDGET_REACHED"
-ABORTED, INTERNAL = 10, 13  # google.rpc.Code
+CANCELLED_CODE, ABORTED, INTERNAL = 1, 10, 13  # google.rpc.Code
+# A detached training is told the IDs that its launcher already printed.
+OPERATION_ID_ENV, MODEL_ID_ENV = "TRAINER_OPERATION_ID", "TRAINER_MODEL_ID"
 
 
 @dataclass
@@ -85,6 +89,7 @@ class Job:
         if trainer is not None:
             self.state.global_step = trainer.global_step
         self.state.save(self.run_dir)
+        self.store.publish_operation(self.state.run_id, self.operation.resource, self.state.status)
 
 
 def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = None) -> float:
@@ -105,19 +110,23 @@ def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = N
         cfg, settings.budget, settings.nodes, meter, start, state, operation, store,
         StopRequest(), run_dir,
     )  # fmt: skip
-    job.flush()
     verb = "resumed" if start.state else "started"
     log.info("operation %s %s for models/%s in %s", operation.name, verb, state.model_id, run_dir)
     job.stop.install()
+    job.flush()
     try:
         return _train(job)
     except TrainingInterrupted as interruption:
-        hint = f"python -m trainer resume_operation={operation.name.split('/')[1]}"
         state.global_step = interruption.global_step
-        _end_unfinished(job, INTERRUPTED, ABORTED, f"{interruption}; continue with {hint}")
-        print(f"error: {interruption}; checkpoint and cost saved; continue with {hint}",
-              file=sys.stderr, flush=True)  # fmt: skip
-        raise SystemExit(128 + interruption.signal_number) from None
+        if interruption.cancelled:
+            _end_unfinished(job, CANCELLED, CANCELLED_CODE, str(interruption))
+            print(f"error: {interruption}; checkpoint and cost saved", file=sys.stderr)
+        else:
+            hint = f"python -m trainer resume_operation={operation.name.split('/')[1]}"
+            _end_unfinished(job, INTERRUPTED, ABORTED, f"{interruption}; continue with {hint}")
+            print(f"error: {interruption}; checkpoint and cost saved; continue with {hint}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        raise SystemExit(interruption.exit_code) from None
     except BaseException as error:
         code = 2 if isinstance(error, UserError) else INTERNAL
         _end_unfinished(job, FAILED, code, f"{type(error).__name__}: {error}")
@@ -135,11 +144,13 @@ def _open_operation(
         store.reopen_run(state.run_id)
         return Operation.reopen(run_dir / "operation.json"), state
     task = cfg["task"]
-    operation = Operation(new_id(task["id_prefix"]), run_dir / "operation.json")
-    model_id = new_id(task["id_prefix"])
+    operation_id = os.environ.pop(OPERATION_ID_ENV, None) or new_id(task["id_prefix"])
+    operation = Operation(operation_id, run_dir / "operation.json")
+    model_id = os.environ.pop(MODEL_ID_ENV, None) or new_id(task["id_prefix"])
     tags = {
         "operation": operation.name,
         "model_id": model_id,
+        "base_model_id": start.base_model_id,
         "task": task["name"],
         "run_dir": str(run_dir.resolve()),
     }
@@ -156,7 +167,7 @@ def _end_unfinished(job: Job, status: str, code: int, message: str) -> None:
     cost = job.meter.cost_milli_node_hours()
     job.operation.fail(code, f"{message} (cost so far {cost} milli-node-hours)")
     job.store.set_tags(job.state.run_id, {"trainCostMilliNodeHours": str(cost), "state": status})
-    job.store.end_run(job.state.run_id, "KILLED" if status == INTERRUPTED else "FAILED")
+    job.store.end_run(job.state.run_id, "FAILED" if status == FAILED else "KILLED")
 
 
 def _train(job: Job) -> float:
@@ -214,9 +225,14 @@ def _train(job: Job) -> float:
     safety = SafetyCheckpoints(
         run_dir / "checkpoints", cfg["checkpoint"]["every_minutes"], job.stop
     )
-    # Safety checkpoints come before the budget callback, so that their time is part of the step
-    # that the budget measures.
-    callbacks = [safety, budget, checkpoints, progress, early_stopping]
+    cancel_watch = CancelWatch(
+        lambda: job.store.cancel_requested(state.run_id),
+        cfg["checkpoint"]["cancel_poll_seconds"],
+        job.stop,
+    )
+    # The cancel watch and safety checkpoints come before the budget callback, so that their
+    # time is part of the step that the budget measures.
+    callbacks = [cancel_watch, safety, budget, checkpoints, progress, early_stopping]
 
     trainer_cfg = cfg["trainer"]
     trainer = pl.Trainer(
@@ -238,8 +254,8 @@ def _train(job: Job) -> float:
         log_every_n_steps=trainer_cfg["log_every_n_steps"],
         default_root_dir=run_dir,
     )
-    if job.stop.signal_name:  # interrupted during set-up
-        raise TrainingInterrupted(job.stop.signal_name, 0)
+    if job.stop.reason:  # interrupted during set-up
+        raise TrainingInterrupted(job.stop.reason, 0)
     trainer.fit(module, train_loader, val_loader, ckpt_path=start_checkpoint)
     if budget.steps_done == 0:
         raise UserError(
@@ -277,6 +293,7 @@ def _train(job: Job) -> float:
             state.create_time,
             task["metadata_key"],
             metadata,
+            task["model_lifespan_months"],
         )
 
     example = next(iter(test_loader))[0][:2].numpy()
@@ -297,8 +314,8 @@ def _train(job: Job) -> float:
     store.register(state.run_id, model_uri, model, task["metadata_key"], extra_tags)
     write_json_atomic(run_dir / "model.json", model)
     state.status = SUCCEEDED
-    job.flush(trainer)
     job.operation.succeed(model)
+    job.flush(trainer)
     files = [run_dir / name for name in ("model.json", "metrics.json", "operation.json")]
     store.log_files(state.run_id, files)
     store.end_run(state.run_id)

@@ -1,11 +1,18 @@
-"""`python -m trainer`: training through Hydra."""
+"""`python -m trainer`: training through Hydra, or a management verb (models, operations)."""
 
 from __future__ import annotations
 
 import sys
 
+MANAGEMENT = ("models", "operations", "--tracking-uri", "-h", "--help")
+
 
 def main() -> None:
+    argv = sys.argv[1:]
+    if argv and argv[0] in MANAGEMENT:
+        from trainer.cli import run
+
+        raise SystemExit(run(argv))
     from trainer.settings import check_overrides
 
     check_overrides(sys.argv[1:])

@@ -25,6 +25,8 @@ def train_job(cfg: DictConfig) -> float:
     overrides = list(HydraConfig.get().overrides.task)
     try:
         validate(resolved)
+        if resolved["detach"]:
+            return _detach(resolved, overrides, run_dir)
         start = None
         if resolved["resume_operation"] or resolved["base_model_id"]:
             resolved, run_dir, start = _continuation(resolved, overrides, run_dir)
@@ -36,6 +38,36 @@ def train_job(cfg: DictConfig) -> float:
         # SystemExit passes through Hydra's error reporting, which would print a traceback.
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(error.exit_code) from None
+
+
+def _detach(cfg: dict[str, Any], overrides: list[str], run_dir: Path) -> float:
+    """Start the same training as a background process; print its operation name at once."""
+    import os
+    import subprocess
+
+    from trainer.resources import new_id
+    from trainer.train_ids import MODEL_ID_ENV, OPERATION_ID_ENV
+
+    if HydraConfig.get().mode.name == "MULTIRUN":
+        raise UserError("detach=true runs one training; drop -m, or launch each job detached")
+    prefix = cfg["task"]["id_prefix"]
+    operation_id, model_id = new_id(prefix), new_id(prefix)
+    kept = [o for o in overrides if not o.startswith(("detach=", "hydra.run.dir="))]
+    command = [sys.executable, "-m", "trainer", *kept, f"hydra.run.dir='{run_dir}'"]
+    environment = {**os.environ, OPERATION_ID_ENV: operation_id, MODEL_ID_ENV: model_id}
+    log_file = run_dir / "train.log"
+    with log_file.open("ab") as log:
+        subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            start_new_session=True,  # survives this terminal closing, and its Ctrl-C
+        )
+    print(f"operations/{operation_id}")
+    print(f"training models/{model_id} in the background; log: {log_file}", file=sys.stderr)
+    return float("nan")
 
 
 def _continuation(cfg: dict[str, Any], overrides: list[str], run_dir: Path):

@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from trainer.catalog import bare_id
 from trainer.errors import UserError
 from trainer.run_state import RunState
 
@@ -43,10 +44,6 @@ class StartFrom:
     state: RunState | None = None  # set when resuming an operation
     base_model_id: str = ""
     strip_callback_state: bool = False  # a new model restarts early stopping and best-tracking
-
-
-def bare_id(text: str, collection: str) -> str:
-    return text.removeprefix(f"{collection}/")
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:

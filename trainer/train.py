@@ -51,6 +51,7 @@ from trainer.resources import (
 from trainer.run_state import CANCELLED, FAILED, INTERRUPTED, RUNNING, SUCCEEDED, RunState
 from trainer.settings import validate
 from trainer.store import Store
+from trainer.train_ids import MODEL_ID_ENV, OPERATION_ID_ENV
 
 log = logging.getLogger("trainer")
 # Lightning sets its loggers to INFO on import and adds tips; keep stderr for our own progress.
@@ -63,8 +64,6 @@ warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended befor
 MODEL_CONVERGED = "MODEL_CONVERGED"
 BUDGET_REACHED = "BUDGET_REACHED"
 CANCELLED_CODE, ABORTED, INTERNAL = 1, 10, 13  # google.rpc.Code
-# A detached training is told the IDs that its launcher already printed.
-OPERATION_ID_ENV, MODEL_ID_ENV = "TRAINER_OPERATION_ID", "TRAINER_MODEL_ID"
 
 
 @dataclass
@@ -163,9 +162,9 @@ def _open_operation(
 
 def _end_unfinished(job: Job, status: str, code: int, message: str) -> None:
     job.state.status = status
-    job.flush()
     cost = job.meter.cost_milli_node_hours()
     job.operation.fail(code, f"{message} (cost so far {cost} milli-node-hours)")
+    job.flush()
     job.store.set_tags(job.state.run_id, {"trainCostMilliNodeHours": str(cost), "state": status})
     job.store.end_run(job.state.run_id, "FAILED" if status == FAILED else "KILLED")
 

@@ -1,0 +1,133 @@
+"""Models and operations as the management CLI sees them, read from the store.
+
+Everything comes from MLflow (the registry and the runs' tags), so the verbs work from any
+machine that shares the tracking server. Nothing here imports torch or Lightning, and reads do
+not import MLflow either (see store_reader.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timedelta, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from trainer.errors import UserError
+from trainer.resources import utc_now
+from trainer.store_reader import RunRecord, open_reader
+
+FINISHED_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED")
+# A RUNNING operation that has not put its cost on record for this long is taken as dead
+# (killed without a chance to say so): it no longer blocks deleting its models.
+STALE_AFTER = timedelta(minutes=5)
+
+
+def bare_id(text: str, collection: str) -> str:
+    return text.removeprefix(f"{collection}/")
+
+
+def metadata_of(model: dict[str, Any]) -> dict[str, Any]:
+    return next(value for key, value in model.items() if key.endswith("ModelMetadata"))
+
+
+class Catalog:
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.reader = open_reader(tracking_uri, experiment)
+
+    @cached_property
+    def client(self) -> Any:
+        from trainer.store import Store  # MLflow itself: only for the verbs that write
+
+        return Store(self.tracking_uri, self.experiment).client
+
+    # -- models ----------------------------------------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        found = [
+            json.loads(m.description) for m in self.reader.registered_models() if m.description
+        ]
+        return sorted(found, key=lambda model: model["createTime"], reverse=True)
+
+    def model(self, model_id: str) -> dict[str, Any]:
+        model_id = bare_id(model_id, "models")
+        found = self.reader.registered_model(model_id)
+        if found is None or not found.description:
+            raise UserError(f"model {model_id!r} is not in {self.tracking_uri}")
+        return json.loads(found.description)
+
+    def delete_model(self, model_id: str) -> str:
+        model_id = self.model(model_id)["name"].split("/")[1]
+        runs = self.reader.runs()
+        for run in _active(runs):
+            if model_id in (run.tags.get("model_id"), run.tags.get("base_model_id")):
+                raise UserError(
+                    f"model {model_id} is in use by the running operation "
+                    f"{run.tags.get('operation')}; cancel it first"
+                )
+        for run in (r for r in runs if r.tags.get("model_id") == model_id):
+            _remove_local(run.artifact_uri)
+            if run.tags.get("run_dir"):
+                shutil.rmtree(Path(run.tags["run_dir"]) / "checkpoints", ignore_errors=True)
+                (Path(run.tags["run_dir"]) / "start.ckpt").unlink(missing_ok=True)
+            self.client.delete_run(run.run_id)
+        self.client.delete_registered_model(model_id)
+        return model_id
+
+    # -- operations ------------------------------------------------------------------------
+
+    def operations(self) -> list[dict[str, Any]]:
+        found = [
+            json.loads(run.tags["operation_json"])
+            for run in self.reader.runs()
+            if "operation_json" in run.tags
+        ]
+        return sorted(found, key=lambda op: op["metadata"]["createTime"], reverse=True)
+
+    def operation(self, operation_id: str) -> dict[str, Any]:
+        return json.loads(self._run_of(operation_id).tags["operation_json"])
+
+    def operations_working_on(self, model_id: str) -> set[str]:
+        model_id = bare_id(model_id, "models")
+        runs = self.reader.runs()
+        return {r.tags.get("operation", "") for r in runs if r.tags.get("model_id") == model_id}
+
+    def cancel(self, operation_id: str) -> str:
+        run = self._run_of(operation_id)
+        state, name = run.tags.get("state", ""), run.tags["operation"]
+        if state in FINISHED_STATES:
+            raise UserError(f"operation {name} has already ended ({state}); nothing to cancel")
+        self.client.set_tag(run.run_id, "cancel_request_time", utc_now())
+        self.client.set_tag(run.run_id, "cancel_requested", "true")
+        return name
+
+    def _run_of(self, operation_id: str) -> RunRecord:
+        name = f"operations/{bare_id(operation_id, 'operations')}"
+        for run in self.reader.runs():
+            if run.tags.get("operation") == name and "operation_json" in run.tags:
+                return run
+        raise UserError(f"operation {name!r} is not in {self.tracking_uri}")
+
+
+def _active(runs: list[RunRecord]) -> list[RunRecord]:
+    now = datetime.now(timezone.utc)
+    return [
+        run
+        for run in runs
+        if run.tags.get("state") == "RUNNING"
+        and now - _parse(run.tags.get("update_time", "1970-01-01T00:00:00Z")) < STALE_AFTER
+    ]
+
+
+def _parse(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _remove_local(artifact_uri: str) -> None:
+    """Remove a run's artifacts when they are local files; a server removes its own."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme in ("", "file"):
+        shutil.rmtree(unquote(parsed.path), ignore_errors=True)

@@ -1,0 +1,232 @@
+"""The management verbs: `python -m trainer models ...`, `operations ...`.
+
+A plain argparse CLI rather than Hydra: these verbs read and change the store, they take no
+training config, and they must answer quickly, so nothing here imports torch or Lightning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from trainer.errors import UserError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPERIMENT = "vision-trainer"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI),
+        help="the MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
+    resources = parser.add_subparsers(dest="resource", required=True)
+
+    models = resources.add_parser("models", help="trained models").add_subparsers(
+        dest="verb", required=True
+    )
+    listing = models.add_parser("list", help="list models")
+    listing.add_argument("--filter", default="", help="task=..., model_type=..., display_name=...")
+    listing.add_argument("--json", action="store_true", help="the Model resources as JSON")
+    get = models.add_parser("get", help="one model")
+    get.add_argument("id", help="a model ID, bare (ICN123) or models/ICN123")
+    get.add_argument("--json", action="store_true")
+    delete = models.add_parser("delete", help="delete a model, its artifacts and checkpoints")
+    delete.add_argument("id")
+
+    operations = resources.add_parser("operations", help="trainings").add_subparsers(
+        dest="verb", required=True
+    )
+    listing = operations.add_parser("list", help="list operations")
+    listing.add_argument("--filter", default="", help="done=true|false, worksOn=models/ID")
+    listing.add_argument("--json", action="store_true")
+    get = operations.add_parser("get", help="one operation")
+    get.add_argument("id", help="an operation ID, bare or operations/ICN123")
+    get.add_argument("--json", action="store_true")
+    cancel = operations.add_parser("cancel", help="stop a training cooperatively")
+    cancel.add_argument("id")
+    return parser
+
+
+def parse_filter(text: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    """AutoML's filter syntax, as far as these resources need it: `a=b AND c=d`."""
+    terms: dict[str, str] = {}
+    for term in text.replace(" AND ", " ").replace(" and ", " ").split():
+        key, sep, value = term.partition("=")
+        if not sep or key not in allowed:
+            raise UserError(f"--filter term {term!r} is not understood; use {', '.join(allowed)}")
+        terms[key] = value.strip("\"'")
+    return terms
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from trainer.catalog import Catalog
+
+    try:
+        catalog = Catalog(args.tracking_uri, EXPERIMENT)
+        handler = HANDLERS[(args.resource, args.verb)]
+        handler(catalog, args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+# -- models -------------------------------------------------------------------------------
+
+
+def models_list(catalog: Any, args: argparse.Namespace) -> None:
+    from trainer.catalog import metadata_of
+
+    terms = parse_filter(args.filter, ("task", "model_type", "display_name"))
+    tasks = {"imageClassificationModelMetadata": "image_classification"}
+
+    def keep(model: dict[str, Any]) -> bool:
+        fields = {
+            "task": next((tasks.get(k, k) for k in model if k.endswith("ModelMetadata")), ""),
+            "model_type": metadata_of(model)["modelType"],
+            "display_name": model["displayName"],
+        }
+        return all(fields[key] == value for key, value in terms.items())
+
+    models = [m for m in catalog.models() if keep(m)]
+    if args.json:
+        print(json.dumps({"model": models}, indent=2))
+        return
+    rows = []
+    for model in models:
+        meta = metadata_of(model)
+        task = next(tasks.get(k, k) for k in model if k.endswith("ModelMetadata"))
+        rows.append(
+            [
+                model["name"].split("/")[1],
+                model["displayName"],
+                task,
+                meta["modelType"],
+                meta["trainBudgetMilliNodeHours"],
+                meta["trainCostMilliNodeHours"],
+                meta["stopReason"],
+                model["createTime"][:19].replace("T", " "),
+            ]
+        )
+    headers = ["ID", "display name", "task", "model type", "budget", "cost", "stop reason",
+               "created (UTC)"]  # fmt: skip
+    print_table(headers, rows)
+
+
+def models_get(catalog: Any, args: argparse.Namespace) -> None:
+    model = catalog.model(args.id)
+    if args.json:
+        print(json.dumps(model, indent=2))
+        return
+    from trainer.catalog import metadata_of
+
+    flat = {k: v for k, v in model.items() if not k.endswith("ModelMetadata")}
+    print_fields({**flat, **metadata_of(model)})
+
+
+def models_delete(catalog: Any, args: argparse.Namespace) -> None:
+    print(f"deleted models/{catalog.delete_model(args.id)}")
+
+
+# -- operations ---------------------------------------------------------------------------
+
+
+def operation_state(operation: dict[str, Any]) -> str:
+    if not operation.get("done"):
+        return "RUNNING"
+    error = operation.get("error")
+    if not error:
+        return "SUCCEEDED"
+    return {1: "CANCELLED", 10: "INTERRUPTED"}.get(error.get("code"), "FAILED")
+
+
+def operations_list(catalog: Any, args: argparse.Namespace) -> None:
+    terms = parse_filter(args.filter, ("done", "worksOn"))
+    operations = catalog.operations()
+    if "done" in terms:
+        if terms["done"] not in ("true", "false"):
+            raise UserError(f"--filter done={terms['done']!r}: use done=true or done=false")
+        operations = [op for op in operations if op["done"] == (terms["done"] == "true")]
+    if "worksOn" in terms:
+        names = catalog.operations_working_on(terms["worksOn"])
+        operations = [op for op in operations if op["name"] in names]
+    if args.json:
+        print(json.dumps({"operations": operations}, indent=2))
+        return
+    rows = [
+        [
+            op["name"].split("/")[1],
+            operation_state(op),
+            f"{op['metadata'].get('progressPercentage', 0)}%",
+            op["metadata"]["createTime"][:19].replace("T", " "),
+            op["metadata"]["updateTime"][:19].replace("T", " "),
+        ]
+        for op in operations
+    ]
+    print_table(["ID", "state", "progress", "started (UTC)", "updated (UTC)"], rows)
+
+
+def operations_get(catalog: Any, args: argparse.Namespace) -> None:
+    operation = catalog.operation(args.id)
+    if args.json:
+        print(json.dumps(operation, indent=2))
+        return
+    fields = {
+        "name": operation["name"],
+        "state": operation_state(operation),
+        **operation["metadata"],
+        "done": operation["done"],
+    }
+    if "error" in operation:
+        fields["error"] = f"{operation['error']['code']}: {operation['error']['message']}"
+    if "response" in operation:
+        fields["model"] = operation["response"]["name"]
+    fields.pop("createModelDetails", None)
+    print_fields(fields)
+
+
+def operations_cancel(catalog: Any, args: argparse.Namespace) -> None:
+    name = catalog.cancel(args.id)
+    print(f"cancel requested for {name}: it checkpoints and stops within a few seconds")
+
+
+HANDLERS: dict[tuple[str, str], Callable[[Any, argparse.Namespace], None]] = {
+    ("models", "list"): models_list,
+    ("models", "get"): models_get,
+    ("models", "delete"): models_delete,
+    ("operations", "list"): operations_list,
+    ("operations", "get"): operations_get,
+    ("operations", "cancel"): operations_cancel,
+}
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*headers, box=None, header_style="bold", pad_edge=False)
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=1000)  # scripts and pipes get whole cells, never truncated
+    console.print(table)
+    if not rows:
+        print("(none)")
+
+
+def print_fields(fields: dict[str, Any]) -> None:
+    width = max(len(key) for key in fields)
+    for key, value in fields.items():
+        print(f"{key:<{width}}  {value}")

@@ -1,0 +1,134 @@
+"""Fast read-only access to the MLflow store, for the management verbs.
+
+Importing ``mlflow`` and opening its SQLAlchemy store takes about 2.5 s on a small CPU, more than
+the whole latency budget of `models list` (DESIGN.md: answer well under 2 s). Reads therefore go
+to MLflow's SQLite tables directly, or to its documented REST API for a tracking server; writes
+(cancel, delete) still go through MLflow's client.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass
+class RegisteredModel:
+    name: str
+    description: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    artifact_uri: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class StoreReader(Protocol):
+    def registered_models(self) -> list[RegisteredModel]: ...
+    def registered_model(self, name: str) -> RegisteredModel | None: ...
+    def runs(self) -> list[RunRecord]: ...
+
+
+def open_reader(tracking_uri: str, experiment: str) -> StoreReader:
+    if tracking_uri.startswith(("http://", "https://")):
+        return RestReader(tracking_uri.rstrip("/"), experiment)
+    if tracking_uri.startswith("sqlite:///"):
+        return SqliteReader(Path(tracking_uri.removeprefix("sqlite:///")), experiment)
+    raise ValueError(f"unsupported tracking URI {tracking_uri!r}: use sqlite:/// or http(s)://")
+
+
+class SqliteReader:
+    def __init__(self, database: Path, experiment: str) -> None:
+        self.database, self.experiment = database, experiment
+
+    def _query(self, sql: str, *params: Any) -> list[tuple]:
+        if not self.database.is_file():
+            return []
+        # Read-only, and patient with a training that is writing at the same moment.
+        uri = f"file:{self.database.resolve()}?mode=ro"
+        with sqlite3.connect(uri, uri=True, timeout=30) as connection:
+            return connection.execute(sql, params).fetchall()
+
+    def registered_models(self) -> list[RegisteredModel]:
+        models = {
+            name: RegisteredModel(name, description or "")
+            for name, description in self._query("SELECT name, description FROM registered_models")
+        }
+        for key, value, name in self._query("SELECT key, value, name FROM registered_model_tags"):
+            if name in models:
+                models[name].tags[key] = value
+        return list(models.values())
+
+    def registered_model(self, name: str) -> RegisteredModel | None:
+        rows = self._query("SELECT description FROM registered_models WHERE name = ?", name)
+        if not rows:
+            return None
+        tags = self._query("SELECT key, value FROM registered_model_tags WHERE name = ?", name)
+        return RegisteredModel(name, rows[0][0] or "", dict(tags))
+
+    def runs(self) -> list[RunRecord]:
+        rows = self._query(
+            "SELECT r.run_uuid, r.artifact_uri FROM runs r JOIN experiments e "
+            "ON r.experiment_id = e.experiment_id "
+            "WHERE e.name = ? AND r.lifecycle_stage = 'active'",
+            self.experiment,
+        )
+        runs = {run_id: RunRecord(run_id, artifact_uri) for run_id, artifact_uri in rows}
+        for key, value, run_id in self._query("SELECT key, value, run_uuid FROM tags"):
+            if run_id in runs:
+                runs[run_id].tags[key] = value
+        return list(runs.values())
+
+
+class RestReader:
+    def __init__(self, base_url: str, experiment: str) -> None:
+        self.base_url, self.experiment = base_url, experiment
+
+    def _call(self, path: str, body: dict[str, Any] | None = None, **query: Any) -> dict:
+        url = f"{self.base_url}/api/2.0/mlflow/{path}"
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            url, data=data, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
+                return {}
+            raise
+
+    @staticmethod
+    def _model(found: dict[str, Any]) -> RegisteredModel:
+        tags = {tag["key"]: tag.get("value", "") for tag in found.get("tags", [])}
+        return RegisteredModel(found["name"], found.get("description", ""), tags)
+
+    def registered_models(self) -> list[RegisteredModel]:
+        found = self._call("registered-models/search", max_results=1000)
+        return [self._model(m) for m in found.get("registered_models", [])]
+
+    def registered_model(self, name: str) -> RegisteredModel | None:
+        found = self._call("registered-models/get", name=name)
+        return self._model(found["registered_model"]) if "registered_model" in found else None
+
+    def runs(self) -> list[RunRecord]:
+        experiment = self._call("experiments/get-by-name", experiment_name=self.experiment)
+        if "experiment" not in experiment:
+            return []
+        body = {"experiment_ids": [experiment["experiment"]["experiment_id"]], "max_results": 1000}
+        runs = []
+        for run in self._call("runs/search", body).get("runs", []):
+            tags = {t["key"]: t.get("value", "") for t in run.get("data", {}).get("tags", [])}
+            runs.append(RunRecord(run["info"]["run_id"], run["info"]["artifact_uri"], tags))
+        return runs

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,26 @@ def _artifact_location(tracking_uri: str) -> str | None:
     return (database.resolve().parent / "mlartifacts").as_uri()
 
 
+@contextmanager
+def _store_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise opening a local SQLite store across processes.
+
+    Two trainings that open a new ``mlflow.db`` at the same moment both run MLflow's schema
+    migrations and one of them fails; they also race to create the experiment.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class Store:
     def __init__(self, tracking_uri: str, experiment_name: str) -> None:
         self.tracking_uri = tracking_uri
@@ -48,15 +71,19 @@ class Store:
         # the URI is set explicitly (DESIGN.md): always set it, for the client and the fluent API.
         mlflow.set_tracking_uri(tracking_uri)
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        experiment = self.client.get_experiment_by_name(experiment_name)
-        self.experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else self.client.create_experiment(
-                experiment_name, artifact_location=_artifact_location(tracking_uri)
+        # stdout carries the Model JSON alone; MLflow would print run URLs there.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        with _store_lock(tracking_uri):
+            self.client = MlflowClient(tracking_uri=tracking_uri)  # migrates a new database
+            experiment = self.client.get_experiment_by_name(experiment_name)
+            self.experiment_id = (
+                experiment.experiment_id
+                if experiment
+                else self.client.create_experiment(
+                    experiment_name, artifact_location=_artifact_location(tracking_uri)
+                )
             )
-        )
+            self.client.search_registered_models(max_results=1)  # the registry's tables too
 
     def start_run(self, run_name: str, tags: dict[str, str], config: dict[str, Any]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
@@ -73,8 +100,8 @@ class Store:
             if file.is_file():
                 self.client.log_artifact(run_id, str(file), artifact_path)
 
-    def log_network(self, run_id: str, network: Any, input_example: Any) -> str:
-        """Log the network so that `mlflow models serve` can serve it; return its model URI."""
+    def log_network(self, run_id: str, network: Any, input_example: Any) -> Any:
+        """Log the network so that `mlflow models serve` can serve it; return its ModelInfo."""
         import mlflow.pytorch  # imported here: the flavour pulls in more than the store needs
 
         # We log pickles on purpose (pt2 export is slow and freezes shapes); skip the warning.
@@ -88,12 +115,12 @@ class Store:
                 pip_requirements=PIP_REQUIREMENTS,
                 serialization_format="pickle",
             )
-        return info.model_uri
+        return info
 
     def register(
         self,
         run_id: str,
-        model_uri: str,
+        logged: Any,
         model: dict[str, Any],
         metadata_key: str,
         extra_tags: dict[str, str],
@@ -103,7 +130,12 @@ class Store:
         model_id = tags["model_id"]
         self.client.create_registered_model(model_id, tags=tags, description=json.dumps(model))
         self.client.create_model_version(
-            model_id, model_uri, run_id=run_id, tags=tags, await_creation_for=0
+            model_id,
+            logged.model_uri,
+            run_id=run_id,
+            tags=tags,
+            await_creation_for=0,
+            model_id=logged.model_id,  # a tracking server checks the source against it
         )
         self.set_tags(run_id, tags)
 

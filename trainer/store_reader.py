@@ -55,8 +55,13 @@ class SqliteReader:
             return []
         # Read-only, and patient with a training that is writing at the same moment.
         uri = f"file:{self.database.resolve()}?mode=ro"
-        with sqlite3.connect(uri, uri=True, timeout=30) as connection:
-            return connection.execute(sql, params).fetchall()
+        try:
+            with sqlite3.connect(uri, uri=True, timeout=30) as connection:
+                return connection.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as error:
+            if "no such table" in str(error):  # a store that MLflow is creating right now
+                return []
+            raise
 
     def registered_models(self) -> list[RegisteredModel]:
         models = {

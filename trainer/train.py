@@ -298,7 +298,7 @@ def _train(job: Job) -> float:
     example = next(iter(test_loader))[0][:2].numpy()
     started = time.monotonic()
     store = job.store
-    model_uri = store.log_network(state.run_id, module.backbone.eval(), example)
+    logged = store.log_network(state.run_id, module.backbone.eval(), example)
     store.log_files(state.run_id, [Path(best_path)], "checkpoints")
     # The cost is measured once the network is logged; what follows is a few small writes.
     model = resource(job.meter.cost_milli_node_hours())
@@ -310,7 +310,7 @@ def _train(job: Job) -> float:
         "operation": job.operation.name,
         "state": SUCCEEDED,
     }
-    store.register(state.run_id, model_uri, model, task["metadata_key"], extra_tags)
+    store.register(state.run_id, logged, model, task["metadata_key"], extra_tags)
     write_json_atomic(run_dir / "model.json", model)
     state.status = SUCCEEDED
     job.operation.succeed(model)

@@ -172,8 +172,8 @@ def base_model(tmp_path_factory, trainer_home: Path, tiny_shapes: Path):
     return cwd, run_dir, read_json(run_dir / "model.json")
 
 
-def val_history(cwd: Path, run_id: str) -> list[tuple[int, float]]:
-    history = mlflow_client(cwd).get_metric_history(run_id, "val_accuracy")
+def val_history(cwd: Path, run_id: str, metric: str = "val_accuracy") -> list[tuple[int, float]]:
+    history = mlflow_client(cwd).get_metric_history(run_id, metric)
     return [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
 
 
@@ -203,12 +203,15 @@ def test_training_further_continues_from_the_base_model(
     further_run = read_json(further_dir / "state.json")["run_id"]
     base_curve, further_curve = val_history(cwd, base_run), val_history(cwd, further_run)
     # Steps go on from the base's final (best) checkpoint, and the first validation is about
-    # where the base ended, far above the base's own first (from-scratch) validation.
+    # where the base ended, far from the base's own first (from-scratch) validation. The
+    # validation split has 10 images, so the loss is the steadier witness.
     base_step = checkpoint_step(base_dir / "checkpoints" / "best.ckpt")
     assert f"global step {base_step})" in result.stderr
     assert further_curve[0][0] > base_step > 0
-    assert further_curve[0][1] >= max(v for _, v in base_curve[-3:]) - 0.25
-    assert further_curve[0][1] > base_curve[0][1]
+    base_loss = val_history(cwd, base_run, "val_loss")
+    further_loss = val_history(cwd, further_run, "val_loss")
+    assert further_loss[0][1] < 0.7 * base_loss[0][1]
+    assert further_curve[0][1] >= 0.5  # chance is 1/6
 
 
 def refusal(result) -> str:

@@ -201,7 +201,7 @@ def test_training_further_continues_from_the_base_model(
     base_run = read_json(base_dir / "state.json")["run_id"]
     further_dir = next(d for d in run_dirs(cwd) if d != base_dir)
     further_run = read_json(further_dir / "state.json")["run_id"]
-    base_curve, further_curve = val_history(cwd, base_run), val_history(cwd, further_run)
+    further_curve = val_history(cwd, further_run)
     # Steps go on from the base's final (best) checkpoint, and the first validation is about
     # where the base ended, far from the base's own first (from-scratch) validation. The
     # validation split has 10 images, so the loss is the steadier witness.

@@ -93,6 +93,9 @@ def test_model_is_registered_in_mlflow_with_its_metadata(trained) -> None:
     with torch.no_grad():
         out = network(torch.from_numpy(np.zeros((2, 3, 32, 32), dtype=np.float32)))
     assert out.shape == (2, 6)
+    # The pyfunc flavour is what `mlflow models serve` serves.
+    served = mlflow.pyfunc.load_model(f"models:/{model_id}/1")
+    assert np.asarray(served.predict(np.zeros((3, 3, 32, 32), dtype=np.float32))).shape == (3, 6)
 
 
 def test_budget_reached_with_a_five_milli_node_hour_budget(

@@ -39,10 +39,14 @@ class Catalog:
         self.reader = open_reader(tracking_uri, experiment)
 
     @cached_property
-    def client(self) -> Any:
+    def store(self) -> Any:
         from trainer.store import Store  # MLflow itself: only for the verbs that write
 
-        return Store(self.tracking_uri, self.experiment).client
+        return Store(self.tracking_uri, self.experiment)
+
+    @property
+    def client(self) -> Any:
+        return self.store.client
 
     # -- models ----------------------------------------------------------------------------
 

@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--json", action="store_true")
     delete = models.add_parser("delete", help="delete a model, its artifacts and checkpoints")
     delete.add_argument("id")
+    export = models.add_parser("export", help="an ONNX or TorchScript package for devices")
+    export.add_argument("id")
+    export.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    export.add_argument("--output", default="exports", help="folder for the package")
 
     operations = resources.add_parser("operations", help="trainings").add_subparsers(
         dest="verb", required=True
@@ -136,6 +140,48 @@ def models_delete(catalog: Any, args: argparse.Namespace) -> None:
     print(f"deleted models/{catalog.delete_model(args.id)}")
 
 
+def models_export(catalog: Any, args: argparse.Namespace) -> None:
+    import logging
+    from pathlib import Path
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from trainer.export import export_package, trained_model  # torch: only for this verb
+    from trainer.resources import Operation, new_id
+
+    trained = trained_model(catalog, args.id)
+    output = Path(args.output).resolve()
+    operation = Operation(
+        new_id(trained.model_id[:3]),
+        None,
+        ("exportModelDetails", {"outputInfo": {"outputDirectory": str(output)}}),
+    )
+    store = catalog.store
+    tags = {"operation": operation.name, "model_id": trained.model_id, "kind": "export"}
+    run_id = store.start_run(f"export_{trained.model['displayName']}", tags, vars(args))
+    store.publish_operation(run_id, operation.resource, "RUNNING")
+    try:
+        package = export_package(trained, args.format, output)
+    except BaseException as error:
+        operation.fail(3 if isinstance(error, UserError) else 13, str(error))
+        store.publish_operation(run_id, operation.resource, "FAILED")
+        store.end_run(run_id, "FAILED")
+        raise
+    operation.resource["metadata"]["exportModelDetails"]["outputInfo"]["outputDirectory"] = str(
+        package
+    )
+    operation.succeed({})
+    store.publish_operation(run_id, operation.resource, "SUCCEEDED")
+    store.end_run(run_id)
+    metadata = json.loads((package / "metadata.json").read_text())
+    print(operation.name, file=sys.stderr)
+    print(
+        f"exported to {package} (max difference {metadata['verification']['maxAbsDifference']:.1e},"
+        f" {metadata['latencyMs']['median']:.2f} ms at batch 1)",
+        file=sys.stderr,
+    )
+    print(package)
+
+
 # -- operations ---------------------------------------------------------------------------
 
 
@@ -202,6 +248,7 @@ HANDLERS: dict[tuple[str, str], Callable[[Any, argparse.Namespace], None]] = {
     ("models", "list"): models_list,
     ("models", "get"): models_get,
     ("models", "delete"): models_delete,
+    ("models", "export"): models_export,
     ("operations", "list"): operations_list,
     ("operations", "get"): operations_get,
     ("operations", "cancel"): operations_cancel,

@@ -96,9 +96,15 @@ def classification_metadata(
 
 
 class Operation:
-    """The long-running operation that wraps one training, kept in ``operation.json``."""
+    """The long-running operation that wraps one training (kept in its run directory's
+    ``operation.json``) or one export."""
 
-    def __init__(self, operation_id: str, path: Path) -> None:
+    def __init__(
+        self,
+        operation_id: str,
+        path: Path | None,
+        details: tuple[str, dict[str, Any]] = ("createModelDetails", {}),
+    ) -> None:
         self.name = f"operations/{operation_id}"
         self.path = path
         now = utc_now()
@@ -108,7 +114,7 @@ class Operation:
                 "createTime": now,
                 "updateTime": now,
                 "progressPercentage": 0,
-                "createModelDetails": {},
+                details[0]: details[1],
             },
             "done": False,
         }
@@ -149,4 +155,5 @@ class Operation:
         self._write()
 
     def _write(self) -> None:
-        write_json_atomic(self.path, self.resource)
+        if self.path is not None:
+            write_json_atomic(self.path, self.resource)

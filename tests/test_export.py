@@ -40,11 +40,17 @@ def export(cwd: Path, model: dict, *extra: str) -> Path:
     return Path(result.stdout.strip())
 
 
+@pytest.fixture(scope="module")
+def packages(trained) -> dict[str, Path]:
+    cwd, models = trained
+    return {model_type: export(cwd, models[model_type]) for model_type in MOBILE}
+
+
 @pytest.mark.parametrize("model_type", MOBILE)
-def test_each_mobile_type_exports_verified(trained, model_type: str) -> None:
+def test_each_mobile_type_exports_verified(trained, packages, model_type: str) -> None:
     cwd, models = trained
     model = models[model_type]
-    package = export(cwd, model)
+    package = packages[model_type]
     assert package.name.startswith(f"model-export-{model['displayName']}-")
     assert {p.name for p in package.iterdir()} == {"model.onnx", "labels.txt", "metadata.json"}
     meta = read_json(package / "metadata.json")
@@ -101,10 +107,10 @@ def readme_snippet() -> str:
     return block.split("```python")[1].split("```")[0]
 
 
-def test_readme_snippet_classifies_with_the_package_alone(trained, tmp_path: Path) -> None:
+def test_readme_snippet_classifies_with_the_package_alone(trained, packages, tmp_path) -> None:
     cwd, models = trained
     model = models["mobile-low-latency-1"]
-    package = export(cwd, model)
+    package = packages["mobile-low-latency-1"]
     script = tmp_path / "classify.py"
     script.write_text(
         readme_snippet()

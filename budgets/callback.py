@@ -32,7 +32,7 @@ class BudgetStopping(Callback):
         self.meter = meter
         self.final_eval_batches = final_eval_batches
         self.save_seconds = save_seconds
-        self.step = WorkEstimator(safety_factor=safety_factor)
+        self.step = WorkEstimator(safety_factor=safety_factor, warmup_samples=1)
         self.eval_batch = WorkEstimator(safety_factor=safety_factor)
         self.boundary = WorkEstimator(safety_factor=safety_factor)
         self.stopped_by_budget = False

@@ -75,25 +75,44 @@ class WorkEstimator:
     It answers with the largest of the recent durations times a safety factor, so that a run of
     slowing steps pushes the estimate up at once, while an old outlier ages out of the window.
     Before any measurement it answers ``prior_seconds`` (an estimate from other work).
+
+    With ``warmup_samples``, the first durations (a GPU's first step includes kernel selection
+    and can take seconds) are answered only until a steady sample exists; after that they are
+    left out, so one cold start does not make the next twenty steps look unaffordable.
     """
 
-    def __init__(self, window: int = 20, safety_factor: float = 1.25) -> None:
+    def __init__(
+        self, window: int = 20, safety_factor: float = 1.25, warmup_samples: int = 0
+    ) -> None:
         self._recent: deque[float] = deque(maxlen=window)
+        self._warmup: list[float] = []
+        self.warmup_samples = warmup_samples
         self.safety_factor = safety_factor
         self.count = 0
 
     def record(self, seconds: float) -> None:
-        self._recent.append(max(0.0, seconds))
+        seconds = max(0.0, seconds)
+        if len(self._warmup) < self.warmup_samples:
+            self._warmup.append(seconds)
+        else:
+            self._recent.append(seconds)
         self.count += 1
 
     @property
     def measured(self) -> bool:
-        return bool(self._recent)
+        return bool(self._recent or self._warmup)
+
+    @property
+    def warmup_seconds(self) -> list[float]:
+        return list(self._warmup)
 
     def last(self) -> float:
-        return self._recent[-1] if self._recent else 0.0
+        if self._recent:
+            return self._recent[-1]
+        return self._warmup[-1] if self._warmup else 0.0
 
     def estimate(self, prior_seconds: float = 0.0) -> float:
-        if not self._recent:
+        samples = self._recent or self._warmup  # warm-up samples only while nothing else exists
+        if not samples:
             return prior_seconds
-        return max(self._recent) * self.safety_factor
+        return max(samples) * self.safety_factor

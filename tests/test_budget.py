@@ -146,6 +146,14 @@ def test_one_sudden_long_step_is_then_expected() -> None:
     assert callback.step.estimate() >= 40.0
 
 
+def test_a_slow_first_step_does_not_stop_training_early() -> None:
+    # A GPU's first step can take seconds (kernel selection); steady steps take 0.1 s.
+    meter, callback = simulate(20, Workload(step=lambda i: 8.0 if i == 0 else 0.1))
+    assert meter.cost_milli_node_hours() <= 20
+    assert callback.steps_done > 300  # the cold start does not poison the estimate
+    assert callback.step.estimate() < 1.0
+
+
 def test_budget_too_small_for_even_setup() -> None:
     meter, callback = simulate(1, Workload(step=lambda i: 0.1, setup=5.0))
     assert callback.stopped_by_budget

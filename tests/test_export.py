@@ -23,7 +23,7 @@ def trained(tmp_path_factory, trainer_home: Path, tiny_shapes: Path) -> tuple[Pa
     cwd = tmp_path_factory.mktemp("export")
     result = run_trainer(
         "-m", *FAST, f"dataset.path={tiny_shapes}", f"model_type={','.join(MOBILE)}",
-        "budget.train_budget_milli_node_hours=3", cwd=cwd, home=trainer_home,
+        "budget.train_budget_milli_node_hours=8", cwd=cwd, home=trainer_home,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     models = [read_json(d / "model.json") for d in run_dirs(cwd)]

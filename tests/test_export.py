@@ -79,12 +79,14 @@ def test_torchscript_export(trained) -> None:
     assert meta["verification"]["maxAbsDifference"] < 1e-4
 
 
-def test_a_broken_export_fails_verification_and_leaves_nothing(trained, tmp_path: Path) -> None:
+def test_a_broken_export_fails_verification_and_leaves_nothing(
+    trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from trainer.catalog import Catalog
     from trainer.export import ExportFailed, export_package, trained_model
 
     cwd, models = trained
-    os.chdir(cwd)
+    monkeypatch.chdir(cwd)
     catalog = Catalog(f"sqlite:///{cwd / 'mlflow.db'}", "vision-trainer")
     model = trained_model(catalog, models["mobile-low-latency-1"]["name"])
     output = tmp_path / "exports"
@@ -107,7 +109,9 @@ def readme_snippet() -> str:
     return block.split("```python")[1].split("```")[0]
 
 
-def test_readme_snippet_classifies_with_the_package_alone(trained, packages, tmp_path) -> None:
+def test_readme_snippet_classifies_with_the_package_alone(
+    trained, packages, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cwd, models = trained
     model = models["mobile-low-latency-1"]
     package = packages["mobile-low-latency-1"]
@@ -137,7 +141,7 @@ def test_readme_snippet_classifies_with_the_package_alone(trained, packages, tmp
     from trainer.export import load_network, trained_model
     from trainer.images import eval_transform
 
-    os.chdir(cwd)
+    monkeypatch.chdir(cwd)
     trained_record = trained_model(Catalog("sqlite:///mlflow.db", "vision-trainer"), model["name"])
     network = load_network(trained_record)
     cfg = trained_record.config

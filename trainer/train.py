@@ -131,7 +131,10 @@ def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = N
         _end_unfinished(job, FAILED, code, f"{type(error).__name__}: {error}")
         raise
     finally:
-        job.stop.restore()
+        # After a stop request the process is on its way out: keep the handler, so that a
+        # second Ctrl-C during the clean-up still exits at once with 130.
+        if job.stop.reason is None:
+            job.stop.restore()
 
 
 def _open_operation(

@@ -31,12 +31,14 @@ from torch.nn import functional as F
 from budgets import BudgetMeter
 from budgets.callback import BudgetStopping
 from trainer.backbones import build_backbone
+from trainer.checkpoints import CancelWatch, SafetyCheckpoints, StopRequest
 from trainer.data import TRAIN, read_dataset
 from trainer.demo_data import ensure_demo_dataset
 from trainer.images import LabelledImages, make_loader, train_transform
 from trainer.module import ImageClassifier
 from trainer.progress import ProgressReport
 from trainer.settings import CONF_DIR
+from trainer.store import Store
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore")
@@ -74,7 +76,12 @@ def through_trainer(cfg, loader, classes: int, steps: int, warmup: int, root: Pa
     module = ImageClassifier(backbone, classes, cfg.optimizer.lr, cfg.optimizer.weight_decay)
     budget = BudgetStopping(BudgetMeter(10**6), final_eval_batches=1, save_seconds=1.0)
     timer = StepTimer(warmup)
+    store = Store(f"sqlite:///{root / 'mlflow.db'}", "overhead")
+    run_id = store.start_run("overhead", {}, {})
+    stop = StopRequest()
     callbacks = [
+        CancelWatch(lambda: store.cancel_requested(run_id), 2.0, stop),  # as in training
+        SafetyCheckpoints(root, every_minutes=10, stop=stop),
         budget,
         ModelCheckpoint(dirpath=root, save_last=True),
         ProgressReport(budget, "val_accuracy", lambda fraction: None),
@@ -87,7 +94,7 @@ def through_trainer(cfg, loader, classes: int, steps: int, warmup: int, root: Pa
         limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=callbacks,
-        logger=MLFlowLogger(tracking_uri=f"sqlite:///{root / 'mlflow.db'}"),
+        logger=MLFlowLogger(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", run_id=run_id),
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=root,

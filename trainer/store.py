@@ -8,11 +8,14 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
+
+from trainer.store_reader import StoreReader, open_reader
 
 # Listing requirements explicitly saves MLflow ~8 s of inferring them on every log_model call.
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1"]
@@ -66,7 +69,7 @@ def _store_lock(tracking_uri: str) -> Iterator[None]:
 
 class Store:
     def __init__(self, tracking_uri: str, experiment_name: str) -> None:
-        self.tracking_uri = tracking_uri
+        self.tracking_uri, self.experiment_name = tracking_uri, experiment_name
         # MLflow 3 silently switches to the deprecated file store when ./mlruns exists unless
         # the URI is set explicitly (DESIGN.md): always set it, for the client and the fluent API.
         mlflow.set_tracking_uri(tracking_uri)
@@ -84,6 +87,10 @@ class Store:
                 )
             )
             self.client.search_registered_models(max_results=1)  # the registry's tables too
+
+    @cached_property
+    def reader(self) -> StoreReader:
+        return open_reader(self.tracking_uri, self.experiment_name)
 
     def start_run(self, run_name: str, tags: dict[str, str], config: dict[str, Any]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
@@ -177,7 +184,8 @@ class Store:
         )
 
     def cancel_requested(self, run_id: str) -> bool:
-        return self.client.get_run(run_id).data.tags.get("cancel_requested") == "true"
+        # Polled every few seconds while training: one tag, not the whole run with its metrics.
+        return self.reader.run_tag(run_id, "cancel_requested") == "true"
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

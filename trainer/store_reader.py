@@ -36,6 +36,7 @@ class StoreReader(Protocol):
     def registered_models(self) -> list[RegisteredModel]: ...
     def registered_model(self, name: str) -> RegisteredModel | None: ...
     def runs(self) -> list[RunRecord]: ...
+    def run_tag(self, run_id: str, key: str) -> str | None: ...
 
 
 def open_reader(tracking_uri: str, experiment: str) -> StoreReader:
@@ -93,6 +94,10 @@ class SqliteReader:
                 runs[run_id].tags[key] = value
         return list(runs.values())
 
+    def run_tag(self, run_id: str, key: str) -> str | None:
+        rows = self._query("SELECT value FROM tags WHERE run_uuid = ? AND key = ?", run_id, key)
+        return rows[0][0] if rows else None
+
 
 class RestReader:
     def __init__(self, base_url: str, experiment: str) -> None:
@@ -126,6 +131,11 @@ class RestReader:
     def registered_model(self, name: str) -> RegisteredModel | None:
         found = self._call("registered-models/get", name=name)
         return self._model(found["registered_model"]) if "registered_model" in found else None
+
+    def run_tag(self, run_id: str, key: str) -> str | None:
+        run = self._call("runs/get", run_id=run_id).get("run", {})
+        tags = {t["key"]: t.get("value") for t in run.get("data", {}).get("tags", [])}
+        return tags.get(key)
 
     def runs(self) -> list[RunRecord]:
         experiment = self._call("experiments/get-by-name", experiment_name=self.experiment)

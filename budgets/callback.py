@@ -13,7 +13,6 @@ Each is measured as training goes; before the first measurement it is derived fr
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -132,7 +131,3 @@ class BudgetStopping(Callback):
 def _val_batches(trainer: Trainer) -> int:
     counts = getattr(trainer, "num_val_batches", None) or [0]
     return int(sum(c for c in counts if c != float("inf")))
-
-
-def wall_clock() -> float:
-    return time.monotonic()

@@ -88,7 +88,6 @@ class WorkEstimator:
         self._warmup: list[float] = []
         self.warmup_samples = warmup_samples
         self.safety_factor = safety_factor
-        self.count = 0
 
     def record(self, seconds: float) -> None:
         seconds = max(0.0, seconds)
@@ -96,7 +95,6 @@ class WorkEstimator:
             self._warmup.append(seconds)
         else:
             self._recent.append(seconds)
-        self.count += 1
 
     @property
     def measured(self) -> bool:

@@ -313,11 +313,13 @@ def test_ctrl_c_twice_exits_at_once_leaving_a_good_checkpoint(
         time.sleep(0.1)  # two signals sent at once would merge into one pending signal
         process.send_signal(signal.SIGINT)
         sent = time.monotonic()
-        process.communicate(timeout=30)
+        _, stderr = process.communicate(timeout=30)
         assert time.monotonic() - sent < 5
     finally:
         process.kill()
-    assert process.returncode == 128 + signal.SIGINT
+    # 130 from our handler; or killed by the signal itself when it lands during interpreter
+    # shutdown, after Python has reset its handlers: both end the process at once.
+    assert process.returncode in (128 + signal.SIGINT, -signal.SIGINT), stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") > 0
 

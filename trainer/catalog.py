@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from trainer.errors import UserError
-from trainer.resources import utc_now
+from trainer.resources import parse_time, utc_now
 from trainer.store_reader import RunRecord, open_reader
 
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED")
@@ -57,11 +57,15 @@ class Catalog:
         return sorted(found, key=lambda model: model["createTime"], reverse=True)
 
     def model(self, model_id: str) -> dict[str, Any]:
+        return self.model_and_tags(model_id)[0]
+
+    def model_and_tags(self, model_id: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """The Model resource and its registry tags, read once."""
         model_id = bare_id(model_id, "models")
         found = self.reader.registered_model(model_id)
         if found is None or not found.description:
             raise UserError(f"model {model_id!r} is not in {self.tracking_uri}")
-        return json.loads(found.description)
+        return json.loads(found.description), found.tags
 
     def delete_model(self, model_id: str) -> str:
         model_id = self.model(model_id)["name"].split("/")[1]
@@ -122,12 +126,8 @@ def _active(runs: list[RunRecord]) -> list[RunRecord]:
         run
         for run in runs
         if run.tags.get("state") == "RUNNING"
-        and now - _parse(run.tags.get("update_time", "1970-01-01T00:00:00Z")) < STALE_AFTER
+        and now - parse_time(run.tags.get("update_time", "1970-01-01T00:00:00Z")) < STALE_AFTER
     ]
-
-
-def _parse(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def _remove_local(artifact_uri: str) -> None:

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from trainer.catalog import bare_id
 from trainer.errors import UserError
+from trainer.resources import parse_time
 from trainer.run_state import RunState
 
 log = logging.getLogger("trainer")
@@ -84,12 +85,12 @@ def check_base_model(cfg: dict[str, Any], tags: dict[str, str]) -> None:
             f"{cfg['model']['type']}; drop model_type= or set model_type={tags.get('modelType')}"
         )
     expire = tags.get("expire_time")
-    if expire and _parse_time(expire) < datetime.now(timezone.utc):
+    if expire and parse_time(expire) < datetime.now(timezone.utc):
         raise UserError(
             f"base model {model_id} expired on {expire}; it can be listed and deleted, "
             "not trained further: train a new model instead"
         )
-    created = _parse_time(tags["create_time"])
+    created = parse_time(tags["create_time"])
     age_days = (datetime.now(timezone.utc) - created).total_seconds() / 86400
     limit = cfg["resume"]["max_base_model_age_days"]
     if age_days > limit:
@@ -97,10 +98,6 @@ def check_base_model(cfg: dict[str, Any], tags: dict[str, str]) -> None:
             f"base model {model_id} was created {age_days:.1f} days ago, more than "
             f"resume.max_base_model_age_days={limit}; train a new model instead"
         )
-
-
-def _parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def from_base_model(cfg: dict[str, Any], store: Any, tags: dict[str, str]) -> StartFrom:

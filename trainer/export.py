@@ -234,9 +234,8 @@ def export_package(
 
 def trained_model(catalog: Any, model_id: str) -> TrainedModel:
     """The Model resource, config, labels and best checkpoint of a stored model."""
-    model = catalog.model(model_id)
+    model, tags = catalog.model_and_tags(model_id)
     model_id = model["name"].split("/")[1]
-    tags = catalog.reader.registered_model(model_id).tags
     run_dir = Path(tags.get("run_dir", ""))
     scratch = Path(".exports-cache") / model_id
     config_path = run_dir / "state.json"

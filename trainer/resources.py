@@ -23,6 +23,11 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def parse_time(text: str) -> datetime:
+    """The inverse of ``utc_now``: an RFC 3339 UTC timestamp as an aware datetime."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write to a temporary file beside ``path`` and rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

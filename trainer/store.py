@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
 from trainer.store_reader import StoreReader, open_reader
@@ -99,8 +100,8 @@ class Store:
         return run_id
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(run_id, key, value)
+        # One batch is one store write; a tag at a time was one write each, every flush.
+        self.client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
     def log_files(self, run_id: str, files: list[Path], artifact_path: str | None = None) -> None:
         for file in files:

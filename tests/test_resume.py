@@ -70,7 +70,7 @@ def interrupted_run(sig: int, cwd: Path, home: Path, data: Path) -> tuple[Path, 
         _, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode != 0
+    assert process.returncode != 0, stderr[-3000:]
     return run_dir, stderr
 
 

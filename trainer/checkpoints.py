@@ -8,6 +8,11 @@
   ``TrainingInterrupted`` at the next step boundary.
 - ``StopRequest`` turns the first SIGINT or SIGTERM into that cooperative stop; a second one
   exits at once, leaving the last good checkpoint.
+
+Lightning installs a SIGTERM handler of its own in every ``fit`` and ``test``; it raises
+``SIGTERMException``, a ``SystemExit`` with no code (exit status 0), at points between our
+callbacks' checks, without a checkpoint. ``SafetyCheckpoints`` takes SIGTERM back as soon as
+each stage starts.
 """
 
 from __future__ import annotations
@@ -89,11 +94,15 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        self.training_over = False  # then a stop request lets the model be recorded first
         self._saved: dict[int, Any] = {}
 
     def install(self) -> None:
+        """Handle SIGINT and SIGTERM here; called again, it takes them back from whoever
+        replaced the handlers since, and ``restore`` still restores the first ones."""
         for signum in (signal.SIGINT, signal.SIGTERM):
-            self._saved[signum] = signal.signal(signum, self._on_signal)
+            previous = signal.signal(signum, self._on_signal)
+            self._saved.setdefault(signum, previous)
 
     def restore(self) -> None:
         for signum, handler in self._saved.items():
@@ -105,7 +114,8 @@ class StopRequest:
             # The last good checkpoint is intact: every write is atomic.
             os._exit(128 + signum)
         self.reason = signal.Signals(signum).name
-        log.warning("%s received: checkpointing and stopping (again to exit at once)", self.reason)
+        what = "recording the model first" if self.training_over else "checkpointing and stopping"
+        log.warning("%s received: %s (again to exit at once)", self.reason, what)
 
     def cancel(self) -> None:
         if self.reason is None:
@@ -119,6 +129,16 @@ class SafetyCheckpoints(Callback):
         self.every_seconds = every_minutes * 60
         self.stop = stop
         self._last_save = time.monotonic()
+
+    # These hooks are the first to run after Lightning has registered its SIGTERM handler.
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.stop.install()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.stop.install()
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.stop.install()
 
     def _save(self, trainer: Trainer) -> None:
         trainer.save_checkpoint(self.path)

@@ -259,6 +259,7 @@ def _train(job: Job) -> float:
     if job.stop.reason:  # interrupted during set-up
         raise TrainingInterrupted(job.stop.reason, 0)
     trainer.fit(module, train_loader, val_loader, ckpt_path=start_checkpoint)
+    job.stop.training_over = True  # testing and recording take seconds: a signal waits for them
     if budget.steps_done == 0:
         raise UserError(
             f"budget.train_budget_milli_node_hours={job.budget} is too small to train "

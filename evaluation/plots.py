@@ -67,7 +67,7 @@ def image_grid_png(images: Sequence[np.ndarray], titles: Sequence[str], path: Pa
     count = max(len(images), 1)
     columns = min(4, count)
     rows = -(-count // columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    figure, grid = plt.subplots(rows, columns, figsize=(3 * columns, 3.5 * rows), squeeze=False)
     for axes in grid.ravel():
         axes.axis("off")
     for axes, image, title in zip(grid.ravel(), images, titles, strict=False):

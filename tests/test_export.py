@@ -83,12 +83,13 @@ def test_a_broken_export_fails_verification_and_leaves_nothing(
     trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from trainer.catalog import Catalog
-    from trainer.export import ExportFailed, export_package, trained_model
+    from trainer.export import ExportFailed, export_package
+    from trainer.stored_model import trained_model
 
     cwd, models = trained
     monkeypatch.chdir(cwd)
     catalog = Catalog(f"sqlite:///{cwd / 'mlflow.db'}", "vision-trainer")
-    model = trained_model(catalog, models["mobile-low-latency-1"]["name"])
+    model = trained_model(catalog, models["mobile-low-latency-1"]["name"], "export")
     output = tmp_path / "exports"
     # Exported for 40x48 inputs, verified with the model's own 32x32 TEST images.
     with pytest.raises(ExportFailed, match="failed on the TEST images|differ"):
@@ -138,11 +139,13 @@ def test_readme_snippet_classifies_with_the_package_alone(
     from PIL import Image
 
     from trainer.catalog import Catalog
-    from trainer.export import load_network, trained_model
     from trainer.images import eval_transform
+    from trainer.stored_model import load_network, trained_model
 
     monkeypatch.chdir(cwd)
-    trained_record = trained_model(Catalog("sqlite:///mlflow.db", "vision-trainer"), model["name"])
+    trained_record = trained_model(
+        Catalog("sqlite:///mlflow.db", "vision-trainer"), model["name"], "export"
+    )
     network = load_network(trained_record)
     cfg = trained_record.config
     transform = eval_transform(cfg["model"]["input_size"], cfg["data"]["mean"], cfg["data"]["std"])

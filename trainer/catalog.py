@@ -76,7 +76,7 @@ class Catalog:
                     f"model {model_id} is in use by the running operation "
                     f"{run.tags.get('operation')}; cancel it first"
                 )
-        for run in (r for r in runs if r.tags.get("model_id") == model_id):
+        for run in (r for r in runs if r.tags.get("model_id") == model_id):  # evaluations too
             _remove_local(run.artifact_uri)
             if run.tags.get("run_dir"):
                 shutil.rmtree(Path(run.tags["run_dir"]) / "checkpoints", ignore_errors=True)
@@ -84,6 +84,37 @@ class Catalog:
             self.client.delete_run(run.run_id)
         self.client.delete_registered_model(model_id)
         return model_id
+
+    def evaluations(self, model_id: str) -> list[dict[str, Any]]:
+        """The summaries of a model's evaluations, newest first (from run tags only)."""
+        model_id = self.model(model_id)["name"].split("/")[1]
+        found = [
+            json.loads(run.tags["evaluation_summary"])
+            for run in self._runs_of_model(model_id)
+            if "evaluation_summary" in run.tags
+        ]
+        return sorted(found, key=lambda summary: summary["createTime"], reverse=True)
+
+    def evaluation_resources(self, model_id: str) -> list[dict[str, Any]]:
+        """Every ModelEvaluation resource of a model (overall and per label), newest first."""
+        model_id = self.model(model_id)["name"].split("/")[1]
+        resources: list[dict[str, Any]] = []
+        for run in self._runs_of_model(model_id):
+            if "evaluation_summary" in run.tags:
+                name = json.loads(run.tags["evaluation_summary"])["name"]
+                resources += self._evaluation_file(run, name.rsplit("/", 1)[1])
+        return sorted(resources, key=lambda r: r["createTime"], reverse=True)
+
+    def _runs_of_model(self, model_id: str) -> list[RunRecord]:
+        return [run for run in self.reader.runs() if run.tags.get("model_id") == model_id]
+
+    def _evaluation_file(self, run: RunRecord, evaluation_id: str) -> list[dict[str, Any]]:
+        relative = f"evaluations/{evaluation_id}/evaluation.json"
+        parsed = urlparse(run.artifact_uri)
+        if parsed.scheme in ("", "file"):  # a local store: read the file, no MLflow import
+            return json.loads((Path(unquote(parsed.path)) / relative).read_text())
+        fetched = self.client.download_artifacts(run.run_id, relative, ".model-cache")
+        return json.loads(Path(fetched).read_text())
 
     # -- operations ------------------------------------------------------------------------
 

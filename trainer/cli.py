@@ -39,10 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--json", action="store_true")
     delete = models.add_parser("delete", help="delete a model, its artifacts and checkpoints")
     delete.add_argument("id")
+    evaluate = models.add_parser("evaluate", help="evaluate a model again and record it")
+    evaluate.add_argument("id")
+    evaluate.add_argument(
+        "--dataset", help="another labelled dataset (all of it); default: the model's TEST split"
+    )
+    evaluations = models.add_parser("evaluations", help="a model's recorded evaluations")
+    evaluations.add_argument("id")
+    evaluations.add_argument(
+        "--json", action="store_true", help="every ModelEvaluation resource, per label too"
+    )
     export = models.add_parser("export", help="an ONNX or TorchScript package for devices")
     export.add_argument("id")
     export.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
     export.add_argument("--output", default="exports", help="folder for the package")
+
+    predict = resources.add_parser("predict", help="batch prediction over a CSV of images")
+    predict.add_argument("id", help="a model ID, bare or models/ICN123")
+    predict.add_argument("--input", required=True, help="CSV: one image path or URL per line")
+    predict.add_argument("--output", required=True, help="folder for the prediction folder")
+    predict.add_argument("--score-threshold", type=float, default=0.5)
+    predict.add_argument("--shard-size", type=int, default=1000, help="images per JSONL file")
+    predict.add_argument("--workers", type=int, default=None, help="decoding processes")
 
     operations = resources.add_parser("operations", help="trainings").add_subparsers(
         dest="verb", required=True
@@ -75,7 +93,7 @@ def run(argv: list[str]) -> int:
 
     try:
         catalog = Catalog(args.tracking_uri, EXPERIMENT)
-        handler = HANDLERS[(args.resource, args.verb)]
+        handler = HANDLERS[(args.resource, getattr(args, "verb", None))]
         handler(catalog, args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -140,15 +158,51 @@ def models_delete(catalog: Any, args: argparse.Namespace) -> None:
     print(f"deleted models/{catalog.delete_model(args.id)}")
 
 
-def models_export(catalog: Any, args: argparse.Namespace) -> None:
+def models_evaluate(catalog: Any, args: argparse.Namespace) -> None:
+    _quiet_logging()
+    from trainer.evaluate import evaluate_stored  # torch: only for this verb
+
+    folder, headline = evaluate_stored(catalog, args.id, args.dataset)
+    print_fields({**headline, "files": str(folder)})
+
+
+def models_evaluations(catalog: Any, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps({"modelEvaluation": catalog.evaluation_resources(args.id)}, indent=2))
+        return
+    rows = [
+        [
+            summary["name"].rsplit("/", 1)[1],
+            summary["createTime"][:19].replace("T", " "),
+            summary["dataset"],
+            summary["evaluatedExampleCount"],
+            f"{summary['accuracy']:.4f}",
+            f"{summary['auPrc']:.4f}",
+            f"{summary['auRoc']:.4f}",
+            f"{summary['logLoss']:.4f}",
+        ]
+        for summary in catalog.evaluations(args.id)
+    ]
+    headers = ["evaluation ID", "created (UTC)", "dataset", "examples", "accuracy", "auPrc",
+               "auRoc", "log loss"]  # fmt: skip
+    print_table(headers, rows)
+
+
+def _quiet_logging() -> None:
     import logging
-    from pathlib import Path
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    from trainer.export import export_package, trained_model  # torch: only for this verb
-    from trainer.resources import Operation, new_id
 
-    trained = trained_model(catalog, args.id)
+
+def models_export(catalog: Any, args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    _quiet_logging()
+    from trainer.export import export_package  # torch: only for this verb
+    from trainer.resources import Operation, new_id
+    from trainer.stored_model import trained_model
+
+    trained = trained_model(catalog, args.id, "export")
     output = Path(args.output).resolve()
     operation = Operation(
         new_id(trained.model_id[:3]),
@@ -180,6 +234,23 @@ def models_export(catalog: Any, args: argparse.Namespace) -> None:
         file=sys.stderr,
     )
     print(package)
+
+
+def predict(catalog: Any, args: argparse.Namespace) -> None:
+    _quiet_logging()
+    import logging
+
+    logging.getLogger("trainer").setLevel(logging.INFO)  # progress lines off a terminal
+    from trainer.predict import default_workers, run_batch_prediction  # torch: only here
+
+    args.workers = default_workers() if args.workers is None else args.workers
+    result = run_batch_prediction(catalog, args)
+    print(
+        f"predicted {result.predicted} images, {result.failed} failed, in {result.seconds:.1f} s "
+        f"({result.predicted / max(result.seconds, 1e-9):.1f} images/s)",
+        file=sys.stderr,
+    )
+    print(result.folder)
 
 
 # -- operations ---------------------------------------------------------------------------
@@ -248,7 +319,10 @@ HANDLERS: dict[tuple[str, str], Callable[[Any, argparse.Namespace], None]] = {
     ("models", "list"): models_list,
     ("models", "get"): models_get,
     ("models", "delete"): models_delete,
+    ("models", "evaluate"): models_evaluate,
+    ("models", "evaluations"): models_evaluations,
     ("models", "export"): models_export,
+    ("predict", None): predict,
     ("operations", "list"): operations_list,
     ("operations", "get"): operations_get,
     ("operations", "cancel"): operations_cancel,

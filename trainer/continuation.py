@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from trainer.catalog import bare_id
 from trainer.errors import UserError
-from trainer.resources import parse_time
+from trainer.resources import expired_on, parse_time
 from trainer.run_state import RunState
 
 log = logging.getLogger("trainer")
@@ -84,8 +84,8 @@ def check_base_model(cfg: dict[str, Any], tags: dict[str, str]) -> None:
             f"base model {model_id} is model_type={tags.get('modelType')}, not "
             f"{cfg['model']['type']}; drop model_type= or set model_type={tags.get('modelType')}"
         )
-    expire = tags.get("expire_time")
-    if expire and parse_time(expire) < datetime.now(timezone.utc):
+    expire = expired_on(tags)
+    if expire:
         raise UserError(
             f"base model {model_id} expired on {expire}; it can be listed and deleted, "
             "not trained further: train a new model instead"

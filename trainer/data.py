@@ -73,13 +73,16 @@ def split_for(key: str) -> str:
     return VALIDATE if bucket < 90 else TEST
 
 
-def read_dataset(path: str | Path, check_workers: int = 8) -> Manifest:
+def read_dataset(path: str | Path, check_workers: int = 8, for_training: bool = True) -> Manifest:
+    """The readable items of a dataset; for training, also checked to be trainable (labels,
+    splits); for evaluation, any labelled images will do."""
     root = Path(path).expanduser()
     if not root.exists():
         raise UserError(f"dataset.path={str(path)!r} does not exist; give a folder or a CSV file")
     candidates = _read_csv(root) if root.is_file() else _read_folder(root)
     manifest = _keep_readable(candidates, check_workers)
-    _check_usable(manifest, path)
+    if for_training:
+        _check_usable(manifest, path)
     return manifest
 
 

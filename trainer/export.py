@@ -7,26 +7,21 @@ so a failed export leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from trainer.backbones import build_backbone
-from trainer.data import TEST, read_dataset
-from trainer.demo_data import ensure_demo_dataset
+from trainer.data import TEST
 from trainer.errors import UserError
-from trainer.images import eval_transform
 from trainer.resources import write_json_atomic
+from trainer.stored_model import TrainedModel, load_network, test_images
 
 log = logging.getLogger("trainer")
 
@@ -41,47 +36,6 @@ RESIZE_RULE = (
 
 class ExportFailed(UserError):
     """The exported model did not give the trained model's answers; nothing was kept."""
-
-
-@dataclass
-class TrainedModel:
-    model: dict[str, Any]  # the Model resource
-    config: dict[str, Any]  # the training's resolved config
-    labels: list[str]
-    checkpoint: Path
-
-    @property
-    def model_id(self) -> str:
-        return self.model["name"].split("/")[1]
-
-
-def load_network(trained: TrainedModel) -> nn.Module:
-    network = build_backbone(
-        trained.config["model"]["constructor"], len(trained.labels), pretrained=False
-    )
-    checkpoint = torch.load(trained.checkpoint, map_location="cpu", weights_only=False)
-    weights = {
-        key.removeprefix("backbone."): value
-        for key, value in checkpoint["state_dict"].items()
-        if key.startswith("backbone.")
-    }
-    network.load_state_dict(weights)
-    return network.eval()
-
-
-def test_images(trained: TrainedModel, count: int = 16) -> torch.Tensor:
-    """A batch of the model's TEST images, prepared exactly as evaluation prepares them."""
-    path = trained.config["dataset"]["path"] or ensure_demo_dataset(trained.config["home"])
-    items = read_dataset(path).split(TEST)[:count]
-    cfg = trained.config
-    transform = eval_transform(cfg["model"]["input_size"], cfg["data"]["mean"], cfg["data"]["std"])
-    from PIL import Image
-
-    batch = []
-    for item in items:
-        with Image.open(item.path) as image:
-            batch.append(transform(image.convert("RGB")))
-    return torch.stack(batch)
 
 
 def write_model(network: nn.Module, fmt: str, path: Path, example: torch.Tensor) -> str:
@@ -230,23 +184,3 @@ def export_package(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
-
-
-def trained_model(catalog: Any, model_id: str) -> TrainedModel:
-    """The Model resource, config, labels and best checkpoint of a stored model."""
-    model, tags = catalog.model_and_tags(model_id)
-    model_id = model["name"].split("/")[1]
-    run_dir = Path(tags.get("run_dir", ""))
-    scratch = Path(".exports-cache") / model_id
-    config_path = run_dir / "state.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())["config"]
-    else:
-        fetched = catalog.client.download_artifacts(tags["run_id"], "config.json", str(scratch))
-        config = json.loads(Path(fetched).read_text())
-    checkpoint = run_dir / "checkpoints" / "best.ckpt"
-    if not checkpoint.is_file():
-        checkpoint = Path(
-            catalog.client.download_artifacts(tags["run_id"], "checkpoints/best.ckpt", str(scratch))
-        )
-    return TrainedModel(model, config, json.loads(tags["labels"]), checkpoint)

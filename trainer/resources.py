@@ -28,6 +28,12 @@ def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+def expired_on(tags: dict[str, str]) -> str | None:
+    """A registered model's expiry time when it has passed (its ``expire_time`` tag), else None."""
+    expire = tags.get("expire_time")
+    return expire if expire and parse_time(expire) < datetime.now(timezone.utc) else None
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write to a temporary file beside ``path`` and rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,102 @@
+"""A model on record, loaded back for export, evaluation and prediction.
+
+The Model resource and its registry tags say where its run directory is; when that directory is
+not on this machine (a shared tracking server), the config and best checkpoint come from the
+run's MLflow artifacts instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.backbones import build_backbone
+from trainer.data import TEST, Manifest, read_dataset
+from trainer.demo_data import ensure_demo_dataset
+from trainer.errors import UserError
+from trainer.images import eval_transform
+from trainer.resources import expired_on
+
+DOWNLOADS = Path(".model-cache")  # artifacts fetched from a remote store, per model ID
+
+
+@dataclass
+class TrainedModel:
+    model: dict[str, Any]  # the Model resource
+    config: dict[str, Any]  # the training's resolved config
+    labels: list[str]
+    checkpoint: Path
+    run_id: str = ""
+
+    @property
+    def model_id(self) -> str:
+        return self.model["name"].split("/")[1]
+
+    def transform(self):
+        cfg = self.config
+        return eval_transform(cfg["model"]["input_size"], cfg["data"]["mean"], cfg["data"]["std"])
+
+    def manifest(self) -> Manifest:
+        """The dataset the model was trained on (its splits as in training)."""
+        path = self.config["dataset"]["path"] or ensure_demo_dataset(self.config["home"])
+        return read_dataset(path)
+
+
+def trained_model(catalog: Any, model_id: str, purpose: str) -> TrainedModel:
+    """The Model resource, config, labels and best checkpoint of a stored, unexpired model.
+
+    ``purpose`` names what the model is wanted for, in the error an expired model gives.
+    """
+    model, tags = catalog.model_and_tags(model_id)
+    model_id = model["name"].split("/")[1]
+    expire = expired_on(tags)
+    if expire:
+        raise UserError(
+            f"model {model_id} expired on {expire}; it can be listed and deleted, "
+            f"not used for {purpose}"
+        )
+    run_dir = Path(tags.get("run_dir", ""))
+    scratch = DOWNLOADS / model_id
+    config_path = run_dir / "state.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())["config"]
+    else:
+        fetched = catalog.client.download_artifacts(tags["run_id"], "config.json", str(scratch))
+        config = json.loads(Path(fetched).read_text())
+    checkpoint = run_dir / "checkpoints" / "best.ckpt"
+    if not checkpoint.is_file():
+        checkpoint = Path(
+            catalog.client.download_artifacts(tags["run_id"], "checkpoints/best.ckpt", str(scratch))
+        )
+    return TrainedModel(model, config, json.loads(tags["labels"]), checkpoint, tags["run_id"])
+
+
+def load_network(trained: TrainedModel) -> nn.Module:
+    network = build_backbone(
+        trained.config["model"]["constructor"], len(trained.labels), pretrained=False
+    )
+    checkpoint = torch.load(trained.checkpoint, map_location="cpu", weights_only=False)
+    weights = {
+        key.removeprefix("backbone."): value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith("backbone.")
+    }
+    network.load_state_dict(weights)
+    return network.eval()
+
+
+def test_images(trained: TrainedModel, count: int = 16) -> torch.Tensor:
+    """A batch of the model's TEST images, prepared exactly as evaluation prepares them."""
+    from PIL import Image
+
+    transform = trained.transform()
+    batch = []
+    for item in trained.manifest().split(TEST)[:count]:
+        with Image.open(item.path) as image:
+            batch.append(transform(image.convert("RGB")))
+    return torch.stack(batch)

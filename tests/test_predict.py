@@ -78,7 +78,7 @@ def trained(tmp_path_factory, trainer_home: Path, tiny_shapes: Path):
     result = run_trainer(
         *FAST,
         f"dataset.path={tiny_shapes}",
-        "budget.train_budget_milli_node_hours=7",
+        "budget.train_budget_milli_node_hours=8",
         "display_name=shapes_small",
         cwd=cwd,
         home=trainer_home,
@@ -229,6 +229,7 @@ def test_expired_model_cannot_predict_export_or_evaluate(trained) -> None:
     real = client.get_registered_model(model_id).tags["expire_time"]
     past = (datetime.now(timezone.utc) - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     client.set_registered_model_tag(model_id, "expire_time", past)
+    (cwd / "batch.csv").write_text("a.png\n")
     try:
         for verb in (
             ["predict", model_id, "--input", "batch.csv", "--output", "out"],

@@ -259,9 +259,9 @@ def run_batch_prediction(catalog: Any, args: Any) -> PredictionResult:
         raise UserError(f"--score-threshold {args.score_threshold} must be within [0, 1]")
     if args.shard_size < 1:
         raise UserError(f"--shard-size {args.shard_size} must be at least 1")
+    trained = trained_model(catalog, args.id, "prediction")
     input_csv = Path(args.input).expanduser().resolve()
     paths = read_input_csv(input_csv)
-    trained = trained_model(catalog, args.id, "prediction")
     folder = output_folder(Path(args.output).expanduser().resolve(), trained.model["displayName"])
     details = {
         "inputConfig": {"source": str(input_csv)},

@@ -1,6 +1,6 @@
 """ONNX latency at batch 1 on this CPU for each mobile model type, side by side.
 
-Each type's backbone is built at its own input size (conf/model_type/), exported with the same
+Each type's backbone is built at its own input size (conf/task_model/), exported with the same
 code as `models export`, and timed with onnxruntime (median of 50 runs after 10 warm-ups). The
 weights do not change the latency, so the networks are not trained here. Expected order:
 low-latency fastest, high-accuracy slowest.

@@ -26,6 +26,18 @@ def assert_one_line_error(result, *needles: str) -> None:
         (["dataset.path=/no/such/folder"], ["dataset.path='/no/such/folder'", "does not exist"]),
         (["model_type=mobile-fast-9"], ["model_type 'mobile-fast-9'", "mobile-versatile-1"]),
         (
+            ["task=video_classification", "model_type=mobile-low-latency-1", "--cfg", "job"],
+            [
+                "model_type 'mobile-low-latency-1' for task video_classification",
+                "mobile-versatile-1",
+            ],
+        ),
+        (
+            ["task=object_detection", "model_type=cloud", "budget.train_budget_milli_node_hours=9"],
+            ["9", "[20000, 900000]"],  # the alias brings cloud-high-accuracy-1's bounds
+        ),
+        (["task=segmentation"], ["unknown task 'segmentation'", "object_detection"]),
+        (
             ["budget.train_budget_milli_node_hours=500"],
             ["500", "[1000, 100000]", "budget.min_milli_node_hours"],
         ),

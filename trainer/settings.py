@@ -62,7 +62,7 @@ def check_overrides(argv: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    overrides = [arg for arg in argv if not arg.startswith("-")]
+    overrides = _without_flags(argv)
     try:
         OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as error:
@@ -71,17 +71,52 @@ def check_overrides(argv: list[str]) -> None:
     check_group_choices(overrides)
 
 
+def model_types(task: str) -> list[str]:
+    """The model types a task offers: its files in conf/task_model/<task>/."""
+    return sorted(p.stem for p in (CONF_DIR / "task_model" / task).glob("*.yaml"))
+
+
+def default_task() -> str:
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.load(CONF_DIR / "config.yaml").defaults
+    return next(entry["task"] for entry in defaults if "task" in entry)
+
+
+# Hydra's flags that take a value: `--cfg job` is a flag and its value, not an override.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
+                     "-cn", "--config-dir", "-cd", "--experimental-rerun"}  # fmt: skip
+
+
+def _without_flags(argv: list[str]) -> list[str]:
+    overrides, skip_next = [], False
+    for arg in argv:
+        if skip_next or arg.startswith("-"):
+            skip_next = not skip_next and arg in _FLAGS_WITH_VALUE
+            continue
+        overrides.append(arg)
+    return overrides
+
+
 def check_group_choices(argv: list[str]) -> None:
-    """Refuse an unknown task or model type with exit code 2 before Hydra composes anything.
+    """Refuse an unknown task, or a model type the task does not offer, with exit code 2
+    before Hydra composes anything.
 
     Hydra reports a missing config option with a multi-line error and exit code 1; users get
     one line that lists the choices instead.
     """
+    choices: dict[str, list[str]] = {}
     for arg in argv:
         key, sep, value = arg.lstrip("+~").partition("=")
-        if not sep or key not in GROUPS_CHECKED or "(" in value:
-            continue
-        choices = available(key)
-        for choice in value.split(","):
-            if choice not in choices:
-                _fail(f"unknown {key} {choice!r}; choose one of: {', '.join(choices)}")
+        if sep and key in GROUPS_CHECKED and "(" not in value:  # not a sweep function
+            choices[key] = value.split(",")
+    tasks = available("task")
+    for task in choices.get("task", []):
+        if task not in tasks:
+            _fail(f"unknown task {task!r}; choose one of: {', '.join(tasks)}")
+    for task in choices.get("task", [default_task()]):
+        offered = model_types(task)
+        for model_type in choices.get("model_type", []):
+            if model_type not in offered:
+                shown = ", ".join(t for t in offered if t != "default")
+                _fail(f"unknown model_type {model_type!r} for task {task}; choose one of: {shown}")

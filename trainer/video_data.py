@@ -1,0 +1,374 @@
+"""Reading a labelled video dataset: which segment of which video, which label, which split.
+
+AutoML Video's CSV: ``[ML_USE,]path,label,start_seconds,end_seconds``, one row per labelled
+segment, several segments per video. ``inf`` (or an absent end) means the end of the video; the
+start is inclusive, the end exclusive. An absent start means 0.
+
+Splits are decided per video, never per segment, so that clips of one video never land in two
+splits:
+
+- rows marked TRAIN, VALIDATE (or VALIDATION) or TEST keep their split;
+- UNASSIGNED rows (or rows without ML_USE) go 80/20 to TRAIN/TEST by a stable hash of the video
+  path as the CSV spells it (the image rule's hash, its VALIDATE share counted as TEST), unless the
+  video's other rows all name one split: then they join it;
+- the job also needs a validation split for early stopping. When no row is marked VALIDATE, it is
+  carved from the training videos, again by video: a training video moves to VALIDATE when a
+  second, independent hash of its path falls in the lowest ``validation_fraction`` (1/8 by default,
+  so unassigned videos end up about 70/10/20). A video is not moved when that would leave one of
+  its labels without training segments, and when the hash picks no video at all, the training video
+  with the lowest hash is moved (if that is possible), so that small datasets still validate.
+  Each video's fate depends only on its own path, so adding videos does not reshuffle others.
+
+Bad rows (unparseable or negative numbers, start >= end), missing and unreadable videos, and
+segments that start at or past a video's end are skipped, counted and reported with an example;
+segment ends past a video's end are clipped to it. Video durations are read with PyAV; nothing
+here imports torch, so the config checks and the management CLI stay fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from pathlib import Path
+
+import av
+
+from trainer.data import _ML_USE, SPLITS, TEST, TRAIN, UNASSIGNED, VALIDATE, check_name, split_for
+from trainer.errors import UserError
+
+VALIDATION_FRACTION = 0.125
+FALLBACK_FPS = 25.0  # when a stream records no frame rate at all
+# Seconds: a frame stamped a hair before a boundary still counts as on it.
+TIME_EPSILON = 1e-4
+# Reasons a row is skipped, as reported.
+BAD_ROW, MISSING, UNREADABLE, PAST_END = "bad_row", "missing_video", "unreadable_video", "past_end"
+
+
+class VideoUnreadable(Exception):
+    """A video that cannot be opened or decoded; the message says why."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    path: Path  # where the video is on disk (or a URL PyAV can open)
+    key: str  # the path as the dataset spells it: what the split hash and fingerprint use
+    label: str
+    start: float  # seconds, inclusive
+    end: float  # seconds, exclusive, finite: `inf` and ends past the video are clipped to it
+    split: str
+
+
+@dataclass
+class VideoManifest:
+    segments: list[Segment]
+    labels: list[str]
+    durations: dict[str, float] = field(default_factory=dict)  # video key -> seconds
+    skipped: Counter = field(default_factory=Counter)
+    skipped_examples: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def items(self) -> list[Segment]:
+        """The segments, under the name the image manifest uses, for code that serves both."""
+        return self.segments
+
+    def split(self, name: str) -> list[Segment]:
+        return [segment for segment in self.segments if segment.split == name]
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(self.split(name)) for name in SPLITS}
+
+    def videos(self, split: str | None = None) -> list[str]:
+        """The keys of the videos with segments in ``split`` (all splits when None)."""
+        return sorted({s.key for s in self.segments if split is None or s.split == split})
+
+    def skip(self, reason: str, example: str, count: int = 1) -> None:
+        self.skipped[reason] += count
+        self.skipped_examples.setdefault(reason, example)
+
+    def fingerprint(self) -> str:
+        """The datasetId: a digest of what was trained on (videos, segments, labels, splits)."""
+        digest = hashlib.sha256()
+        for s in sorted(self.segments, key=lambda s: (s.key, s.start, s.end, s.label)):
+            digest.update(f"{s.key}\t{s.label}\t{s.start:.6f}\t{s.end:.6f}\t{s.split}\n".encode())
+        return digest.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A parsed CSV row; ``end`` may still be infinite and the split still UNASSIGNED."""
+
+    path: Path
+    key: str
+    label: str
+    start: float
+    end: float
+    ml_use: str
+    where: str  # "file.csv:12", for reports
+
+
+def parse_seconds(text: str, default: float) -> float:
+    """A time offset in seconds: a number, ``inf``, or empty for ``default``. ValueError if bad."""
+    text = text.strip()
+    if not text:
+        return default
+    try:
+        value = float(text.removesuffix("s"))  # "1.5s" as AutoML's JSON writes durations
+    except ValueError:
+        value = math.nan
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{text!r} is not a non-negative number of seconds (or inf)")
+    return value
+
+
+def unassigned_split(key: str) -> str:
+    """80/20 TRAIN/TEST by the same stable hash that splits UNASSIGNED images 80/10/10."""
+    return TRAIN if split_for(key) == TRAIN else TEST
+
+
+def _validation_rank(key: str) -> float:
+    # Independent of split_for's hash: every training video (bucket < 80 there) must be eligible.
+    return int(hashlib.sha1(f"validate\0{key}".encode()).hexdigest()[:12], 16) / 16**12
+
+
+def resolve_video_path(key: str, base: Path) -> Path:
+    """A path as a CSV spells it: absolute, home-relative, or relative to the CSV's folder."""
+    file = Path(key).expanduser()
+    return file if file.is_absolute() else base / file
+
+
+def read_video_dataset(
+    path: str | Path, check_workers: int = 4, validation_fraction: float = VALIDATION_FRACTION
+) -> VideoManifest:
+    """Read, check and split a video CSV; UserError when it cannot train a classifier."""
+    csv_path = Path(path).expanduser()
+    if not csv_path.is_file():
+        raise UserError(
+            f"dataset.path={str(path)!r} is not a file; give a CSV "
+            "ML_USE,path,label,start_seconds,end_seconds"
+        )
+    manifest = VideoManifest(segments=[], labels=[])
+    rows = _read_rows(csv_path, manifest)
+    segments = _assign_splits(_clip_to_videos(rows, manifest, check_workers))
+    if not any(s.split == VALIDATE for s in segments):
+        segments = carve_validation(segments, validation_fraction)
+    manifest.segments = sorted(segments, key=lambda s: (s.key, s.start, s.end, s.label))
+    manifest.labels = sorted({s.label for s in manifest.segments})
+    _check_usable(manifest, path)
+    return manifest
+
+
+def _read_rows(csv_path: Path, manifest: VideoManifest) -> list[_Row]:
+    rows: list[_Row] = []
+    seen: set[tuple] = set()
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+        for line_no, cells in enumerate(csv.reader(handle), start=1):
+            cells = [cell.strip() for cell in cells]
+            if not any(cells):
+                continue
+            where = f"{csv_path}:{line_no}"
+            try:
+                row = _parse_row(cells, csv_path.parent, where)
+            except ValueError as problem:
+                manifest.skip(BAD_ROW, f"{where}: {problem}")
+                continue
+            identity = (row.key, row.label, row.start, row.end)
+            if identity not in seen:  # a repeated row is the same segment, not two
+                seen.add(identity)
+                rows.append(row)
+    return rows
+
+
+def _parse_row(cells: list[str], base: Path, where: str) -> _Row:
+    ml_use = cells[0].upper()
+    if ml_use in _ML_USE or ml_use == UNASSIGNED:
+        cells = cells[1:]
+    else:
+        ml_use = UNASSIGNED
+    if len(cells) < 2 or len(cells) > 4 or not cells[0] or not cells[1]:
+        raise ValueError(
+            f"expected [ML_USE,]path,label,start_seconds,end_seconds but got {','.join(cells)!r}"
+        )
+    key, label = cells[0], check_name("label", cells[1])
+    cells += [""] * (4 - len(cells))
+    start, end = parse_seconds(cells[2], 0.0), parse_seconds(cells[3], math.inf)
+    if math.isinf(start):
+        raise ValueError("start_seconds is inf; only the end may be")
+    if start >= end:
+        raise ValueError(f"start_seconds {start:g} is not before end_seconds {end:g}")
+    return _Row(resolve_video_path(key, base), key, label, start, end, ml_use, where)
+
+
+def _clip_to_videos(rows: list[_Row], manifest: VideoManifest, workers: int) -> list[_Row]:
+    """Drop rows of unreadable videos and past their end; clip ends to the video's duration."""
+    keys = sorted({row.key for row in rows})
+    files = {row.key: row.path for row in rows}
+    # PyAV releases the GIL while demuxing and decoding, so threads probe videos in parallel.
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        probes = dict(zip(keys, pool.map(lambda k: _probe(files[k]), keys), strict=True))
+    kept = []
+    for row in rows:
+        duration = probes[row.key]
+        if isinstance(duration, str):
+            manifest.skip(duration, str(row.path))
+        elif row.start >= duration:
+            manifest.skip(
+                PAST_END, f"{row.where}: starts at {row.start:g}s, video ends at {duration:g}s"
+            )
+        else:
+            manifest.durations[row.key] = duration
+            kept.append(replace(row, end=min(row.end, duration)))
+    return kept
+
+
+def _probe(file: Path) -> float | str:
+    """The video's duration in seconds, or the reason it is skipped."""
+    if "://" not in str(file) and not file.is_file():
+        return MISSING
+    try:
+        return video_duration(file)
+    except VideoUnreadable:
+        return UNREADABLE
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    duration: float  # seconds from the first frame to the end of the last
+    fps: float
+
+
+def probe_video(file: str | Path) -> VideoInfo:
+    """Duration and frame rate; decodes one frame to prove the video can be decoded.
+
+    Raises VideoUnreadable for a file that is not a decodable video.
+    """
+    try:
+        with av.open(str(file)) as container:
+            if not container.streams.video:
+                raise VideoUnreadable(f"{file} has no video stream")
+            stream = container.streams.video[0]
+            next(container.decode(stream))
+            return VideoInfo(_stream_seconds(container, stream), stream_fps(stream))
+    except (av.FFmpegError, StopIteration, OSError, ValueError) as problem:
+        raise VideoUnreadable(f"{file}: {problem or 'no frame decodes'}") from problem
+
+
+def video_duration(file: str | Path) -> float:
+    return probe_video(file).duration
+
+
+def stream_fps(stream: av.VideoStream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else FALLBACK_FPS
+
+
+def stream_offset(stream: av.VideoStream) -> float:
+    """The first frame's timestamp in seconds: times in a dataset count from the first frame."""
+    if stream.start_time is None or stream.time_base is None:
+        return 0.0
+    return float(stream.start_time * stream.time_base)
+
+
+def seek_seconds(container: av.container.InputContainer, stream: av.VideoStream, at: float) -> None:
+    """Seek to the last keyframe at or before ``at`` seconds from the first frame."""
+    time_base = stream.time_base or Fraction(1, av.time_base)
+    target = math.floor((at + stream_offset(stream)) / time_base)
+    container.seek(max(0, target), stream=stream, backward=True)
+
+
+def _stream_seconds(container: av.container.InputContainer, stream: av.VideoStream) -> float:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    # Some containers (raw streams, some WebM) record no duration: find the last packet's end.
+    last = 0.0
+    for packet in container.demux(stream):
+        if packet.pts is not None and packet.time_base is not None:
+            last = max(last, float((packet.pts + (packet.duration or 0)) * packet.time_base))
+    return last - stream_offset(stream)
+
+
+def _assign_splits(rows: list[_Row]) -> list[Segment]:
+    named: dict[str, set[str]] = {}
+    for row in rows:
+        if row.ml_use in _ML_USE:
+            named.setdefault(row.key, set()).add(_ML_USE[row.ml_use])
+    segments = []
+    for row in rows:
+        split = _ML_USE.get(row.ml_use)
+        if split is None:
+            # An UNASSIGNED row of a video whose other rows all name one split joins it, so the
+            # video stays whole; otherwise the video's hash decides.
+            others = named.get(row.key, set())
+            split = next(iter(others)) if len(others) == 1 else unassigned_split(row.key)
+        segments.append(Segment(row.path, row.key, row.label, row.start, row.end, split))
+    return segments
+
+
+def carve_validation(segments: list[Segment], fraction: float) -> list[Segment]:
+    """Move whole training videos to VALIDATE by a hash of their path (module docstring)."""
+    train_videos = sorted({s.key for s in segments if s.split == TRAIN}, key=_validation_rank)
+    training_left = Counter(s.label for s in segments if s.split == TRAIN)
+    chosen = [key for key in train_videos if _validation_rank(key) < fraction]
+    if not chosen and len(train_videos) > 1:
+        chosen = train_videos[:1]
+    moved: set[str] = set()
+    for key in chosen:
+        labels = Counter(s.label for s in segments if s.key == key and s.split == TRAIN)
+        if all(training_left[label] > n for label, n in labels.items()):
+            training_left.subtract(labels)
+            moved.add(key)
+    return [
+        replace(s, split=VALIDATE) if s.key in moved and s.split == TRAIN else s for s in segments
+    ]
+
+
+def _check_usable(manifest: VideoManifest, path: str | Path) -> None:
+    if len(manifest.labels) < 2:
+        found = ", ".join(manifest.labels) or "none"
+        raise UserError(
+            f"dataset.path={str(path)!r} has {len(manifest.labels)} usable label(s) ({found}); "
+            f"a classifier needs at least two labels with readable videos{_skip_note(manifest)}"
+        )
+    train_labels = {s.label for s in manifest.split(TRAIN)}
+    missing = [label for label in manifest.labels if label not in train_labels]
+    if missing:
+        raise UserError(
+            f"label(s) {', '.join(missing)} have no TRAIN segment in dataset.path={str(path)!r}; "
+            "add videos for them or mark some rows TRAIN"
+        )
+    for split in (VALIDATE, TEST):
+        if not manifest.split(split):
+            raise UserError(
+                f"dataset.path={str(path)!r} has no {split} segments; add more videos or mark "
+                f"some rows {split} in the CSV"
+            )
+
+
+def _skip_note(manifest: VideoManifest) -> str:
+    return f" (skipped: {_skipped_text(manifest)})" if manifest.skipped else ""
+
+
+def _skipped_text(manifest: VideoManifest) -> str:
+    return ", ".join(
+        f"{n} {why} (e.g. {manifest.skipped_examples[why]})"
+        for why, n in sorted(manifest.skipped.items())
+    )
+
+
+def describe(manifest: VideoManifest) -> str:
+    counts = manifest.counts()
+    videos = {split: len(manifest.videos(split)) for split in SPLITS}
+    text = (
+        f"{len(manifest.segments)} segments of {len(manifest.videos())} videos, "
+        f"{len(manifest.labels)} labels (train {counts[TRAIN]} in {videos[TRAIN]} videos, "
+        f"validate {counts[VALIDATE]} in {videos[VALIDATE]}, test {counts[TEST]} in {videos[TEST]})"
+    )
+    if manifest.skipped:
+        text += f"; skipped {sum(manifest.skipped.values())} segments: {_skipped_text(manifest)}"
+    return text

@@ -1,12 +1,27 @@
-"""The LightningModule for image classification."""
+"""The LightningModule for image classification.
+
+What it does on the device beyond the model, it learns from its training data set's
+``device_plan`` when training starts: augmenting cached uint8 batches (``device_augment``),
+channels_last, and ``torch.compile`` of the training forward pass. Without a plan it trains on
+the batches as they come, as before.
+"""
 
 from __future__ import annotations
+
+import logging
+import time
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
+
+from budgets.callback import BudgetStopping
+from trainer.device_augment import DevicePlan
+
+log = logging.getLogger("trainer")
 
 
 class ImageClassifier(LightningModule):
@@ -20,13 +35,18 @@ class ImageClassifier(LightningModule):
         self.backbone = backbone
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self._plan = DevicePlan()
+        # The compiled backbone, kept out of the module's children so that checkpoints keep
+        # their keys; evaluation stays eager (see _compile_within_budget).
+        self._compiled: nn.Module | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         images, targets = batch
-        loss = F.cross_entropy(self(images), targets)
+        logits = self(images) if self._compiled is None else self._compiled(images)
+        loss = F.cross_entropy(logits, targets)
         # Per epoch only: logging every step costs a store write per log interval, which shows
         # in benchmarks/overhead.py on small CPU steps.
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(targets))
@@ -51,6 +71,74 @@ class ImageClassifier(LightningModule):
         # that a resumed operation can change it.
         for group in self.optimizers().optimizer.param_groups:
             group["lr"], group["weight_decay"] = self.hparams.lr, self.hparams.weight_decay
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        self._plan = getattr(dataset, "device_plan", None) or DevicePlan()
+        if self._plan.channels_last:
+            # In place: the optimizer keeps the same parameters.
+            self.to(memory_format=torch.channels_last)
+        if self._plan.compile and self._compiled is None:
+            self._compile_within_budget()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """A cached training batch arrives as uint8: crop, flip and normalize it here."""
+        if not isinstance(batch, (tuple, list)) or not isinstance(batch[0], torch.Tensor):
+            return batch
+        images, *rest = batch
+        if images.dtype == torch.uint8 and self._plan.augment is not None:
+            targets, source_hw = rest
+            images, rest = self._plan.augment(images, source_hw), [targets]
+        if self._plan.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return (images, *rest)
+
+    def _compile_within_budget(self) -> None:
+        """Compile the training forward and backward before the first step, if the budget allows.
+
+        Compiling takes tens of seconds, once. Done inside the first step, it would make that
+        step look like every step to the budget callback, which would stop training early;
+        done here, it is billed like all work (the meter runs) and the callback's check before
+        the first step runs again afterwards. It needs ``compile_reserve_seconds`` of budget
+        beyond a first step's reserve, or training goes on eagerly. Evaluation is not
+        compiled: a first validation pass that compiles would look as slow to the budget.
+        """
+        trainer, plan = self.trainer, self._plan
+        budget = next((c for c in trainer.callbacks if isinstance(c, BudgetStopping)), None)
+        fits = True
+        if budget is not None:
+            val_batches = int(sum(n for n in trainer.num_val_batches if n != float("inf")))
+            fits = budget.meter.fits(
+                plan.compile_reserve_seconds + budget.reserve_after_step(val_batches)
+            )
+        # Every rank compiles, or none: the callback's check below is collective.
+        if not trainer.strategy.reduce_boolean_decision(fits, all=True):
+            log.warning(
+                "trainer.compile: skipped, the budget left cannot also cover a compile "
+                "(trainer.compile_reserve_seconds=%s); training eagerly",
+                plan.compile_reserve_seconds,
+            )
+            return
+        started = time.monotonic()
+        compiled = torch.compile(self.backbone)
+        self._warm_up(compiled)
+        object.__setattr__(self, "_compiled", compiled)  # not a child module: see __init__
+        log.info("trainer.compile: compiled in %.1f s", time.monotonic() - started)
+        if budget is not None:
+            budget.on_train_start(trainer, self)
+
+    def _warm_up(self, compiled: nn.Module) -> None:
+        """One forward and backward pass on a batch of the training shape, leaving no trace."""
+        plan = self._plan
+        images = torch.randn(plan.batch_size, 3, *plan.input_size, device=self.device)
+        if plan.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        buffers = {name: b.detach().clone() for name, b in self.backbone.named_buffers()}
+        with self.trainer.precision_plugin.forward_context():
+            loss = compiled(images).float().mean()
+        loss.backward()
+        self.zero_grad(set_to_none=True)
+        with torch.no_grad():  # batch-norm statistics as they were
+            for name, buffer in self.backbone.named_buffers():
+                buffer.copy_(buffers[name])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(

@@ -36,8 +36,9 @@ from trainer.checkpoints import (
 )
 from trainer.continuation import StartFrom
 from trainer.demo_data import ensure_demo_dataset
+from trainer.device_augment import resolve_precision
 from trainer.errors import UserError
-from trainer.images import LabelledImages, eval_transform, make_loader, train_transform
+from trainer.images import make_loaders
 from trainer.module import ImageClassifier
 from trainer.progress import ProgressReport
 from trainer.resources import (
@@ -174,26 +175,26 @@ def _end_unfinished(job: Job, status: str, code: int, message: str) -> None:
 
 def _train(job: Job) -> float:
     cfg, state, run_dir = job.cfg, job.state, job.run_dir
-    task, model_cfg, data_cfg = cfg["task"], cfg["model"], cfg["data"]
+    task, model_cfg = cfg["task"], cfg["model"]
     manifest = _load_manifest(cfg)
     log.info("dataset: %s", datasets.describe(manifest))
     _check_labels(job.start, manifest.labels)
     state.labels = manifest.labels
     pl.seed_everything(cfg["seed"], workers=True, verbose=False)
 
-    size, mean, std = model_cfg["input_size"], data_cfg["mean"], data_cfg["std"]
-    augment = train_transform(size, mean, std, data_cfg["crop_scale"], data_cfg["horizontal_flip"])
-    evaluate = eval_transform(size, mean, std)
-
-    def loader(split: str, transform, shuffle: bool):
-        images = LabelledImages(manifest.split(split), manifest.labels, transform)
-        return make_loader(
-            images, data_cfg["batch_size"], data_cfg["num_workers"], shuffle, cfg["seed"]
-        )
-
-    train_loader = loader(datasets.TRAIN, augment, True)
-    val_loader = loader(datasets.VALIDATE, evaluate, False)
-    test_loader = loader(datasets.TEST, evaluate, False)
+    # `auto` precision is bf16 on a GPU that supports it; it is resolved here, where the device
+    # is known, in this function's copy only: the operation's config keeps `auto`.
+    precision = resolve_precision(cfg["trainer"]["precision"], str(cfg["trainer"]["accelerator"]))
+    cfg = {**cfg, "trainer": {**cfg["trainer"], "precision": precision}}
+    # A decoded-image cache is built here when data.cache asks for one: billed like all work.
+    loaders = make_loaders(
+        manifest, cfg, job.meter.remaining_seconds(), lambda: job.stop.reason is not None
+    )
+    train_loader, val_loader, test_loader = loaders.train, loaders.val, loaders.test
+    cache_seconds = loaders.cache.build_seconds
+    if cache_seconds:
+        log.info("image cache: %.1f s (%.1f milli-node-hours) of this training's cost went to "
+                 "building it", cache_seconds, cache_seconds * job.nodes / 3.6)  # fmt: skip
     start_checkpoint = _start_checkpoint(job)
 
     backbone = build_backbone(
@@ -280,6 +281,7 @@ def _train(job: Job) -> float:
         f"best_{task['monitor']}": best_score,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
+        "cacheBuildSeconds": round(cache_seconds, 3),
     }
     write_json_atomic(run_dir / "metrics.json", metrics)
     log.info("test accuracy %.4f, test loss %.4f", metrics["test_accuracy"], metrics["test_loss"])

@@ -1,0 +1,467 @@
+"""The decoded-image cache: every image of a dataset decoded once, then read from a memory map.
+
+A GPU trains a mobile model faster than a node's CPUs decode JPEGs, so the first training on a
+dataset decodes every image once, resized to the model's input size, into uint8 arrays
+(N, H, W, 3) under ``<home>/cache/images/<key>/``; later trainings, sweeps and resumes on the
+same data read those instead. TRAIN images are stored larger than the input by a margin, so
+that the random resized crop done on the device (``device_augment``) still has the pixels it
+needs; VALIDATE and TEST images are stored exactly as the evaluation transform resizes them, so
+that evaluation reads the same tensors with or without the cache.
+
+The key is the dataset fingerprint (paths, labels, splits), a digest of the files' sizes and
+modification times (an image replaced in place is a new dataset), and both resolutions. A build
+writes into a staging folder, chunk by chunk, and records each finished chunk in a progress file;
+a killed build resumes where it stopped, and only a complete build is renamed into place, so a
+cache being built is never read. One build at a time holds a lock; a training that finds the
+lock taken reads its images directly.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torchvision.transforms import v2
+
+from trainer.data import SPLITS, TRAIN, Item, Manifest
+from trainer.errors import UserError
+
+log = logging.getLogger("trainer")
+
+VERSION = 1
+MAX_MARGIN = 1.5  # TRAIN images are stored at most this much larger than the input
+CHUNK = 128  # images decoded, written and recorded together
+MODES = ("auto", "on", "off")
+# A build may use at most this share of the budget left when it starts: the training it is for
+# must still have most of its budget, and an unfinished build resumes in the next training.
+BUILD_BUDGET_FRACTION = 0.5
+DISK_HEADROOM_BYTES = 2 * 1024**3  # never fill the disk to the brim
+SECONDS_PER_IMAGE_PRIOR = 0.05  # before anything is measured: a large JPEG on one core
+
+
+def cache_root(home: str | Path) -> Path:
+    return Path(home).expanduser() / "cache" / "images"
+
+
+def cache_mode(value: Any) -> str:
+    """``data.cache``: auto, on or off (YAML's booleans read as on and off)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    mode = str(value).lower()
+    if mode not in MODES:
+        raise UserError(f"data.cache={value!r} is invalid: use auto, on or off")
+    return mode
+
+
+def train_resolution(input_size: Sequence[int], crop_scale: Sequence[float]) -> tuple[int, int]:
+    """The input size grown so that the smallest crop still has about the input's pixels."""
+    margin = min(MAX_MARGIN, 1 / math.sqrt(max(float(crop_scale[0]), 1e-6)))
+    return (math.ceil(input_size[0] * margin), math.ceil(input_size[1] * margin))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a cache holds: which images, in which order, at which sizes. Its key names it."""
+
+    fingerprint: str
+    content: str  # a digest of the files' sizes and modification times
+    input_size: tuple[int, int]
+    train_size: tuple[int, int]
+    keys: dict[str, list[str]] = field(hash=False)  # per split, the item keys in row order
+    source: str = ""  # the dataset's folder, to find stale caches of it
+
+    @classmethod
+    def of(cls, manifest: Manifest, input_size: Sequence[int], crop_scale: Sequence[float]):
+        items = manifest.items
+        return cls(
+            fingerprint=manifest.fingerprint(),
+            content=_content_digest(items),
+            input_size=(int(input_size[0]), int(input_size[1])),
+            train_size=train_resolution(input_size, crop_scale),
+            keys={split: [i.key for i in manifest.split(split)] for split in SPLITS},
+            source=os.path.commonpath([str(i.path.parent.resolve()) for i in items]),
+        )
+
+    @property
+    def key(self) -> str:
+        (h, w), (th, tw) = self.input_size, self.train_size
+        return f"{self.fingerprint}-{self.content[:12]}-{h}x{w}-{th}x{tw}-v{VERSION}"
+
+    def size_of(self, split: str) -> tuple[int, int]:
+        return self.train_size if split == TRAIN else self.input_size
+
+    def nbytes(self) -> int:
+        return sum(len(self.keys[s]) * self.size_of(s)[0] * self.size_of(s)[1] * 3 for s in SPLITS)
+
+    def chunks(self) -> list[tuple[str, int, int]]:
+        """(split, first row, end row) of every chunk, the same on every run of the build."""
+        return [
+            (split, start, min(start + CHUNK, len(self.keys[split])))
+            for split in SPLITS
+            for start in range(0, len(self.keys[split]), CHUNK)
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "fingerprint": self.fingerprint,
+            "content": self.content,
+            "input_size": list(self.input_size),
+            "train_size": list(self.train_size),
+            "keys": self.keys,
+            "source": self.source,
+        }
+
+
+def _content_digest(items: Sequence[Item]) -> str:
+    digest = hashlib.sha256()
+    for item in sorted(items, key=lambda i: i.key):
+        stat = item.path.stat()
+        digest.update(f"{item.key}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+@dataclass
+class CachedSplit:
+    """One split's rows: where its array is, its shape, and each original image's size."""
+
+    path: Path
+    shape: tuple[int, int, int, int]  # (N, H, W, 3)
+    source_hw: np.ndarray  # (N, 2) int32: each image's height and width before resizing
+    row_of: dict[str, int]  # item key -> row
+
+    def open(self) -> np.memmap:
+        return np.memmap(self.path, dtype=np.uint8, mode="r", shape=self.shape)
+
+
+class ImageCache:
+    """A complete cache folder, opened for reading."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.index = json.loads((directory / "index.json").read_text())
+
+    def split(self, name: str) -> CachedSplit:
+        keys = self.index["keys"][name]
+        height, width = self.index["train_size" if name == TRAIN else "input_size"]
+        hw = np.fromfile(self.directory / f"{name}.hw", dtype=np.int32).reshape(-1, 2)
+        return CachedSplit(
+            self.directory / f"{name}.u8",
+            (len(keys), height, width, 3),
+            hw,
+            {key: row for row, key in enumerate(keys)},
+        )
+
+
+def open_cache(home: str | Path, layout: Layout) -> ImageCache | None:
+    """The complete cache for ``layout``, or None; a half-built one is never returned."""
+    directory = cache_root(home) / layout.key
+    if not (directory / "index.json").is_file():
+        return None
+    try:
+        cache = ImageCache(directory)
+        # The same items (their order may differ: rows are found by key), all rows written.
+        complete = all(
+            sorted(cache.index["keys"][s]) == sorted(layout.keys[s])
+            and (directory / f"{s}.u8").stat().st_size
+            == len(layout.keys[s]) * _row_bytes(layout, s)
+            for s in SPLITS
+        )
+    except (OSError, ValueError, KeyError):
+        complete = False
+    if not complete:
+        log.warning("image cache %s is damaged; rebuilding it", directory)
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    return cache
+
+
+def _row_bytes(layout: Layout, split: str) -> int:
+    height, width = layout.size_of(split)
+    return height * width * 3
+
+
+# -- building --------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildResult:
+    cache: ImageCache | None
+    seconds: float  # spent decoding and writing in this process
+    decoded: int  # images decoded in this process
+    note: str  # why the cache is not there, when it is not
+
+
+def build_cache(
+    manifest: Manifest,
+    layout: Layout,
+    home: str | Path,
+    time_allowance: float = math.inf,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> BuildResult:
+    """Decode what the staging folder lacks; rename it into place once complete.
+
+    Stops early, keeping its progress for the next build, when ``should_stop`` says so or when
+    the rest would not fit in ``time_allowance`` seconds at the rate measured so far.
+    """
+    root = cache_root(home)
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with _exclusive(root / f".{layout.key}.lock") as locked:
+        if not locked:
+            return BuildResult(None, 0.0, 0, "another training is building it")
+        found = open_cache(home, layout)  # finished by another process meanwhile
+        if found is not None:
+            return BuildResult(found, 0.0, 0, "")
+        staging = _Staging(root / f".{layout.key}.staging", layout)
+        paths = {item.key: item.path for item in manifest.items}
+        decoded = _fill(staging, paths, started, time_allowance, should_stop, on_chunk)
+        seconds = time.monotonic() - started
+        if not staging.complete():
+            done = staging.done_images()
+            return BuildResult(None, seconds, decoded, f"{done} of {staging.total} images built")
+        cache = staging.publish(root / layout.key)
+    _remove_stale(root, layout)
+    return BuildResult(cache, time.monotonic() - started, decoded, "")
+
+
+def _fill(
+    staging: _Staging,
+    paths: dict[str, Path],
+    started: float,
+    time_allowance: float,
+    should_stop: Callable[[], bool],
+    on_chunk: Callable[[int, int], None] | None,
+) -> int:
+    pending = staging.pending()
+    decoded, last_log = 0, started
+    workers = min(16, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for index in pending:
+            split, first, end = staging.chunks[index]
+            spent = time.monotonic() - started
+            rate = spent / decoded if decoded else SECONDS_PER_IMAGE_PRIOR / workers
+            if should_stop() or spent + rate * (end - first) > time_allowance:
+                break
+            keys = staging.layout.keys[split][first:end]
+            size = staging.layout.size_of(split)
+            results = list(pool.map(lambda key, s=size: decode(paths[key], s), keys))
+            staging.write(index, results)
+            decoded += len(keys)
+            if on_chunk is not None:
+                on_chunk(staging.done_images(), staging.total)
+            if time.monotonic() - last_log > 5 or staging.complete():
+                last_log = time.monotonic()
+                _log_progress(staging, decoded, last_log - started)
+    return decoded
+
+
+def _log_progress(staging: _Staging, decoded: int, seconds: float) -> None:
+    done, total = staging.done_images(), staging.total
+    left = (total - done) * seconds / max(decoded, 1)
+    log.info(
+        "image cache: %d/%d images (%.0f%%) in %.1f s, about %.0f s left",
+        done, total, 100 * done / max(total, 1), seconds, left,
+    )  # fmt: skip
+
+
+def decode(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image as the evaluation transform resizes it (H, W, 3 uint8), and its own size."""
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    pixels = v2.Resize(size, antialias=True)(v2.functional.pil_to_tensor(rgb))
+    return pixels.permute(1, 2, 0).numpy(), (rgb.height, rgb.width)
+
+
+class _Staging:
+    """A cache being built: preallocated arrays, and a progress file of finished chunks."""
+
+    def __init__(self, directory: Path, layout: Layout) -> None:
+        self.directory, self.layout = directory, layout
+        self.chunks = layout.chunks()
+        self.total = sum(len(keys) for keys in layout.keys.values())
+        self.progress_path = directory / "progress.json"
+        self.done = self._resume()
+
+    def _resume(self) -> set[int]:
+        layout_path = self.directory / "layout.json"
+        if layout_path.is_file() and self.progress_path.is_file():
+            try:
+                same = json.loads(layout_path.read_text()) == self.layout.to_json()
+                done = set(json.loads(self.progress_path.read_text())["chunks"])
+            except (OSError, ValueError, KeyError):
+                same, done = False, set()
+            if same:
+                if done:
+                    log.info("image cache: resuming a build, %d images already done",
+                             self._images_in(done))  # fmt: skip
+                return done
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory.mkdir(parents=True)
+        for split in SPLITS:  # sparse files, filled chunk by chunk
+            with (self.directory / f"{split}.u8").open("wb") as handle:
+                handle.truncate(len(self.layout.keys[split]) * _row_bytes(self.layout, split))
+            with (self.directory / f"{split}.hw").open("wb") as handle:
+                handle.truncate(len(self.layout.keys[split]) * 8)
+        _write_json_durably(layout_path, self.layout.to_json())
+        _write_json_durably(self.progress_path, {"chunks": []})
+        return set()
+
+    def pending(self) -> list[int]:
+        return [index for index in range(len(self.chunks)) if index not in self.done]
+
+    def _images_in(self, chunks: set[int]) -> int:
+        return sum(self.chunks[i][2] - self.chunks[i][1] for i in chunks)
+
+    def done_images(self) -> int:
+        return self._images_in(self.done)
+
+    def complete(self) -> bool:
+        return len(self.done) == len(self.chunks)
+
+    def write(self, index: int, results: list[tuple[np.ndarray, tuple[int, int]]]) -> None:
+        """Write one chunk's rows, make them durable, then record the chunk as done."""
+        split, first, _ = self.chunks[index]
+        pixels = np.stack([p for p, _ in results])
+        hw = np.asarray([s for _, s in results], dtype=np.int32)
+        _pwrite_durably(self.directory / f"{split}.u8", pixels, first * pixels[0].nbytes)
+        _pwrite_durably(self.directory / f"{split}.hw", hw, first * 8)
+        self.done.add(index)
+        _write_json_durably(self.progress_path, {"chunks": sorted(self.done)})
+
+    def publish(self, target: Path) -> ImageCache:
+        index = {**self.layout.to_json(), "created": time.time()}
+        _write_json_durably(self.directory / "index.json", index)
+        os.replace(self.directory, target)  # a folder rename: readers see all of it or none
+        return ImageCache(target)
+
+
+def _pwrite_durably(path: Path, array: np.ndarray, offset: int) -> None:
+    descriptor = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(descriptor, np.ascontiguousarray(array).tobytes(), offset)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_json_durably(path: Path, value: Any) -> None:
+    temporary = path.with_suffix(".tmp")
+    with temporary.open("w") as handle:
+        json.dump(value, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[bool]:
+    """A non-blocking lock held while building; released by the OS if the process dies."""
+    with lock_path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_stale(root: Path, layout: Layout) -> None:
+    """Caches of the same folder at the same sizes but of older data are never read again."""
+    suffix = layout.key.split("-", 2)[2]  # the sizes and version
+    for directory in root.iterdir():
+        name = directory.name.lstrip(".").removesuffix(".staging")
+        if name == layout.key or not name.endswith(suffix) or not directory.is_dir():
+            continue
+        index = directory / ("layout.json" if directory.name.startswith(".") else "index.json")
+        try:
+            source = json.loads(index.read_text()).get("source")
+        except (OSError, ValueError):
+            continue
+        if source != layout.source:
+            continue
+        with _exclusive(root / f".{name}.lock") as locked:
+            if locked:  # not being built right now
+                log.info("image cache: removing %s, a cache of older data", directory.name)
+                shutil.rmtree(directory, ignore_errors=True)
+                (root / f".{name}.lock").unlink(missing_ok=True)
+
+
+# -- deciding --------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheOutcome:
+    cache: ImageCache | None
+    layout: Layout | None
+    build_seconds: float  # this training's seconds building it (billed like all its work)
+    note: str
+
+
+def prepare_cache(
+    manifest: Manifest,
+    mode: Any,
+    max_gb: float,
+    input_size: Sequence[int],
+    crop_scale: Sequence[float],
+    home: str | Path,
+    remaining_seconds: float,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> CacheOutcome:
+    """Open the cache, or build it when ``data.cache`` and the budget and disk allow."""
+    mode = cache_mode(mode)
+    if mode == "off":
+        return CacheOutcome(None, None, 0.0, "data.cache=off")
+    layout = Layout.of(manifest, input_size, crop_scale)
+    found = open_cache(home, layout)
+    if found is not None:
+        log.info("image cache: reading %s", found.directory)
+        return CacheOutcome(found, layout, 0.0, "reused")
+    refusal = _refusal(mode, layout, max_gb, home)
+    if refusal:
+        (log.warning if mode == "on" else log.info)("image cache: not used, %s", refusal)
+        return CacheOutcome(None, layout, 0.0, refusal)
+    gib = layout.nbytes() / 1024**3
+    log.info("image cache: building %s (%.2f GiB)", cache_root(home) / layout.key, gib)
+    allowance = BUILD_BUDGET_FRACTION * max(remaining_seconds, 0.0)
+    result = build_cache(manifest, layout, home, allowance, should_stop)
+    if result.cache is None:
+        log.warning("image cache: not used by this training (%s; the next one resumes the "
+                    "build)", result.note)  # fmt: skip
+    return CacheOutcome(result.cache, layout, result.seconds, result.note)
+
+
+def _refusal(mode: str, layout: Layout, max_gb: float, home: str | Path) -> str:
+    need = layout.nbytes()
+    root = cache_root(home)
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if need > free - DISK_HEADROOM_BYTES:
+        return f"it needs {need / 1e9:.1f} GB and the disk has {free / 1e9:.1f} GB free"
+    if mode == "auto" and need > float(max_gb) * 1e9:
+        return (
+            f"it needs {need / 1e9:.1f} GB, more than data.cache_max_gb={max_gb}; "
+            "raise it or set data.cache=on"
+        )
+    return ""

@@ -35,6 +35,11 @@ class ImageClassifier(LightningModule):
         self.backbone = backbone
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        # The TEST pass keeps every example's scores for the evaluation resources, and its
+        # duration, decoding included, for the model's nodeQps.
+        self.test_scores: list[torch.Tensor] = []
+        self.test_targets: list[torch.Tensor] = []
+        self.test_seconds = 0.0
         self._plan = DevicePlan()
         # The compiled backbone, kept out of the module's children so that checkpoints keep
         # their keys; evaluation stays eager (see _compile_within_budget).
@@ -56,15 +61,25 @@ class ImageClassifier(LightningModule):
         self._evaluate(batch, "val", self.val_accuracy)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_accuracy)
+        logits = self._evaluate(batch, "test", self.test_accuracy)
+        self.test_scores.append(logits.float().softmax(dim=1).cpu())
+        self.test_targets.append(batch[1].cpu())
 
-    def _evaluate(self, batch, stage: str, accuracy: MulticlassAccuracy) -> None:
+    def on_test_epoch_start(self) -> None:
+        self.test_scores, self.test_targets = [], []
+        self._test_started = time.monotonic()
+
+    def on_test_epoch_end(self) -> None:
+        self.test_seconds = time.monotonic() - self._test_started
+
+    def _evaluate(self, batch, stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
         images, targets = batch
         logits = self(images)
         accuracy(logits, targets)
         size = len(targets)
         self.log(f"{stage}_loss", F.cross_entropy(logits, targets), batch_size=size, sync_dist=True)
         self.log(f"{stage}_accuracy", accuracy, batch_size=size)
+        return logits
 
     def on_train_start(self) -> None:
         # A restored checkpoint brings its optimizer's learning rate; the config's value wins, so

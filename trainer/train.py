@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
@@ -38,6 +39,7 @@ from trainer.continuation import StartFrom
 from trainer.demo_data import ensure_demo_dataset
 from trainer.device_augment import resolve_precision
 from trainer.errors import UserError
+from trainer.evaluate import evaluation_id, evaluation_resources, record_evaluation
 from trainer.images import make_loaders
 from trainer.module import ImageClassifier
 from trainer.progress import ProgressReport
@@ -272,9 +274,16 @@ def _train(job: Job) -> float:
     # The final model is the best one by the validation metric.
     best_path = checkpoints.best_model_path or checkpoints.last_model_path
     test_results = trainer.test(module, test_loader, ckpt_path=best_path, verbose=False)[0]
-
-    val_images = len(val_loader.dataset)
-    node_qps = val_images / max(budget.eval_batch.last() * len(val_loader), 1e-9) / job.nodes
+    test_items = manifest.split(datasets.TEST)  # the TEST loader's order: it does not shuffle
+    # Images per second of this node's prediction, decoding included, from the TEST pass.
+    node_qps = len(test_items) / max(module.test_seconds, 1e-9) / job.nodes
+    scores = torch.cat(module.test_scores).numpy()
+    targets = torch.cat(module.test_targets).numpy()
+    evaluation = evaluation_resources(f"models/{state.model_id}", scores, targets, manifest.labels)
+    record_evaluation(
+        job.store, state.run_id, run_dir / "evaluations" / evaluation_id(evaluation), evaluation,
+        scores, targets, test_items, manifest.labels, "the model's TEST split",
+    )  # fmt: skip
     metrics = {
         "test_accuracy": float(test_results["test_accuracy"]),
         "test_loss": float(test_results["test_loss"]),

@@ -1,0 +1,278 @@
+"""Reading an object-detection dataset (AutoML's CSV) into a manifest of images and their boxes.
+
+One row per box, several rows per image, as AutoML reads them:
+
+    [ML_USE,]path,label,x_min,y_min,,,x_max,y_max,,        two vertices
+    [ML_USE,]path,label,x1,y1,x2,y2,x3,y3,x4,y4            four vertices (any order)
+    [ML_USE,]path                                          an image with no object: a negative
+
+Coordinates are fractions of the image's width and height. A box outside [0, 1], inverted, or
+with an edge under 0.01 is skipped and counted; so is a missing or unreadable image. ML_USE,
+the split hash, the name rule and the image checks are trainer/data.py's. Nothing here imports
+torch: the management CLI and the config checks stay fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.data import (
+    _ML_USE,
+    SPLITS,
+    TEST,
+    TRAIN,
+    UNASSIGNED,
+    VALIDATE,
+    _problem_with,
+    check_name,
+    split_for,
+)
+from trainer.errors import UserError
+
+MIN_EDGE = 0.01  # AutoML's smallest box edge, as a fraction of the image
+# Skip reasons for boxes (images use trainer/data.py's: missing, empty, broken).
+OUTSIDE, INVERTED, TOO_SMALL = "box outside [0, 1]", "inverted box", "box edge < 0.01"
+NO_GOOD_BOX = "image whose boxes were all skipped"
+CSV_FORM = "[ML_USE,]path[,label,x_min,y_min,,,x_max,y_max,,]"
+
+
+@dataclass(frozen=True)
+class Box:
+    """One labelled box, in fractions of the image's width (x) and height (y)."""
+
+    label: str
+    x_min: float
+    y_min: float
+    x_max: float
+    y_max: float
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.x_min, self.y_min, self.x_max, self.y_max)
+
+
+@dataclass(frozen=True)
+class DetectionItem:
+    """One image, as trainer/data.py's Item, with its boxes instead of a label (none: negative)."""
+
+    path: Path
+    split: str
+    key: str  # the path as the dataset spells it: what the split hash and fingerprint use
+    boxes: tuple[Box, ...] = ()
+
+    @property
+    def labels(self) -> list[str]:
+        return [box.label for box in self.boxes]
+
+
+@dataclass
+class DetectionManifest:
+    items: list[DetectionItem]
+    labels: list[str]
+    skipped: Counter = field(default_factory=Counter)
+    skipped_examples: dict[str, str] = field(default_factory=dict)
+
+    def split(self, name: str) -> list[DetectionItem]:
+        return [item for item in self.items if item.split == name]
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(self.split(name)) for name in SPLITS}
+
+    def box_counts(self) -> dict[str, int]:
+        return {name: sum(len(item.boxes) for item in self.split(name)) for name in SPLITS}
+
+    def fingerprint(self) -> str:
+        """The datasetId: a digest of what was trained on (paths, splits, boxes and labels)."""
+        digest = hashlib.sha256()
+        for item in sorted(self.items, key=lambda i: i.key):
+            boxes = ";".join(
+                f"{b.label}:{b.x_min:.6f},{b.y_min:.6f},{b.x_max:.6f},{b.y_max:.6f}"
+                for b in item.boxes
+            )
+            digest.update(f"{item.key}\t{item.split}\t{boxes}\n".encode())
+        return digest.hexdigest()[:24]
+
+    def skip(self, reason: str, example: str) -> None:
+        self.skipped[reason] += 1
+        self.skipped_examples.setdefault(reason, example)
+
+
+def read_detection_dataset(
+    path: str | Path, check_workers: int = 8, min_labels: int = 2
+) -> DetectionManifest:
+    """The manifest of a detection CSV (or of a folder holding exactly one CSV).
+
+    ``min_labels`` follows DESIGN.md's "fewer than two labels is an error"; a one-label detector
+    is meaningful (objects against background), so a caller may lower it to 1.
+    """
+    csv_path = _csv_file(path)
+    manifest = DetectionManifest(items=[], labels=[])
+    candidates = _read_csv(csv_path, manifest)
+    _keep_readable(candidates, manifest, check_workers)
+    _check_usable(manifest, path, min_labels)
+    return manifest
+
+
+def _csv_file(path: str | Path) -> Path:
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise UserError(f"dataset.path={str(path)!r} does not exist; give a detection CSV file")
+    if root.is_file():
+        return root
+    found = sorted(root.glob("*.csv"))
+    if len(found) != 1:
+        raise UserError(
+            f"dataset.path={str(path)!r} is a folder with {len(found)} CSV files; object "
+            f"detection reads one CSV of rows {CSV_FORM}: give its path"
+        )
+    return found[0]
+
+
+def _read_csv(csv_path: Path, manifest: DetectionManifest) -> list[DetectionItem]:
+    """Group the rows by image, keeping each image's first split and its good boxes."""
+    splits: dict[str, str] = {}
+    boxes: dict[str, list[Box]] = {}
+    had_boxes: set[str] = set()
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+        for line_no, row in enumerate(csv.reader(handle), start=1):
+            row = [cell.strip() for cell in row]
+            if not any(row):
+                continue
+            ml_use, key, box = _parse_row(row, f"{csv_path}:{line_no}")
+            splits.setdefault(key, _ML_USE.get(ml_use) or split_for(key))
+            boxes.setdefault(key, [])
+            if box is None:
+                continue
+            had_boxes.add(key)
+            problem = box_problem(box)
+            if problem:
+                manifest.skip(problem, f"{csv_path.name}:{line_no} {key}")
+            else:
+                boxes[key].append(box)
+    items = []
+    for key, split in splits.items():
+        if key in had_boxes and not boxes[key]:
+            # Its objects are still in the picture: kept as a negative, it would teach the
+            # detector that they are background.
+            manifest.skip(NO_GOOD_BOX, key)
+            continue
+        items.append(DetectionItem(_resolve(key, csv_path), split, key, tuple(boxes[key])))
+    return items
+
+
+def _parse_row(row: list[str], where: str) -> tuple[str, str, Box | None]:
+    """(ML_USE, path, box or None for a negative row); a malformed row is the user's error."""
+    ml_use = row[0].upper()
+    if ml_use in _ML_USE or ml_use == UNASSIGNED:
+        row = row[1:]
+    else:
+        ml_use = UNASSIGNED
+    if not row or not row[0]:
+        raise UserError(f"{where}: expected {CSV_FORM} but the path is missing")
+    key, rest = row[0], row[1:]
+    if not any(rest):
+        return ml_use, key, None
+    label = check_name("label", rest[0]) if rest[0] else ""
+    coordinates = _coordinates(rest[1:], where)
+    if not label or coordinates is None:
+        raise UserError(
+            f"{where}: expected {CSV_FORM} with a label and a box (two or four vertices) "
+            f"but got {','.join(row)!r}"
+        )
+    if len(coordinates) == 4:  # x_min, y_min, x_max, y_max: an inverted box stays inverted
+        return ml_use, key, Box(label, *coordinates)
+    # Four vertices may come in any order; the box is their extent.
+    xs, ys = coordinates[0::2], coordinates[1::2]
+    return ml_use, key, Box(label, min(xs), min(ys), max(xs), max(ys))
+
+
+def _coordinates(cells: list[str], where: str) -> list[float] | None:
+    """The filled vertex coordinates: x_min,y_min,,,x_max,y_max,, or x1,y1,...,x4,y4."""
+    if any(cells[8:]):
+        return None
+    cells = (cells + [""] * 8)[:8]  # trailing empty cells may be left out
+    try:
+        values = [float(cell) if cell else None for cell in cells]
+    except ValueError:
+        raise UserError(
+            f"{where}: box coordinates must be numbers in [0, 1], got {','.join(cells)!r}"
+        ) from None
+    two_vertices = [values[i] for i in (0, 1, 4, 5)]
+    if all(v is not None for v in values):
+        return values  # type: ignore[return-value]
+    if all(v is not None for v in two_vertices) and values[2:4] == values[6:8] == [None, None]:
+        return two_vertices  # type: ignore[return-value]
+    return None
+
+
+def box_problem(box: Box) -> str | None:
+    """Why AutoML would refuse this box, or None."""
+    if any(not 0.0 <= v <= 1.0 for v in box.as_tuple()):
+        return OUTSIDE
+    if box.x_max <= box.x_min or box.y_max <= box.y_min:
+        return INVERTED
+    if min(box.x_max - box.x_min, box.y_max - box.y_min) < MIN_EDGE:
+        return TOO_SMALL
+    return None
+
+
+def _resolve(key: str, csv_path: Path) -> Path:
+    file = Path(key).expanduser()
+    return file if file.is_absolute() else csv_path.parent / file
+
+
+def _keep_readable(items: list[DetectionItem], manifest: DetectionManifest, workers: int) -> None:
+    # PIL releases the GIL while decoding, so threads check images in parallel.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = list(pool.map(_problem_with, items))
+    for item, problem in zip(items, problems, strict=True):
+        if problem is None:
+            manifest.items.append(item)
+        else:
+            manifest.skip(problem, str(item.path))
+    manifest.labels = sorted({label for item in manifest.items for label in item.labels})
+
+
+def _check_usable(manifest: DetectionManifest, path: str | Path, min_labels: int) -> None:
+    if len(manifest.labels) < min_labels:
+        found = ", ".join(manifest.labels) or "none"
+        raise UserError(
+            f"dataset.path={str(path)!r} has {len(manifest.labels)} usable label(s) ({found}); "
+            f"a detector needs at least {min_labels} label(s) with boxes on readable images"
+        )
+    train_labels = {label for item in manifest.split(TRAIN) for label in item.labels}
+    missing = [label for label in manifest.labels if label not in train_labels]
+    if missing:
+        raise UserError(
+            f"label(s) {', '.join(missing)} have no TRAIN box in dataset.path={str(path)!r}; "
+            "add boxes for them or mark some rows TRAIN"
+        )
+    boxes = manifest.box_counts()
+    for split in (VALIDATE, TEST):
+        if not boxes[split]:
+            raise UserError(
+                f"dataset.path={str(path)!r} has no {split} box (mAP needs some); add more "
+                f"images or mark some rows {split} in the CSV"
+            )
+
+
+def describe(manifest: DetectionManifest) -> str:
+    counts, boxes = manifest.counts(), manifest.box_counts()
+    negatives = sum(1 for item in manifest.items if not item.boxes)
+    text = (
+        f"{len(manifest.items)} images ({negatives} without boxes), "
+        f"{sum(boxes.values())} boxes, {len(manifest.labels)} labels "
+        f"(train {counts[TRAIN]}/{boxes[TRAIN]}, validate {counts[VALIDATE]}/{boxes[VALIDATE]}, "
+        f"test {counts[TEST]}/{boxes[TEST]} images/boxes)"
+    )
+    if manifest.skipped:
+        parts = ", ".join(
+            f"{n} {why} (e.g. {manifest.skipped_examples[why]})"
+            for why, n in sorted(manifest.skipped.items())
+        )
+        text += f"; skipped {sum(manifest.skipped.values())}: {parts}"
+    return text

@@ -25,6 +25,7 @@ from trainer.detection_predict import (
     detection_record,
     jsonl_line,
     output_name,
+    record_from_rows,
 )
 from trainer.errors import UserError
 
@@ -241,3 +242,11 @@ def test_prediction_options_are_checked() -> None:
         check_detection_options(0.5, 0)
     with pytest.raises(ValueError, match="2 boxes, 1 labels"):
         detection_record("x", BOXES[:2], [0], [0.5], LABELS)
+
+
+def test_record_from_serving_rows_leaves_out_padding() -> None:
+    rows = [[0.1, 0.2, 0.3, 0.4, 0.8, 1], [0.0, 0.0, 1.0, 1.0, 0.3, 0], [-1.0] * 6]
+    record = record_from_rows("y.png", rows, LABELS, score_threshold=0.5)
+    (only,) = record["annotations"]
+    assert only["displayName"] == "dog" and only["imageObjectDetection"]["score"] == 0.8
+    assert len(record_from_rows("y.png", rows, LABELS)["annotations"]) == 2

@@ -23,7 +23,7 @@ from trainer.detection_images import (
     detection_train_transform,
     make_detection_loader,
 )
-from trainer.detection_module import ObjectDetector, normalized_detections
+from trainer.detection_module import ObjectDetector, ServingDetector, normalized_detections
 from trainer.detection_predict import detection_record
 from trainer.detectors import MODEL_TYPES, build_detector
 from trainer.errors import UserError
@@ -58,6 +58,12 @@ def test_eval_transform_resizes_boxes_with_the_image(block_item: DetectionItem) 
     assert target["boxes"].numpy() == pytest.approx(np.array([[12.8, 12.8, 25.6, 38.4]]))
     assert target["labels"].tolist() == [1] and target["labels"].dtype == torch.int64
     assert _white_extent(image) == pytest.approx(target["boxes"][0].tolist(), abs=1.5)
+
+
+def test_eval_transform_takes_a_bare_image_for_prediction(block_item: DetectionItem) -> None:
+    with Image.open(block_item.path) as image:
+        pixels = detection_eval_transform((32, 48))(image.convert("RGB"))
+    assert pixels.shape == (3, 32, 48) and pixels.dtype == torch.float32
 
 
 def test_train_transform_flips_boxes_with_the_pixels(block_item: DetectionItem) -> None:
@@ -210,6 +216,17 @@ def test_tiny_training_lowers_the_loss_and_reports_map(tmp_path: Path) -> None:
     )  # fmt: skip
     assert len(record["annotations"]) <= 5
 
+    # What MLflow serves: one tensor in, one out, the same detections, best first, padded.
+    serving = ServingDetector(module.backbone).eval()
+    images, _ = next(iter(test))
+    with torch.no_grad():
+        rows = serving(torch.stack(images).double())
+    assert rows.shape == (len(images), 100, 6)
+    found = len(first["scores"])
+    assert (rows[0, found:] == -1).all()
+    expected = first["scores"].sort(descending=True).values
+    assert rows[0, :found, 4].numpy() == pytest.approx(expected.numpy(), abs=1e-5)
+
 
 def test_resumed_training_takes_the_configured_learning_rate(tmp_path: Path) -> None:
     write_detection_shapes(tmp_path / "shapes", images=20, size=48, seed=5)
@@ -233,6 +250,9 @@ def test_resumed_training_takes_the_configured_learning_rate(tmp_path: Path) -> 
         resumed = _trainer(3, [], tmp_path)
         resumed.fit(resumed_module, loader, ckpt_path=checkpoint)
     assert resumed.global_step == 3
+    # the network's weights sit under "backbone.", as the classifier's do (stored_model.py)
+    keys = torch.load(checkpoint, weights_only=False)["state_dict"]
+    assert keys and all(key.startswith("backbone.") for key in keys)
     (group,) = resumed.optimizers[0].param_groups
     assert group["lr"] == 5e-4
 

@@ -102,9 +102,10 @@ class DetectionManifest:
 
 
 def read_detection_dataset(
-    path: str | Path, check_workers: int = 8, min_labels: int = 2
+    path: str | Path, check_workers: int = 8, for_training: bool = True, min_labels: int = 2
 ) -> DetectionManifest:
-    """The manifest of a detection CSV (or of a folder holding exactly one CSV).
+    """The manifest of a detection CSV (or of a folder holding exactly one CSV); for training,
+    also checked to be trainable (labels, boxes in every split), as trainer/data.py does.
 
     ``min_labels`` follows DESIGN.md's "fewer than two labels is an error"; a one-label detector
     is meaningful (objects against background), so a caller may lower it to 1.
@@ -113,7 +114,8 @@ def read_detection_dataset(
     manifest = DetectionManifest(items=[], labels=[])
     candidates = _read_csv(csv_path, manifest)
     _keep_readable(candidates, manifest, check_workers)
-    _check_usable(manifest, path, min_labels)
+    if for_training:
+        _check_usable(manifest, path, min_labels)
     return manifest
 
 

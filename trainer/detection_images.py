@@ -23,12 +23,13 @@ Target = dict[str, Any]
 
 
 def detection_eval_transform(size: Sequence[int]) -> v2.Compose:
+    """Evaluation and prediction: resize only. It takes an image alone too (prediction), and
+    keeps every true box, however small, so that evaluation counts them all."""
     return v2.Compose(
         [
             v2.ToImage(),
             v2.Resize(tuple(size), antialias=True),
             v2.ToDtype(torch.float32, scale=True),
-            v2.SanitizeBoundingBoxes(),
         ]
     )
 

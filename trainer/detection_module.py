@@ -33,24 +33,22 @@ class ObjectDetector(LightningModule):
         super().__init__()
         # As in ImageClassifier: the resolved config is logged by the store, not here.
         self.save_hyperparameters(ignore=["detector"], logger=False)
-        self.detector = detector
+        # Named as the classifier's network, so that checkpoints keep the same "backbone."
+        # key prefix (trainer/stored_model.py loads the network from them) and the job's
+        # `module.backbone` means the whole network for either task.
+        self.backbone = detector
         self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
         self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
         self.test_predictions: list[Detections] = []
         self.test_targets: list[Detections] = []
         self.test_seconds = 0.0
 
-    @property
-    def backbone(self) -> nn.Module:
-        """The whole network, under the name the training job uses for the classifier's."""
-        return self.detector
-
     def forward(self, images: list[torch.Tensor]) -> list[Detections]:
-        return self.detector(images)
+        return self.backbone(images)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        losses = self.detector(images, [_plain(t) for t in targets])
+        losses = self.backbone(images, [_plain(t) for t in targets])
         loss = sum(losses.values())
         # Per epoch only, as the classifier does: a store write per step shows on small steps.
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(images))
@@ -110,6 +108,31 @@ class ObjectDetector(LightningModule):
             gradient_clip_val=gradient_clip_val or self.hparams.max_grad_norm,
             gradient_clip_algorithm=gradient_clip_algorithm or "norm",
         )
+
+
+class ServingDetector(nn.Module):
+    """A detector with one tensor in and one out, as `mlflow models serve` and MLflow's pyfunc
+    need (a torchvision detector returns a list of dicts): images (B, 3, H, W) in [0, 1] in,
+    (B, max_detections, 6) out, each row x_min, y_min, x_max, y_max (in [0, 1]), score, label
+    index (0-based), best first; unused rows are -1."""
+
+    def __init__(self, detector: nn.Module, max_detections: int = 100) -> None:
+        super().__init__()
+        self.detector = detector
+        self.max_detections = max_detections
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.float()  # served JSON arrives as float64
+        height, width = images.shape[-2:]
+        rows = torch.full((len(images), self.max_detections, 6), -1.0)
+        for index, output in enumerate(self.detector(list(images))):
+            found = normalized_detections(output, height, width)
+            order = found["scores"].argsort(descending=True)[: self.max_detections]
+            count = len(order)
+            rows[index, :count, :4] = found["boxes"][order]
+            rows[index, :count, 4] = found["scores"][order]
+            rows[index, :count, 5] = found["labels"][order].float()
+        return rows
 
 
 def normalized_detections(output: Detections, height: int, width: int) -> Detections:

@@ -58,6 +58,27 @@ def detection_record(
     }
 
 
+def record_from_rows(
+    image_id: str,
+    rows: Sequence[Sequence[float]],
+    label_names: Sequence[str],
+    score_threshold: float = 0.0,
+    max_bounding_box_count: int = DEFAULT_MAX_BOUNDING_BOX_COUNT,
+) -> dict[str, Any]:
+    """One image's record from ServingDetector's rows (x_min, y_min, x_max, y_max, score,
+    label index); padding rows (score -1) are left out."""
+    used = [row for row in rows if float(row[4]) >= 0]
+    return detection_record(
+        image_id,
+        [row[:4] for row in used],
+        [int(row[5]) for row in used],
+        [float(row[4]) for row in used],
+        label_names,
+        score_threshold,
+        max_bounding_box_count,
+    )
+
+
 def annotation(
     box: Sequence[float], label: int, score: float, label_names: Sequence[str]
 ) -> dict[str, Any]:

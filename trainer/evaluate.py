@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,61 +27,71 @@ EVALUATION_FILE = "evaluation.json"
 WORST_EXAMPLES = 8
 
 
-def evaluation_resources(
-    model_name: str, scores: np.ndarray, targets: np.ndarray, labels: Sequence[str]
-) -> list[dict[str, Any]]:
-    from evaluation.classification import classification_evaluations
+@dataclass
+class Evaluation:
+    """One evaluation: its resources, its headline figures and how to draw its plots."""
 
+    resources: list[dict[str, Any]]
+    figures: dict[str, float]  # what `models evaluations` shows, beside the example count
+    plots: Callable[[Path], list[Path]]
+
+    @property
+    def evaluation_id(self) -> str:
+        """The overall evaluation's ID names the whole evaluation."""
+        return self.resources[0]["name"].rsplit("/", 1)[1]
+
+    def summary(self, dataset: str) -> dict[str, Any]:
+        overall = self.resources[0]
+        return {
+            "name": overall["name"],
+            "createTime": overall["createTime"],
+            "dataset": dataset,
+            "evaluatedExampleCount": overall["evaluatedExampleCount"],
+            **self.figures,
+        }
+
+
+def named(model_name: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
     created = utc_now()
     return [
         {"name": f"{model_name}/modelEvaluations/{new_id('')}", "createTime": created, **body}
-        for body in classification_evaluations(scores, targets, labels)
+        for body in bodies
     ]
 
 
-def evaluation_id(resources: list[dict[str, Any]]) -> str:
-    """The overall evaluation's ID names the whole evaluation."""
-    return resources[0]["name"].rsplit("/", 1)[1]
+def classification_evaluation(
+    model_name: str,
+    scores: np.ndarray,
+    targets: np.ndarray,
+    labels: Sequence[str],
+    items: Sequence[Item] | None = None,
+) -> Evaluation:
+    """For image or video classification; ``items`` (images) add the worst-examples grid."""
+    from evaluation.classification import accuracy, classification_evaluations
 
+    resources = named(model_name, classification_evaluations(scores, targets, labels))
+    figures = resources[0]["classificationEvaluationMetrics"]
 
-def summary(resources: list[dict[str, Any]], dataset: str) -> dict[str, Any]:
-    from evaluation.classification import accuracy
+    def plots(folder: Path) -> list[Path]:
+        from evaluation.plots import confusion_matrix_png, image_grid_png, precision_recall_png
 
-    overall = resources[0]
-    figures = overall["classificationEvaluationMetrics"]
-    return {
-        "name": overall["name"],
-        "createTime": overall["createTime"],
-        "dataset": dataset,
-        "evaluatedExampleCount": overall["evaluatedExampleCount"],
-        "accuracy": accuracy(overall),
+        counts = np.array([row["exampleCount"] for row in figures["confusionMatrix"]["row"]])
+        written = [
+            precision_recall_png(scores, targets, labels, folder / "precision_recall.png"),
+            confusion_matrix_png(counts, labels, folder / "confusion_matrix.png"),
+        ]
+        if items is not None:
+            images, titles = worst_examples(scores, targets, items, labels)
+            written.append(image_grid_png(images, titles, folder / "worst_examples.png"))
+        return written
+
+    headline = {
+        "accuracy": accuracy(resources[0]),
         "auPrc": figures["auPrc"],
         "auRoc": figures["auRoc"],
         "logLoss": figures["logLoss"],
     }
-
-
-def write_evaluation(
-    folder: Path,
-    resources: list[dict[str, Any]],
-    scores: np.ndarray,
-    targets: np.ndarray,
-    items: Sequence[Item],
-    labels: Sequence[str],
-) -> list[Path]:
-    """The resources and the three plots; returns the files written."""
-    from evaluation.plots import confusion_matrix_png, image_grid_png, precision_recall_png
-
-    write_json_atomic(folder / EVALUATION_FILE, resources)
-    matrix = resources[0]["classificationEvaluationMetrics"]["confusionMatrix"]
-    counts = np.array([row["exampleCount"] for row in matrix["row"]])
-    images, titles = worst_examples(scores, targets, items, labels)
-    return [
-        folder / EVALUATION_FILE,
-        precision_recall_png(scores, targets, labels, folder / "precision_recall.png"),
-        confusion_matrix_png(counts, labels, folder / "confusion_matrix.png"),
-        image_grid_png(images, titles, folder / "worst_examples.png"),
-    ]
+    return Evaluation(resources, headline, plots)
 
 
 def worst_examples(
@@ -107,25 +118,18 @@ def worst_examples(
 
 
 def record_evaluation(
-    store: Any,
-    run_id: str,
-    folder: Path,
-    resources: list[dict[str, Any]],
-    scores: np.ndarray,
-    targets: np.ndarray,
-    items: Sequence[Item],
-    labels: Sequence[str],
-    dataset: str,
+    store: Any, run_id: str, folder: Path, evaluation: Evaluation, dataset: str
 ) -> dict[str, Any]:
     """Write the evaluation beside its plots, log them to the run; return its summary."""
-    files = write_evaluation(folder, resources, scores, targets, items, labels)
-    store.log_files(run_id, files, f"evaluations/{evaluation_id(resources)}")
-    headline = summary(resources, dataset)
+    write_json_atomic(folder / EVALUATION_FILE, evaluation.resources)
+    files = [folder / EVALUATION_FILE, *evaluation.plots(folder)]
+    store.log_files(run_id, files, f"evaluations/{evaluation.evaluation_id}")
+    headline = evaluation.summary(dataset)
     store.set_tags(run_id, {"evaluation_summary": json.dumps(headline)})
+    figures = ", ".join(f"{key} {value:.4f}" for key, value in evaluation.figures.items())
     log.info(
-        "evaluation %s on %d examples: accuracy %.4f, auPrc %.4f, log loss %.4f (%s)",
-        evaluation_id(resources), headline["evaluatedExampleCount"], headline["accuracy"],
-        headline["auPrc"], headline["logLoss"], folder,
+        "evaluation %s on %d examples: %s (%s)",
+        evaluation.evaluation_id, headline["evaluatedExampleCount"], figures, folder,
     )  # fmt: skip
     return headline
 
@@ -136,29 +140,29 @@ def record_evaluation(
 def evaluate_stored(catalog: Any, model_id: str, dataset: str | None) -> tuple[Path, dict]:
     """`models evaluate`: score the model on its own TEST split, or on all of another labelled
     dataset with the same labels; record the evaluation in a run of its own."""
-    from trainer.data import TEST, read_dataset
+    from trainer.data import TEST
     from trainer.stored_model import load_network, trained_model
+    from trainer.tasks import task_of
 
     trained = trained_model(catalog, model_id, "evaluation")
+    cfg = trained.config
+    task = task_of(cfg)
     if dataset is None:
-        items, described = trained.manifest().split(TEST), "the model's TEST split"
+        items, described = task.read_manifest(cfg).split(TEST), "the model's TEST split"
     else:
-        items, described = (
-            _foreign_items(read_dataset(dataset, for_training=False), trained.labels),
-            str(dataset),
-        )
+        other = task.read_manifest({**cfg, "dataset": {"path": dataset}}, for_training=False)
+        items, described = _foreign_items(other, trained.labels), str(dataset)
     if not items:
-        raise UserError(f"{described} has no images to evaluate on")
-    scores, targets = score_items(load_network(trained), items, trained.labels, trained.transform())
-    resources = evaluation_resources(trained.model["name"], scores, targets, trained.labels)
+        raise UserError(f"{described} has nothing to evaluate on")
+    evaluation = task.evaluate_items(
+        load_network(trained), cfg, items, trained.labels, trained.model["name"]
+    )
     store = catalog.store
     tags = {"model_id": trained.model_id, "kind": "evaluate", "dataset": described}
     run_id = store.start_run(f"evaluate_{trained.model['displayName']}", tags, {"dataset": dataset})
-    folder = Path("evaluations") / trained.model_id / evaluation_id(resources)
+    folder = Path("evaluations") / trained.model_id / evaluation.evaluation_id
     try:
-        headline = record_evaluation(
-            store, run_id, folder, resources, scores, targets, items, trained.labels, described
-        )
+        headline = record_evaluation(store, run_id, folder, evaluation, described)
     except BaseException:
         store.end_run(run_id, "FAILED")
         raise
@@ -166,7 +170,7 @@ def evaluate_stored(catalog: Any, model_id: str, dataset: str | None) -> tuple[P
     return folder, headline
 
 
-def _foreign_items(manifest: Any, model_labels: list[str]) -> list[Item]:
+def _foreign_items(manifest: Any, model_labels: list[str]) -> list[Any]:
     unknown = sorted(set(manifest.labels) - set(model_labels))
     if unknown:
         raise UserError(
@@ -176,18 +180,17 @@ def _foreign_items(manifest: Any, model_labels: list[str]) -> list[Item]:
     return manifest.items
 
 
-def score_items(
-    network: Any, items: Sequence[Item], labels: Sequence[str], transform: Any
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every item's class probabilities, in ``labels`` order, and its true label index."""
+def score_batches(network: Any, loader: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and true label indices of every (inputs, targets) batch; a batch
+    that failed to load entirely (None, as video loaders give) is left out."""
     import torch
 
-    from trainer.images import LabelledImages, make_loader
-
-    loader = make_loader(LabelledImages(items, labels, transform), 64, 0, False, 0)
     scores, targets = [], []
     with torch.inference_mode():
-        for images, batch_targets in loader:
-            scores.append(network(images).float().softmax(dim=1))
+        for batch in loader:
+            if batch is None:
+                continue
+            inputs, batch_targets = batch
+            scores.append(network(inputs).float().softmax(dim=1))
             targets.append(batch_targets)
     return torch.cat(scores).numpy(), torch.cat(targets).numpy()

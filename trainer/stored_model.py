@@ -15,12 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.backbones import build_backbone
-from trainer.data import TEST, Manifest, read_dataset
-from trainer.demo_data import ensure_demo_dataset
+from trainer.data import TEST
 from trainer.errors import UserError
 from trainer.images import eval_transform
 from trainer.resources import expired_on
+from trainer.tasks import task_of
 
 DOWNLOADS = Path(".model-cache")  # artifacts fetched from a remote store, per model ID
 
@@ -41,10 +40,9 @@ class TrainedModel:
         cfg = self.config
         return eval_transform(cfg["model"]["input_size"], cfg["data"]["mean"], cfg["data"]["std"])
 
-    def manifest(self) -> Manifest:
+    def manifest(self) -> Any:
         """The dataset the model was trained on (its splits as in training)."""
-        path = self.config["dataset"]["path"] or ensure_demo_dataset(self.config["home"])
-        return read_dataset(path)
+        return task_of(self.config).read_manifest(self.config)
 
 
 def trained_model(catalog: Any, model_id: str, purpose: str) -> TrainedModel:
@@ -77,14 +75,15 @@ def trained_model(catalog: Any, model_id: str, purpose: str) -> TrainedModel:
 
 
 def load_network(trained: TrainedModel) -> nn.Module:
-    network = build_backbone(
-        trained.config["model"]["constructor"], len(trained.labels), pretrained=False
-    )
+    """The trained network alone, in eval mode, on the CPU."""
+    task = task_of(trained.config)
+    network = task.network(trained.config, trained.labels, pretrained=False)
     checkpoint = torch.load(trained.checkpoint, map_location="cpu", weights_only=False)
+    prefix = f"{task.network_key}."
     weights = {
-        key.removeprefix("backbone."): value
+        key.removeprefix(prefix): value
         for key, value in checkpoint["state_dict"].items()
-        if key.startswith("backbone.")
+        if key.startswith(prefix)
     }
     network.load_state_dict(weights)
     return network.eval()

@@ -19,14 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
 from budgets import BudgetMeter
 from budgets.callback import BudgetStopping
-from trainer import data as datasets
-from trainer.backbones import build_backbone
 from trainer.checkpoints import (
     AtomicCheckpointIO,
     CancelWatch,
@@ -36,12 +33,9 @@ from trainer.checkpoints import (
     load_first_good,
 )
 from trainer.continuation import StartFrom
-from trainer.demo_data import ensure_demo_dataset
 from trainer.device_augment import resolve_precision
 from trainer.errors import UserError
-from trainer.evaluate import evaluation_id, evaluation_resources, record_evaluation
-from trainer.images import make_loaders
-from trainer.module import ImageClassifier
+from trainer.evaluate import record_evaluation
 from trainer.progress import ProgressReport
 from trainer.resources import (
     Operation,
@@ -54,6 +48,7 @@ from trainer.resources import (
 from trainer.run_state import CANCELLED, FAILED, INTERRUPTED, RUNNING, SUCCEEDED, RunState
 from trainer.settings import validate
 from trainer.store import Store
+from trainer.tasks import task_of
 from trainer.train_ids import MODEL_ID_ENV, OPERATION_ID_ENV
 
 log = logging.getLogger("trainer")
@@ -178,8 +173,9 @@ def _end_unfinished(job: Job, status: str, code: int, message: str) -> None:
 def _train(job: Job) -> float:
     cfg, state, run_dir = job.cfg, job.state, job.run_dir
     task, model_cfg = cfg["task"], cfg["model"]
-    manifest = _load_manifest(cfg)
-    log.info("dataset: %s", datasets.describe(manifest))
+    kind = task_of(cfg)
+    manifest = kind.read_manifest(cfg)
+    log.info("dataset: %s", kind.describe(manifest))
     _check_labels(job.start, manifest.labels)
     state.labels = manifest.labels
     pl.seed_everything(cfg["seed"], workers=True, verbose=False)
@@ -188,23 +184,12 @@ def _train(job: Job) -> float:
     # is known, in this function's copy only: the operation's config keeps `auto`.
     precision = resolve_precision(cfg["trainer"]["precision"], str(cfg["trainer"]["accelerator"]))
     cfg = {**cfg, "trainer": {**cfg["trainer"], "precision": precision}}
-    # A decoded-image cache is built here when data.cache asks for one: billed like all work.
-    loaders = make_loaders(
-        manifest, cfg, job.meter.remaining_seconds(), lambda: job.stop.reason is not None
-    )
+    loaders = kind.loaders(manifest, cfg, job)
     train_loader, val_loader, test_loader = loaders.train, loaders.val, loaders.test
-    cache_seconds = loaders.cache.build_seconds
-    if cache_seconds:
-        log.info("image cache: %.1f s (%.1f milli-node-hours) of this training's cost went to "
-                 "building it", cache_seconds, cache_seconds * job.nodes / 3.6)  # fmt: skip
     start_checkpoint = _start_checkpoint(job)
 
-    backbone = build_backbone(
-        model_cfg["constructor"], len(manifest.labels), bool(model_cfg["pretrained"])
-    )
-    module = ImageClassifier(
-        backbone, len(manifest.labels), cfg["optimizer"]["lr"], cfg["optimizer"]["weight_decay"]
-    )
+    network = kind.network(cfg, manifest.labels, bool(model_cfg["pretrained"]))
+    module = kind.module(network, manifest.labels, cfg)
 
     budget = BudgetStopping(job.meter, len(test_loader), cfg["budget"]["save_reserve_seconds"])
     checkpoints = ModelCheckpoint(
@@ -274,26 +259,21 @@ def _train(job: Job) -> float:
     # The final model is the best one by the validation metric.
     best_path = checkpoints.best_model_path or checkpoints.last_model_path
     test_results = trainer.test(module, test_loader, ckpt_path=best_path, verbose=False)[0]
-    test_items = manifest.split(datasets.TEST)  # the TEST loader's order: it does not shuffle
-    # Images per second of this node's prediction, decoding included, from the TEST pass.
-    node_qps = len(test_items) / max(module.test_seconds, 1e-9) / job.nodes
-    scores = torch.cat(module.test_scores).numpy()
-    targets = torch.cat(module.test_targets).numpy()
-    evaluation = evaluation_resources(f"models/{state.model_id}", scores, targets, manifest.labels)
-    record_evaluation(
-        job.store, state.run_id, run_dir / "evaluations" / evaluation_id(evaluation), evaluation,
-        scores, targets, test_items, manifest.labels, "the model's TEST split",
-    )  # fmt: skip
+    # Examples per second of this node's prediction, decoding included, from the TEST pass.
+    node_qps = len(test_loader.dataset) / max(module.test_seconds, 1e-9) / job.nodes
+    evaluation = kind.evaluation(module, manifest, manifest.labels, f"models/{state.model_id}")
+    folder = run_dir / "evaluations" / evaluation.evaluation_id
+    record_evaluation(job.store, state.run_id, folder, evaluation, "the model's TEST split")
+    test_metrics = {key: float(value) for key, value in kind.test_metrics(test_results).items()}
     metrics = {
-        "test_accuracy": float(test_results["test_accuracy"]),
-        "test_loss": float(test_results["test_loss"]),
+        **test_metrics,
         f"best_{task['monitor']}": best_score,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
-        "cacheBuildSeconds": round(cache_seconds, 3),
+        **loaders.metrics,
     }
     write_json_atomic(run_dir / "metrics.json", metrics)
-    log.info("test accuracy %.4f, test loss %.4f", metrics["test_accuracy"], metrics["test_loss"])
+    log.info("TEST: %s", ", ".join(f"{key} {value:.4f}" for key, value in test_metrics.items()))
 
     def resource(cost: int) -> dict[str, Any]:
         metadata = classification_metadata(
@@ -310,7 +290,7 @@ def _train(job: Job) -> float:
             task["model_lifespan_months"],
         )
 
-    example = next(iter(test_loader))[0][:2].numpy()
+    example = kind.example_input(test_loader)
     started = time.monotonic()
     store = job.store
     logged = store.log_network(state.run_id, module.backbone.eval(), example)
@@ -376,10 +356,3 @@ def _start_checkpoint(job: Job) -> str | None:
         AtomicCheckpointIO().save_checkpoint(checkpoint, path)
     log.info("starting from %s (global step %s)", path, checkpoint.get("global_step", 0))
     return str(path)
-
-
-def _load_manifest(cfg: dict[str, Any]) -> datasets.Manifest:
-    path = cfg["dataset"]["path"]
-    if path is None:
-        path = ensure_demo_dataset(cfg["home"])
-    return datasets.read_dataset(path)

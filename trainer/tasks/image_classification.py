@@ -1,0 +1,77 @@
+"""Image classification: a folder per label or AutoML's CSV; a torchvision classifier."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from trainer import data as datasets
+from trainer.backbones import build_backbone
+from trainer.demo_data import ensure_demo_dataset
+from trainer.evaluate import Evaluation, classification_evaluation, score_batches
+from trainer.images import LabelledImages, eval_transform, make_loader, make_loaders
+from trainer.module import ImageClassifier
+from trainer.tasks import Loaders
+
+log = logging.getLogger("trainer")
+
+
+class ImageClassification:
+    network_key = "backbone"
+
+    def read_manifest(self, cfg: dict[str, Any], for_training: bool = True) -> datasets.Manifest:
+        path = cfg["dataset"]["path"] or ensure_demo_dataset(cfg["home"])
+        return datasets.read_dataset(path, for_training=for_training)
+
+    def describe(self, manifest: datasets.Manifest) -> str:
+        return datasets.describe(manifest)
+
+    def loaders(self, manifest: datasets.Manifest, cfg: dict[str, Any], job: Any) -> Loaders:
+        # A decoded-image cache is built here when data.cache asks for one: billed like all work.
+        loaders = make_loaders(
+            manifest, cfg, job.meter.remaining_seconds(), lambda: job.stop.reason is not None
+        )
+        seconds = loaders.cache.build_seconds
+        if seconds:
+            log.info("image cache: %.1f s (%.1f milli-node-hours) of this training's cost went "
+                     "to building it", seconds, seconds * job.nodes / 3.6)  # fmt: skip
+        return Loaders(
+            loaders.train, loaders.val, loaders.test, {"cacheBuildSeconds": round(seconds, 3)}
+        )
+
+    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: bool) -> nn.Module:
+        return build_backbone(cfg["model"]["constructor"], len(labels), pretrained)
+
+    def module(self, network: nn.Module, labels: list[str], cfg: dict[str, Any]) -> Any:
+        optimizer = cfg["optimizer"]
+        return ImageClassifier(network, len(labels), optimizer["lr"], optimizer["weight_decay"])
+
+    def test_metrics(self, results: dict[str, float]) -> dict[str, float]:
+        return {"test_accuracy": results["test_accuracy"], "test_loss": results["test_loss"]}
+
+    def evaluation(
+        self, module: Any, manifest: datasets.Manifest, labels: list[str], model_name: str
+    ) -> Evaluation:
+        scores = torch.cat(module.test_scores).numpy()
+        targets = torch.cat(module.test_targets).numpy()
+        items = manifest.split(datasets.TEST)  # the TEST loader's order: it does not shuffle
+        return classification_evaluation(model_name, scores, targets, labels, items)
+
+    def evaluate_items(
+        self, network: nn.Module, cfg: dict[str, Any], items: list[datasets.Item],
+        labels: list[str], model_name: str,
+    ) -> Evaluation:  # fmt: skip
+        transform = eval_transform(
+            cfg["model"]["input_size"], cfg["data"]["mean"], cfg["data"]["std"]
+        )
+        loader = make_loader(LabelledImages(items, labels, transform), 64, 0, False, 0)
+        scores, targets = score_batches(network, loader)
+        return classification_evaluation(model_name, scores, targets, labels, items)
+
+    def example_input(self, loader: DataLoader) -> np.ndarray:
+        return next(iter(loader))[0][:2].float().numpy()

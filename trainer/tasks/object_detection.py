@@ -1,0 +1,141 @@
+"""Object detection: AutoML's detection CSV (boxes in [0, 1]); a torchvision detector."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from trainer.data import TEST, TRAIN, VALIDATE
+from trainer.demo_detection import ensure_demo_detection_dataset
+from trainer.detection_data import (
+    DetectionItem,
+    DetectionManifest,
+    describe,
+    read_detection_dataset,
+)
+from trainer.detection_images import (
+    DetectionImages,
+    detection_eval_transform,
+    detection_train_transform,
+    make_detection_loader,
+)
+from trainer.detection_module import ObjectDetector, normalized_detections
+from trainer.detectors import build_detector
+from trainer.evaluate import Evaluation, named
+from trainer.tasks import Loaders
+
+GRID_IMAGES = 8
+
+
+def detection_loader(
+    items: list[DetectionItem], labels: list[str], cfg: dict[str, Any], train: bool
+) -> DataLoader:
+    size, data = cfg["model"]["input_size"], cfg["data"]
+    transform = (
+        detection_train_transform(size, bool(data["horizontal_flip"]))
+        if train
+        else detection_eval_transform(size)
+    )
+    images = DetectionImages(items, labels, transform)
+    return make_detection_loader(
+        images, int(data["batch_size"]), int(data["num_workers"]), train, int(cfg["seed"])
+    )
+
+
+def detection_evaluation(
+    model_name: str,
+    predictions: list[dict[str, Any]],
+    truths: list[dict[str, Any]],
+    labels: list[str],
+    items: list[DetectionItem],
+) -> Evaluation:
+    from evaluation.detection import METRICS_KEY, detection_evaluations, mean_average_precision
+
+    resources = named(model_name, detection_evaluations(predictions, truths, labels))
+
+    def plots(folder):
+        from PIL import Image
+
+        from evaluation.detection_plots import detection_grid_png, detection_precision_recall_png
+
+        shown = items[:GRID_IMAGES]
+        images = []
+        for item in shown:
+            with Image.open(item.path) as image:
+                images.append(np.asarray(image.convert("RGB")))
+        count = len(shown)
+        return [
+            detection_precision_recall_png(resources, folder / "precision_recall.png"),
+            detection_grid_png(images, truths[:count], predictions[:count], labels,
+                               folder / "test_boxes.png"),
+        ]  # fmt: skip
+
+    overall = resources[0]
+    figures = {
+        "mAP": overall[METRICS_KEY]["boundingBoxMeanAveragePrecision"],
+        "mAP@0.5": mean_average_precision(overall, 0.5),
+        "boxes": float(overall[METRICS_KEY]["evaluatedBoundingBoxCount"]),
+    }
+    return Evaluation(resources, figures, plots)
+
+
+class ObjectDetection:
+    network_key = "detector"
+
+    def read_manifest(self, cfg: dict[str, Any], for_training: bool = True) -> DetectionManifest:
+        path = cfg["dataset"]["path"] or ensure_demo_detection_dataset(cfg["home"])
+        return read_detection_dataset(path, min_labels=2 if for_training else 1)
+
+    def describe(self, manifest: DetectionManifest) -> str:
+        return describe(manifest)
+
+    def loaders(self, manifest: DetectionManifest, cfg: dict[str, Any], job: Any) -> Loaders:
+        labels = manifest.labels
+        return Loaders(
+            detection_loader(manifest.split(TRAIN), labels, cfg, train=True),
+            detection_loader(manifest.split(VALIDATE), labels, cfg, train=False),
+            detection_loader(manifest.split(TEST), labels, cfg, train=False),
+        )
+
+    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: bool) -> nn.Module:
+        model, data = cfg["model"], cfg["data"]
+        return build_detector(
+            model["constructor"], len(labels), model["input_size"], pretrained,
+            data["mean"], data["std"],
+        )  # fmt: skip
+
+    def module(self, network: nn.Module, labels: list[str], cfg: dict[str, Any]) -> Any:
+        optimizer = cfg["optimizer"]
+        return ObjectDetector(network, len(labels), optimizer["lr"], optimizer["weight_decay"])
+
+    def test_metrics(self, results: dict[str, float]) -> dict[str, float]:
+        return {key: results[key] for key in ("test_map", "test_map_50", "test_map_75")}
+
+    def evaluation(
+        self, module: Any, manifest: DetectionManifest, labels: list[str], model_name: str
+    ) -> Evaluation:
+        items = manifest.split(TEST)  # the TEST loader's order: it does not shuffle
+        return detection_evaluation(
+            model_name, module.test_predictions, module.test_targets, labels, items
+        )
+
+    def evaluate_items(
+        self, network: nn.Module, cfg: dict[str, Any], items: list[DetectionItem],
+        labels: list[str], model_name: str,
+    ) -> Evaluation:  # fmt: skip
+        predictions, truths = [], []
+        network.eval()
+        with torch.inference_mode():
+            for images, targets in detection_loader(items, labels, cfg, train=False):
+                for image, output, target in zip(images, network(images), targets, strict=True):
+                    height, width = image.shape[-2:]
+                    predictions.append(normalized_detections(output, height, width))
+                    truths.append(normalized_detections(target, height, width))
+        return detection_evaluation(model_name, predictions, truths, labels, items)
+
+    def example_input(self, loader: DataLoader) -> Any:
+        return None  # a detector takes a list of images: MLflow logs it without a signature

@@ -1,0 +1,94 @@
+"""Video classification: AutoML's video CSV of labelled segments; clips from each segment."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from trainer.data import TEST, TRAIN, VALIDATE
+from trainer.demo_videos import ensure_demo_videos
+from trainer.evaluate import Evaluation, classification_evaluation, score_batches
+from trainer.tasks import Loaders
+from trainer.video_backbones import build_video_backbone
+from trainer.video_clips import ClipSpec, VideoClips, make_clip_loader
+from trainer.video_data import Segment, VideoManifest, describe, read_video_dataset
+from trainer.video_module import VideoClassifier
+
+DEMO_VIDEOS_PER_LABEL = 24
+
+
+def clip_spec(cfg: dict[str, Any]) -> ClipSpec:
+    model, data = cfg["model"], cfg["data"]
+    return ClipSpec(
+        int(model["frames_per_clip"]),
+        int(model["frame_stride"]),
+        (int(model["input_size"][0]), int(model["input_size"][1])),
+        tuple(data["mean"]),
+        tuple(data["std"]),
+    )
+
+
+def clip_loader(
+    segments: list[Segment], labels: list[str], cfg: dict[str, Any], train: bool
+) -> DataLoader:
+    data = cfg["data"]
+    clips = VideoClips(
+        segments, labels, clip_spec(cfg), train,
+        1 if train else int(data.get("eval_clips_per_segment", 1)),
+    )  # fmt: skip
+    return make_clip_loader(clips, int(data["batch_size"]), int(data["num_workers"]), train,
+                            int(cfg["seed"]))  # fmt: skip
+
+
+class VideoClassification:
+    network_key = "backbone"
+
+    def read_manifest(self, cfg: dict[str, Any], for_training: bool = True) -> VideoManifest:
+        # A video dataset is always checked as for training: its splits are by video.
+        path = cfg["dataset"]["path"] or ensure_demo_videos(cfg["home"], DEMO_VIDEOS_PER_LABEL)
+        return read_video_dataset(path)
+
+    def describe(self, manifest: VideoManifest) -> str:
+        return describe(manifest)
+
+    def loaders(self, manifest: VideoManifest, cfg: dict[str, Any], job: Any) -> Loaders:
+        labels = manifest.labels
+        return Loaders(
+            clip_loader(manifest.split(TRAIN), labels, cfg, train=True),
+            clip_loader(manifest.split(VALIDATE), labels, cfg, train=False),
+            clip_loader(manifest.split(TEST), labels, cfg, train=False),
+        )
+
+    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: bool) -> nn.Module:
+        return build_video_backbone(cfg["model"]["constructor"], len(labels), pretrained)
+
+    def module(self, network: nn.Module, labels: list[str], cfg: dict[str, Any]) -> Any:
+        optimizer = cfg["optimizer"]
+        return VideoClassifier(network, len(labels), optimizer["lr"], optimizer["weight_decay"])
+
+    def test_metrics(self, results: dict[str, float]) -> dict[str, float]:
+        return {"test_accuracy": results["test_accuracy"], "test_loss": results["test_loss"]}
+
+    def evaluation(
+        self, module: Any, manifest: VideoManifest, labels: list[str], model_name: str
+    ) -> Evaluation:
+        scores = torch.cat(module.test_scores).numpy()
+        targets = torch.cat(module.test_targets).numpy()
+        return classification_evaluation(model_name, scores, targets, labels)
+
+    def evaluate_items(
+        self, network: nn.Module, cfg: dict[str, Any], items: list[Segment],
+        labels: list[str], model_name: str,
+    ) -> Evaluation:  # fmt: skip
+        scores, targets = score_batches(
+            VideoClassifier(network, len(labels), 0.0, 0.0).eval(),
+            clip_loader(items, labels, cfg, train=False),
+        )
+        return classification_evaluation(model_name, scores, targets, labels)
+
+    def example_input(self, loader: DataLoader) -> Any:
+        batch = next((b for b in loader if b is not None), None)
+        return None if batch is None else batch[0][:2].float().numpy()

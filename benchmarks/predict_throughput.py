@@ -24,7 +24,7 @@ from PIL import Image
 from trainer.backbones import build_backbone
 from trainer.demo_data import LABELS, write_shapes
 from trainer.images import eval_transform
-from trainer.predict import BATCH_SIZE, default_workers, predict_images
+from trainer.predict import BATCH_SIZE, classification_records, default_workers, predict_images
 from trainer.settings import CONF_DIR
 
 
@@ -38,7 +38,8 @@ def bare_forward(network: torch.nn.Module, pixels: torch.Tensor) -> float:
 
 def whole_job(network, paths: list[str], folder: Path, transform, workers: int) -> float:
     out = Path(tempfile.mkdtemp(dir=folder))
-    result = predict_images(network, paths, folder, LABELS, transform, out, workers=workers)
+    records = classification_records(network, LABELS, threshold=0.5)
+    result = predict_images(records, paths, folder, transform, out, workers=workers)
     return result.predicted / result.seconds
 
 
@@ -66,8 +67,10 @@ def main() -> None:
         for _ in range(args.rounds):  # interleaved: these VMs' speed drifts between phases
             bare.append(bare_forward(network, pixels))
             job.append(whole_job(network, paths, folder, transform, args.workers))
-    print(f"model type {cfg.model.type} ({cfg.model.constructor}, {list(cfg.model.input_size)} px), "
-          f"{len(paths)} images, {args.workers} decoding workers, {torch.get_num_threads()} threads")  # fmt: skip
+    model = cfg.model
+    print(f"model type {model.type} ({model.constructor}, {list(model.input_size)} px), "
+          f"{len(paths)} images, {args.workers} decoding workers, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
     print(f"bare forward, decoded in memory: {statistics.median(bare):8.1f} images/s (median)")
     print(f"predict, files to JSONL:         {statistics.median(job):8.1f} images/s (median)")
     print(f"ratio: {statistics.median(job) / statistics.median(bare):.2f} (target >= 0.7)")

@@ -61,6 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--score-threshold", type=float, default=0.5)
     predict.add_argument("--shard-size", type=int, default=1000, help="images per JSONL file")
     predict.add_argument("--workers", type=int, default=None, help="decoding processes")
+    detection = predict.add_argument_group("object detection models")
+    detection.add_argument("--max-bounding-box-count", type=int, default=100)
+    video = predict.add_argument_group(
+        "video models (input CSV: path,start_seconds,end_seconds; output video_classification.csv)"
+    )
+    video.add_argument(
+        "--segment-classification", action=argparse.BooleanOptionalAction, default=True,
+        help="classify each input segment as a whole (default: on)",
+    )  # fmt: skip
+    video.add_argument("--shot-classification", action="store_true", help="classify each shot")
+    video.add_argument(
+        "--1s-interval-classification", dest="one_second_interval_classification",
+        action="store_true", help="classify each 1-second window",
+    )  # fmt: skip
 
     operations = resources.add_parser("operations", help="trainings").add_subparsers(
         dest="verb", required=True
@@ -246,8 +260,8 @@ def predict(catalog: Any, args: argparse.Namespace) -> None:
     args.workers = default_workers() if args.workers is None else args.workers
     result = run_batch_prediction(catalog, args)
     print(
-        f"predicted {result.predicted} images, {result.failed} failed, in {result.seconds:.1f} s "
-        f"({result.predicted / max(result.seconds, 1e-9):.1f} images/s)",
+        f"predicted {result.predicted} inputs, {result.failed} failed, in {result.seconds:.1f} s "
+        f"({result.predicted / max(result.seconds, 1e-9):.1f} per second)",
         file=sys.stderr,
     )
     print(result.folder)

@@ -196,23 +196,50 @@ class PredictionResult:
     seconds: float
 
 
+Records = Callable[[Any, list[str]], list[dict[str, Any]]]  # (pixels, IDs) -> JSONL records
+
+
+def classification_records(network: Any, labels: Sequence[str], threshold: float) -> Records:
+    def records(pixels: Any, ids: list[str]) -> list[dict[str, Any]]:
+        scores = network(pixels).float().softmax(dim=1).numpy()
+        pairs = zip(ids, scores, strict=True)
+        return [classification_record(i, row, labels, threshold) for i, row in pairs]
+
+    return records
+
+
+def detection_records(
+    network: Any, labels: Sequence[str], threshold: float, max_boxes: int
+) -> Records:
+    from trainer.detection_module import ServingDetector
+    from trainer.detection_predict import record_from_rows
+
+    serving = ServingDetector(network.eval())
+
+    def records(pixels: Any, ids: list[str]) -> list[dict[str, Any]]:
+        rows = serving(pixels).numpy()
+        pairs = zip(ids, rows, strict=True)
+        return [record_from_rows(i, r, labels, threshold, max_boxes) for i, r in pairs]
+
+    return records
+
+
 def predict_images(
-    network: Any,
+    records: Records,
     paths: Sequence[str],
     base: Path,
-    labels: Sequence[str],
     transform: Callable,
     folder: Path,
-    score_threshold: float = 0.5,
+    results_prefix: str = RESULTS_PREFIX,
     shard_size: int = 1000,
     workers: int = 2,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> PredictionResult:
-    """Run ``network`` over every image; write results and errors; fail if nothing succeeded."""
+    """Run the model over every image; write results and errors; fail if nothing succeeded."""
     import torch
 
     started = time.monotonic()
-    results = ShardedJsonl(folder, RESULTS_PREFIX, shard_size)
+    results = ShardedJsonl(folder, results_prefix, shard_size)
     errors = ShardedJsonl(folder, ERRORS_PREFIX, shard_size)
     first_error = ""
     done = 0
@@ -222,10 +249,8 @@ def predict_images(
                 good = [item for item in batch if item.pixels is not None]
                 if good:
                     pixels = torch.stack([item.pixels for item in good])
-                    scores = network(pixels).float().softmax(dim=1).numpy()
-                    for item, row in zip(good, scores, strict=True):
-                        image_id = paths[item.index]
-                        results.write(classification_record(image_id, row, labels, score_threshold))
+                    for record in records(pixels, [paths[item.index] for item in good]):
+                        results.write(record)
                 for item in batch:
                     if item.pixels is None:
                         errors.write(error_record(paths[item.index], item.code, item.message))
@@ -253,7 +278,7 @@ def default_workers() -> int:
 def run_batch_prediction(catalog: Any, args: Any) -> PredictionResult:
     """`python -m trainer predict`: an operation with batchPredictDetails, recorded in MLflow."""
     from trainer.resources import Operation, new_id
-    from trainer.stored_model import load_network, trained_model
+    from trainer.stored_model import trained_model
 
     if not 0.0 <= args.score_threshold <= 1.0:
         raise UserError(f"--score-threshold {args.score_threshold} must be within [0, 1]")
@@ -261,7 +286,6 @@ def run_batch_prediction(catalog: Any, args: Any) -> PredictionResult:
         raise UserError(f"--shard-size {args.shard_size} must be at least 1")
     trained = trained_model(catalog, args.id, "prediction")
     input_csv = Path(args.input).expanduser().resolve()
-    paths = read_input_csv(input_csv)
     folder = output_folder(Path(args.output).expanduser().resolve(), trained.model["displayName"])
     details = {
         "inputConfig": {"source": str(input_csv)},
@@ -276,11 +300,7 @@ def run_batch_prediction(catalog: Any, args: Any) -> PredictionResult:
     progress = ProgressLine(operation, lambda: store.publish_operation(
         run_id, operation.resource, "RUNNING"))  # fmt: skip
     try:
-        result = predict_images(
-            load_network(trained), paths, input_csv.parent, trained.labels,
-            trained.transform(), folder, args.score_threshold, args.shard_size,
-            args.workers, progress,
-        )  # fmt: skip
+        result = _predict(trained, args, input_csv, folder, progress)
     except BaseException as error:
         operation.fail(3 if isinstance(error, UserError) else 13, str(error))
         store.publish_operation(run_id, operation.resource, "FAILED")
@@ -292,6 +312,65 @@ def run_batch_prediction(catalog: Any, args: Any) -> PredictionResult:
     store.publish_operation(run_id, operation.resource, "SUCCEEDED")
     store.end_run(run_id)
     return result
+
+
+def _predict(
+    trained: Any, args: Any, input_csv: Path, folder: Path, progress: Callable[[int, int], None]
+) -> PredictionResult:
+    """The task's own prediction: images to JSONL shards, or videos to JSON files and a CSV."""
+    from trainer.stored_model import load_network
+
+    task, cfg, labels = trained.config["task"]["name"], trained.config, trained.labels
+    network = load_network(trained)
+    if task == "video_classification":
+        return _predict_videos(network, cfg, labels, args, input_csv, folder, progress)
+    paths = read_input_csv(input_csv)
+    if task == "object_detection":
+        from trainer.detection_images import detection_eval_transform
+        from trainer.detection_predict import OUTPUT_PREFIX, check_detection_options
+
+        check_detection_options(args.score_threshold, args.max_bounding_box_count)
+        records = detection_records(
+            network, labels, args.score_threshold, args.max_bounding_box_count
+        )
+        transform, prefix = detection_eval_transform(cfg["model"]["input_size"]), OUTPUT_PREFIX
+    else:
+        records = classification_records(network, labels, args.score_threshold)
+        transform, prefix = trained.transform(), RESULTS_PREFIX
+    return predict_images(
+        records, paths, input_csv.parent, transform, folder, prefix, args.shard_size,
+        args.workers, progress,
+    )  # fmt: skip
+
+
+def _predict_videos(
+    network: Any, cfg: dict[str, Any], labels: list[str], args: Any, input_csv: Path,
+    folder: Path, progress: Callable[[int, int], None],
+) -> PredictionResult:  # fmt: skip
+    from trainer.tasks.video_classification import clip_spec
+    from trainer.video_predict import PredictOptions, predict_videos, read_prediction_csv
+
+    if not input_csv.is_file():
+        raise UserError(f"--input {input_csv}: no such file")
+    options = PredictOptions(
+        segment_classification=args.segment_classification,
+        shot_classification=args.shot_classification,
+        one_second_interval_classification=args.one_second_interval_classification,
+        score_threshold=args.score_threshold,
+    )
+
+    def probabilities(clips: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return network(clips).float().softmax(dim=1)
+
+    result = predict_videos(
+        read_prediction_csv(input_csv), input_csv.parent, probabilities, labels, clip_spec(cfg),
+        folder, options, args.workers, progress,
+    )  # fmt: skip
+    files = [result.csv_path, *result.json_files]
+    return PredictionResult(folder, result.predicted, result.failed, files, [], result.seconds)
 
 
 class ProgressLine:

@@ -79,7 +79,7 @@ def load_network(trained: TrainedModel) -> nn.Module:
     task = task_of(trained.config)
     network = task.network(trained.config, trained.labels, pretrained=False)
     checkpoint = torch.load(trained.checkpoint, map_location="cpu", weights_only=False)
-    prefix = f"{task.network_key}."
+    prefix = "backbone."
     weights = {
         key.removeprefix(prefix): value
         for key, value in checkpoint["state_dict"].items()

@@ -293,7 +293,7 @@ def _train(job: Job) -> float:
     example = kind.example_input(test_loader)
     started = time.monotonic()
     store = job.store
-    logged = store.log_network(state.run_id, module.backbone.eval(), example)
+    logged = store.log_network(state.run_id, kind.serving(module.backbone.eval()), example)
     store.log_files(state.run_id, [Path(best_path)], "checkpoints")
     # The cost is measured once the network is logged; what follows is a few small writes.
     model = resource(job.meter.cost_milli_node_hours())

@@ -23,8 +23,7 @@ class Loaders:
 
 
 class Task(Protocol):
-    # The key under which the LightningModule holds the network, in checkpoints.
-    network_key: str
+    """Every LightningModule holds its network as ``backbone``: checkpoints load alike."""
 
     def read_manifest(self, cfg: dict[str, Any], for_training: bool = True) -> Any:
         """The dataset of ``cfg`` (the generated demo one when no path is given): an object
@@ -52,6 +51,9 @@ class Task(Protocol):
 
     def example_input(self, loader: DataLoader) -> Any:
         """A small input batch for logging the network to MLflow (None: log without one)."""
+
+    def serving(self, network: nn.Module) -> nn.Module:
+        """The network as MLflow logs it for `mlflow models serve`."""
 
 
 def task_of(cfg: dict[str, Any]) -> Task:

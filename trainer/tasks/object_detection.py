@@ -23,7 +23,7 @@ from trainer.detection_images import (
     detection_train_transform,
     make_detection_loader,
 )
-from trainer.detection_module import ObjectDetector, normalized_detections
+from trainer.detection_module import ObjectDetector, ServingDetector, normalized_detections
 from trainer.detectors import build_detector
 from trainer.evaluate import Evaluation, named
 from trainer.tasks import Loaders
@@ -84,11 +84,9 @@ def detection_evaluation(
 
 
 class ObjectDetection:
-    network_key = "detector"
-
     def read_manifest(self, cfg: dict[str, Any], for_training: bool = True) -> DetectionManifest:
         path = cfg["dataset"]["path"] or ensure_demo_detection_dataset(cfg["home"])
-        return read_detection_dataset(path, min_labels=2 if for_training else 1)
+        return read_detection_dataset(path, for_training=for_training)
 
     def describe(self, manifest: DetectionManifest) -> str:
         return describe(manifest)
@@ -138,4 +136,9 @@ class ObjectDetection:
         return detection_evaluation(model_name, predictions, truths, labels, items)
 
     def example_input(self, loader: DataLoader) -> Any:
-        return None  # a detector takes a list of images: MLflow logs it without a signature
+        images, _ = next(iter(loader))
+        return torch.stack(images[:2]).numpy()  # resized alike: they stack
+
+    def serving(self, network: nn.Module) -> nn.Module:
+        """One tensor in, one out, as MLflow's pyfunc serving needs."""
+        return ServingDetector(network)

@@ -44,8 +44,6 @@ def clip_loader(
 
 
 class VideoClassification:
-    network_key = "backbone"
-
     def read_manifest(self, cfg: dict[str, Any], for_training: bool = True) -> VideoManifest:
         # A video dataset is always checked as for training: its splits are by video.
         path = cfg["dataset"]["path"] or ensure_demo_videos(cfg["home"], DEMO_VIDEOS_PER_LABEL)
@@ -92,3 +90,6 @@ class VideoClassification:
     def example_input(self, loader: DataLoader) -> Any:
         batch = next((b for b in loader if b is not None), None)
         return None if batch is None else batch[0][:2].float().numpy()
+
+    def serving(self, network: nn.Module) -> nn.Module:
+        return network

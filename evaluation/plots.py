@@ -5,6 +5,7 @@ matplotlib with the Agg backend: no display is needed, and nothing is shown.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,9 +38,11 @@ def precision_recall_png(
 
 
 def _curve(axes, scores: np.ndarray, truth: np.ndarray, name: str, linewidth: float) -> None:
-    precision, recall, _ = binary_precision_recall_curve(
-        torch.from_numpy(scores), torch.from_numpy(truth)
-    )
+    with warnings.catch_warnings():  # a label absent from the examples: a flat, honest curve
+        warnings.filterwarnings("ignore", "No positive samples")
+        precision, recall, _ = binary_precision_recall_curve(
+            torch.from_numpy(scores), torch.from_numpy(truth)
+        )
     axes.plot(recall.numpy(), precision.numpy(), label=name, linewidth=linewidth)
 
 

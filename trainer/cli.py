@@ -122,7 +122,11 @@ def models_list(catalog: Any, args: argparse.Namespace) -> None:
     from trainer.catalog import metadata_of
 
     terms = parse_filter(args.filter, ("task", "model_type", "display_name"))
-    tasks = {"imageClassificationModelMetadata": "image_classification"}
+    tasks = {
+        "imageClassificationModelMetadata": "image_classification",
+        "imageObjectDetectionModelMetadata": "object_detection",
+        "videoClassificationModelMetadata": "video_classification",
+    }
 
     def keep(model: dict[str, Any]) -> bool:
         fields = {

@@ -7,6 +7,9 @@ saves checkpoints, so it overshoots. This callback instead keeps, at every step,
 - the epoch boundary that any stop triggers (Lightning validates and checkpoints when
   ``should_stop`` is set mid-epoch, and does so anyway at an epoch's end),
 - the finalization after ``fit``: the evaluation on the TEST split and the saving of the model.
+  An evaluation pass is its batches plus the work at its end (a detector's mean average
+  precision is computed over the whole split there); that end-of-pass work is measured on
+  validation and reserved twice, for the TEST pass and for the evaluation resources.
 
 Each is measured as training goes; before the first measurement it is derived from the others.
 """
@@ -34,11 +37,14 @@ class BudgetStopping(Callback):
         self.step = WorkEstimator(safety_factor=safety_factor, warmup_samples=1)
         self.eval_batch = WorkEstimator(safety_factor=safety_factor)
         self.boundary = WorkEstimator(safety_factor=safety_factor)
+        self.eval_epoch_end = WorkEstimator(safety_factor=safety_factor)
         self.stopped_by_budget = False
         self.steps_done = 0
         self._step_started: float | None = None
         self._last_step_ended: float | None = None
         self._eval_batch_started: float | None = None
+        self._eval_started: float | None = None
+        self._eval_batches_seconds = 0.0
         self._epoch_ended = False
 
     # -- estimates -------------------------------------------------------------------------
@@ -48,7 +54,8 @@ class BudgetStopping(Callback):
         return self.eval_batch.estimate(prior_seconds=self.step.estimate())
 
     def finalize_estimate(self) -> float:
-        return self.final_eval_batches * self.eval_batch_estimate() + self.save_seconds
+        batches = self.final_eval_batches * self.eval_batch_estimate()
+        return batches + 2 * self.eval_epoch_end.estimate(prior_seconds=0.0) + self.save_seconds
 
     def boundary_estimate(self, val_batches: int) -> float:
         prior = val_batches * self.eval_batch_estimate() + self.save_seconds
@@ -94,6 +101,17 @@ class BudgetStopping(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_ended = True
 
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._eval_started = self.meter.clock()
+        self._eval_batches_seconds = 0.0
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Callbacks' on_validation_end runs after the module's epoch-end work.
+        if self._eval_started is not None:
+            total = self.meter.clock() - self._eval_started
+            self.eval_epoch_end.record(max(total - self._eval_batches_seconds, 0.0))
+            self._eval_started = None
+
     def on_validation_batch_start(
         self,
         trainer: Trainer,
@@ -114,7 +132,9 @@ class BudgetStopping(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if self._eval_batch_started is not None:
-            self.eval_batch.record(self.meter.clock() - self._eval_batch_started)
+            seconds = self.meter.clock() - self._eval_batch_started
+            self.eval_batch.record(seconds)
+            self._eval_batches_seconds += seconds
 
     # -- decision --------------------------------------------------------------------------
 

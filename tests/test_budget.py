@@ -47,6 +47,7 @@ class Workload:
     save: float = 0.5
     setup: float = 1.0
     fetch: float = 0.0  # loading a batch, between one step's end and the next step's start
+    eval_end: float = 0.0  # work at the end of each evaluation pass (a detector's mAP)
 
 
 def simulate(budget: int, work: Workload, nodes: int = 1) -> tuple[BudgetMeter, BudgetStopping]:
@@ -60,10 +61,13 @@ def simulate(budget: int, work: Workload, nodes: int = 1) -> tuple[BudgetMeter, 
     trainer = FakeTrainer(work.val_batches)
 
     def validate(batches: int) -> None:
+        callback.on_validation_epoch_start(trainer, None)
         for index in range(batches):
             callback.on_validation_batch_start(trainer, None, None, index)
             clock.advance(work.val_batch)
             callback.on_validation_batch_end(trainer, None, None, None, index)
+        clock.advance(work.eval_end)
+        callback.on_validation_end(trainer, None)
 
     validate(1)  # Lightning's sanity check (num_sanity_val_steps=1)
     callback.on_train_start(trainer, None)
@@ -79,7 +83,8 @@ def simulate(budget: int, work: Workload, nodes: int = 1) -> tuple[BudgetMeter, 
         validate(work.val_batches)
         clock.advance(work.save)  # the epoch's checkpoint
         callback.on_train_epoch_end(trainer, None)
-    clock.advance(work.final_eval_batches * work.val_batch + work.save)
+    # The TEST pass, the evaluation computed from it (as long again as a pass's end), the save.
+    clock.advance(work.final_eval_batches * work.val_batch + 2 * work.eval_end + work.save)
     return meter, callback
 
 
@@ -129,6 +134,15 @@ def test_validation_slower_than_a_step() -> None:
     assert callback.stopped_by_budget
     assert meter.cost_milli_node_hours() <= 20
     assert callback.boundary.measured
+
+
+def test_work_at_the_end_of_evaluation_is_reserved_for_the_final_one() -> None:
+    # A detector: its mean average precision, computed once per pass, outweighs the batches.
+    work = Workload(step=lambda i: 0.2, val_batch=0.1, eval_end=3.0, steps_per_epoch=20)
+    meter, callback = simulate(20, work)
+    assert callback.stopped_by_budget
+    assert meter.cost_milli_node_hours() <= 20
+    assert callback.eval_epoch_end.estimate(prior_seconds=0.0) >= 3.0
 
 
 def test_single_step_longer_than_all_that_is_left() -> None:

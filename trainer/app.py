@@ -24,7 +24,9 @@ def train_job(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = list(HydraConfig.get().overrides.task)
     try:
-        validate(resolved)
+        if not resolved["resume_operation"]:
+            # A resumed operation is checked with its own config and bounds, in _continuation.
+            validate(resolved)
         if resolved["detach"]:
             return _detach(resolved, overrides, run_dir)
         start = None

@@ -29,7 +29,7 @@ def detection_precision_recall_png(
     evaluations: Sequence[Mapping[str, Any]], path: Path, iou_threshold: float = 0.5
 ) -> Path:
     """Curves of the overall evaluation (the first) and, with few labels, of each label."""
-    figure, axes = plt.subplots(figsize=(6, 5))
+    figure, axes = plt.subplots(figsize=(6, 5), layout="constrained")
     for index, evaluation in enumerate(evaluations):
         if index > MAX_CURVES:
             break
@@ -62,7 +62,10 @@ def detection_grid_png(
     count = max(len(images), 1)
     columns = min(columns, count)
     rows = -(-count // columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    # Constrained layout keeps each title clear of the image above and of the figure's title.
+    figure, grid = plt.subplots(
+        rows, columns, figsize=(3 * columns, 3.2 * rows + 0.4), squeeze=False, layout="constrained"
+    )
     for axes in grid.ravel():
         axes.axis("off")
     for axes, image, truth, prediction in zip(
@@ -115,7 +118,6 @@ def _draw(axes, box: np.ndarray, colour: str, style: str, text: str | None) -> N
 def _save(figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path

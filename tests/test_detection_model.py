@@ -33,6 +33,16 @@ WIDTH, HEIGHT = 100, 50
 BLOCK = Box("block", 0.2, 0.2, 0.4, 0.6)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread for these tests: on a busy 2-core machine two threads spin against
+    other processes, and a step of these small convolutions took 10 times longer."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def block_item(tmp_path_factory: pytest.TempPathFactory) -> DetectionItem:
     pixels = np.zeros((HEIGHT, WIDTH, 3), np.uint8)

@@ -37,8 +37,9 @@ class ObjectDetector(LightningModule):
         # key prefix (trainer/stored_model.py loads the network from them) and the job's
         # `module.backbone` means the whole network for either task.
         self.backbone = detector
-        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
-        self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+        # pycocotools, as evaluation/detection.py: the logged figures and the evaluation agree.
+        self.val_map = MeanAveragePrecision(box_format="xyxy", backend="pycocotools")
+        self.test_map = MeanAveragePrecision(box_format="xyxy", backend="pycocotools")
         self.test_predictions: list[Detections] = []
         self.test_targets: list[Detections] = []
         self.test_seconds = 0.0

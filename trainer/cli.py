@@ -188,22 +188,21 @@ def models_evaluations(catalog: Any, args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({"modelEvaluation": catalog.evaluation_resources(args.id)}, indent=2))
         return
+    summaries = catalog.evaluations(args.id)
+    standard = ("name", "createTime", "dataset", "evaluatedExampleCount")
+    # The headline figures are the task's own (accuracy and auPrc, or mAP), in stored order.
+    figures = [key for key in (summaries[0] if summaries else {}) if key not in standard]
     rows = [
         [
             summary["name"].rsplit("/", 1)[1],
             summary["createTime"][:19].replace("T", " "),
             summary["dataset"],
             summary["evaluatedExampleCount"],
-            f"{summary['accuracy']:.4f}",
-            f"{summary['auPrc']:.4f}",
-            f"{summary['auRoc']:.4f}",
-            f"{summary['logLoss']:.4f}",
+            *(f"{summary.get(key, float('nan')):.4f}" for key in figures),
         ]
-        for summary in catalog.evaluations(args.id)
+        for summary in summaries
     ]
-    headers = ["evaluation ID", "created (UTC)", "dataset", "examples", "accuracy", "auPrc",
-               "auRoc", "log loss"]  # fmt: skip
-    print_table(headers, rows)
+    print_table(["evaluation ID", "created (UTC)", "dataset", "examples", *figures], rows)
 
 
 def _quiet_logging() -> None:

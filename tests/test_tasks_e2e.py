@@ -1,0 +1,201 @@
+"""Object detection and video classification through the same job, CLI and store as images.
+
+The short runs here check the mechanism (budget, stop reason, IDs, evaluation, prediction,
+resume); the runs marked slow check that the models learn (run by `make test-all`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_json, run_dirs, run_trainer
+from tests.test_manage import cli
+from tests.test_resume import checkpoint_step, start_trainer, wait_for
+from trainer.data import TEST
+from trainer.demo_detection import write_detection_shapes
+from trainer.demo_videos import write_moving_videos
+from trainer.video_data import read_video_dataset
+
+SMALL_BUDGETS = [
+    "budget.min_milli_node_hours=1",
+    "early_stopping.patience=2",
+    "budget.save_reserve_seconds=8",  # larger networks than the image tests' to record
+]
+DETECTION = [
+    "task=object_detection",
+    "model.input_size=[64,64]",
+    "data.batch_size=4",
+    *SMALL_BUDGETS,
+]
+VIDEO = [
+    "task=video_classification",
+    "model.input_size=[32,32]",
+    "model.frames_per_clip=4",
+    "data.batch_size=8",
+    *SMALL_BUDGETS,
+]
+DETECTION_META = "imageObjectDetectionModelMetadata"
+VIDEO_META = "videoClassificationModelMetadata"
+
+
+@pytest.fixture(scope="module")
+def detection_csv(tmp_path_factory) -> Path:
+    return write_detection_shapes(tmp_path_factory.mktemp("det"), images=40, size=64, seed=3)
+
+
+@pytest.fixture(scope="module")
+def video_csv(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("videos")
+    return write_moving_videos(folder, per_label=4, size=32, fps=8, seconds=2.0, seed=2)
+
+
+def train(cwd: Path, home: Path, *args: str) -> tuple[dict, Path]:
+    result = run_trainer(*args, cwd=cwd, home=home, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = max(run_dirs(cwd), key=lambda d: d.stat().st_mtime)
+    return json.loads(result.stdout), run_dir
+
+
+def check_model(model: dict, meta_key: str, prefix: str, budget: int) -> None:
+    assert model["name"].startswith(f"models/{prefix}")
+    meta = model[meta_key]
+    assert meta["stopReason"] in ("MODEL_CONVERGED", "BUDGET_REACHED")
+    assert 0 < int(meta["trainCostMilliNodeHours"]) <= budget
+    assert meta["nodeQps"] > 0
+
+
+# -- object detection ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def detection_model(tmp_path_factory, trainer_home: Path, detection_csv: Path):
+    cwd = tmp_path_factory.mktemp("det_run")
+    budget = 12
+    model, run_dir = train(
+        cwd, trainer_home, *DETECTION, f"dataset.path={detection_csv}",
+        f"budget.train_budget_milli_node_hours={budget}", "display_name=boxes",
+    )  # fmt: skip
+    return cwd, run_dir, model, budget
+
+
+def test_detection_trains_evaluates_and_is_listed(detection_model) -> None:
+    cwd, run_dir, model, budget = detection_model
+    check_model(model, DETECTION_META, "IOD", budget)
+    assert "test_map_50" in read_json(run_dir / "metrics.json")
+    (evaluation_file,) = run_dir.glob("evaluations/*/evaluation.json")
+    overall = read_json(evaluation_file)[0]["imageObjectDetectionEvaluationMetrics"]
+    assert overall["evaluatedBoundingBoxCount"] > 0
+    assert (evaluation_file.parent / "test_boxes.png").is_file()
+    listing = cli("models", "list", "--filter", "task=object_detection", cwd=cwd)
+    assert model["name"].split("/")[1] in listing.stdout
+    evaluations = cli("models", "evaluations", model["name"], cwd=cwd)
+    assert "mAP@0.5" in evaluations.stdout
+
+
+def test_detection_batch_prediction(detection_model, detection_csv: Path) -> None:
+    cwd, _, model, _ = detection_model
+    images = sorted((detection_csv.parent / "images").glob("*.png"))[:3]
+    (cwd / "boxes.csv").write_text("\n".join(str(p) for p in images) + "\nmissing.png\n")
+    result = cli(
+        "predict", model["name"], "--input", "boxes.csv", "--output", "out",
+        "--score-threshold", "0", "--max-bounding-box-count", "2", cwd=cwd,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = Path(result.stdout.strip())
+    lines = (folder / "image_object_detection_1.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["ID"] for r in records] == [str(p) for p in images]
+    for record in records:
+        assert len(record["annotations"]) <= 2
+        for annotation in record["annotations"]:
+            (low, high) = annotation["imageObjectDetection"]["boundingBox"]["normalizedVertices"]
+            assert 0 <= low["x"] <= high["x"] <= 1 and 0 <= low["y"] <= high["y"] <= 1
+    errors = [json.loads(line) for line in (folder / "errors_1.jsonl").read_text().splitlines()]
+    assert errors[0]["ID"] == "missing.png" and errors[0]["errors"]["code"] == 5
+
+
+def test_detection_resumes_after_sigterm(tmp_path: Path, trainer_home: Path, detection_csv):
+    args = [
+        *DETECTION, f"dataset.path={detection_csv}", "budget.train_budget_milli_node_hours=20",
+        "budget.disable_early_stopping=true", "checkpoint.every_minutes=0.02",
+        "checkpoint.cost_flush_seconds=1",
+    ]  # fmt: skip
+    process = start_trainer(*args, cwd=tmp_path, home=trainer_home)
+    try:
+        wait_for(lambda: any(tmp_path.glob("runs/*/*/checkpoints/last.ckpt")), timeout=300)
+        (run_dir,) = run_dirs(tmp_path)
+        wait_for(lambda: read_json(run_dir / "state.json")["global_step"] >= 3, timeout=300)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    saved = checkpoint_step(run_dir / "checkpoints" / "last.ckpt")
+    operation = read_json(run_dir / "operation.json")["name"].split("/")[1]
+    assert operation.startswith("IOD")
+    # Early stopping may be switched back on when resuming; it ends the test sooner.
+    resumed = run_trainer(
+        f"resume_operation={operation}", "budget.disable_early_stopping=false",
+        cwd=tmp_path, home=trainer_home, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"global step {saved})" in resumed.stderr  # restored, not restarted
+    meta = read_json(run_dir / "model.json")[DETECTION_META]
+    assert int(meta["trainCostMilliNodeHours"]) <= 20  # both pieces within the one budget
+
+
+# -- video classification -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def video_model(tmp_path_factory, trainer_home: Path, video_csv: Path):
+    cwd = tmp_path_factory.mktemp("video_run")
+    budget = 10
+    model, run_dir = train(
+        cwd, trainer_home, *VIDEO, f"dataset.path={video_csv}",
+        f"budget.train_budget_milli_node_hours={budget}", "display_name=motion",
+    )  # fmt: skip
+    return cwd, run_dir, model, budget
+
+
+def test_video_trains_and_evaluates(video_model, video_csv: Path) -> None:
+    cwd, run_dir, model, budget = video_model
+    check_model(model, VIDEO_META, "VCN", budget)
+    (evaluation_file,) = run_dir.glob("evaluations/*/evaluation.json")
+    evaluation = read_json(evaluation_file)
+    assert evaluation[0]["classificationEvaluationMetrics"]["confusionMatrix"]["displayName"] == [
+        "down", "left", "right", "up",
+    ]  # fmt: skip
+    test_segments = read_video_dataset(video_csv).split(TEST)
+    assert evaluation[0]["evaluatedExampleCount"] == len(test_segments) > 0
+
+
+def test_video_batch_prediction_of_each_kind(video_model, video_csv: Path) -> None:
+    cwd, _, model, _ = video_model
+    video = sorted((video_csv.parent / "videos").glob("*.mp4"))[0]
+    (cwd / "clips.csv").write_text(f"{video},0,inf\n{video},0.5,1.5\nmissing.mp4,0,1\n")
+    result = cli(
+        "predict", model["name"], "--input", "clips.csv", "--output", "out",
+        "--score-threshold", "0", "--shot-classification", "--1s-interval-classification",
+        cwd=cwd,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = Path(result.stdout.strip())
+    rows = list(csv.reader((folder / "video_classification.csv").open()))
+    assert [row[:3] for row in rows] == [
+        [str(video), "0", "inf"], [str(video), "0.5", "1.5"], ["missing.mp4", "0", "1"],
+    ]  # fmt: skip
+    assert rows[0][4] == "OK" and rows[2][4].startswith("NOT_FOUND")
+    annotations = json.loads((folder / rows[0][3]).read_text())
+    kinds = {a["videoClassification"]["type"] for a in annotations}
+    assert kinds == {"segment", "shot", "1s_interval"}
+    one_second = [a for a in annotations if a["videoClassification"]["type"] == "1s_interval"]
+    assert {a["videoClassification"]["timeSegment"]["startTimeOffset"] for a in one_second} == {
+        "0s",
+        "1s",
+    }  # fmt: skip  (a 2-second video)

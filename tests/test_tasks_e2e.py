@@ -199,3 +199,73 @@ def test_video_batch_prediction_of_each_kind(video_model, video_csv: Path) -> No
         "0s",
         "1s",
     }  # fmt: skip  (a 2-second video)
+
+
+# -- learning, at the sizes the tasks are meant for (slow) -----------------------------------
+
+
+def untrained_map_50(run_dir: Path, cwd: Path) -> float:
+    """mAP@0.5 on the same TEST images of a detector as the job builds it, before training."""
+    import torch
+
+    from evaluation.detection import mean_average_precision
+    from trainer.data import TEST
+    from trainer.tasks.object_detection import ObjectDetection
+
+    torch.manual_seed(0)
+    cfg = read_json(run_dir / "state.json")["config"]
+    task = ObjectDetection()
+    manifest = task.read_manifest(cfg)
+    network = task.network(cfg, manifest.labels, pretrained=False)
+    evaluation = task.evaluate_items(
+        network, cfg, manifest.split(TEST), manifest.labels, "models/untrained"
+    )
+    return mean_average_precision(evaluation.resources[0], 0.5)
+
+
+def trained_map_50(run_dir: Path) -> float:
+    from evaluation.detection import mean_average_precision
+
+    (evaluation_file,) = run_dir.glob("evaluations/*/evaluation.json")
+    return mean_average_precision(read_json(evaluation_file)[0], 0.5)
+
+
+@pytest.mark.slow
+def test_detection_learns_on_the_generated_shapes(tmp_path: Path, trainer_home: Path) -> None:
+    model, run_dir = train(
+        tmp_path, trainer_home, "task=object_detection", "model.input_size=[128,128]",
+        "data.batch_size=8", "budget.min_milli_node_hours=1",
+        "budget.train_budget_milli_node_hours=150", "early_stopping.patience=3",
+    )  # fmt: skip
+    check_model(model, DETECTION_META, "IOD", 150)
+    trained, untrained = trained_map_50(run_dir), untrained_map_50(run_dir, tmp_path)
+    print(f"generated shapes: mAP@0.5 {trained:.3f} trained, {untrained:.3f} untrained")
+    assert trained > max(0.4, 5 * untrained)
+
+
+@pytest.mark.slow
+def test_detection_learns_on_real_photos(tmp_path: Path, trainer_home: Path) -> None:
+    from benchmarks.real_detection_dataset import build_real_detection_dataset
+
+    dataset = build_real_detection_dataset(tmp_path / "real", images=300, size=160)
+    model, run_dir = train(
+        tmp_path, trainer_home, "task=object_detection", f"dataset.path={dataset}",
+        "model.input_size=[160,160]", "data.batch_size=8", "budget.min_milli_node_hours=1",
+        "budget.train_budget_milli_node_hours=200", "early_stopping.patience=3",
+    )  # fmt: skip
+    check_model(model, DETECTION_META, "IOD", 200)
+    trained, untrained = trained_map_50(run_dir), untrained_map_50(run_dir, tmp_path)
+    print(f"real photos: mAP@0.5 {trained:.3f} trained, {untrained:.3f} untrained")
+    assert trained > max(0.3, 5 * untrained)
+
+
+@pytest.mark.slow
+def test_video_learns_far_above_chance(tmp_path: Path, trainer_home: Path) -> None:
+    model, run_dir = train(
+        tmp_path, trainer_home, "task=video_classification", "budget.min_milli_node_hours=1",
+        "budget.train_budget_milli_node_hours=150", "early_stopping.patience=3",
+    )  # fmt: skip
+    check_model(model, VIDEO_META, "VCN", 150)
+    accuracy = read_json(run_dir / "metrics.json")["test_accuracy"]
+    print(f"moving shapes: TEST accuracy {accuracy:.3f} (chance 0.25)")
+    assert accuracy >= 0.7

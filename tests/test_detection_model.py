@@ -267,6 +267,20 @@ def test_resumed_training_takes_the_configured_learning_rate(tmp_path: Path) -> 
     assert group["lr"] == 5e-4
 
 
+def test_detections_are_float32_under_bf16_autocast() -> None:
+    detector = build_detector("fasterrcnn_mobilenet_v3_large_320_fpn", 2, (64, 64))
+    module = ObjectDetector(detector, 2, lr=1e-3, weight_decay=0.0).eval()
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))]
+    with torch.no_grad():
+        exact = module.detect(images)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            raw = module(images)[0]
+            checked = module.detect(images)[0]
+    assert raw["boxes"].dtype == torch.bfloat16  # what torchvision gives under autocast
+    assert checked["boxes"].dtype == checked["scores"].dtype == torch.float32
+    assert torch.equal(checked["boxes"], exact["boxes"])
+
+
 def test_normalized_detections_scale_clip_and_shift_labels() -> None:
     output = {
         "boxes": torch.tensor([[10.0, 5.0, 110.0, 25.0]]),

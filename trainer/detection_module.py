@@ -47,6 +47,17 @@ class ObjectDetector(LightningModule):
     def forward(self, images: list[torch.Tensor]) -> list[Detections]:
         return self.backbone(images)
 
+    def detect(self, images: list[torch.Tensor]) -> list[Detections]:
+        """Detections in float32, even under the bf16 autocast that trains on GPUs.
+
+        torchvision decodes boxes in the dtype of the regression output: under bf16 they land
+        on bfloat16's grid, 2 pixels wide near pixel 300, which costs mAP at strict IoU. Weights
+        stay float32 in mixed precision, so evaluating without autocast is exact.
+        """
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            outputs = self.backbone([image.float() for image in images])
+        return [{key: _as_float(value) for key, value in out.items()} for out in outputs]
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
         losses = self.backbone(images, [_plain(t) for t in targets])
@@ -57,7 +68,7 @@ class ObjectDetector(LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         images, targets = batch
-        self.val_map.update(self(images), [_plain(t) for t in targets])
+        self.val_map.update(self.detect(images), [_plain(t) for t in targets])
 
     def on_validation_epoch_end(self) -> None:
         self._log_map("val", self.val_map, ("map", "map_50"))
@@ -68,7 +79,7 @@ class ObjectDetector(LightningModule):
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         images, targets = batch
-        outputs = self(images)
+        outputs = self.detect(images)
         self.test_map.update(outputs, [_plain(t) for t in targets])
         for image, output, target in zip(images, outputs, targets, strict=True):
             height, width = image.shape[-2:]
@@ -126,7 +137,9 @@ class ServingDetector(nn.Module):
         images = images.float()  # served JSON arrives as float64
         height, width = images.shape[-2:]
         rows = torch.full((len(images), self.max_detections, 6), -1.0)
-        for index, output in enumerate(self.detector(list(images))):
+        with torch.autocast(device_type=images.device.type, enabled=False):  # see detect()
+            outputs = self.detector(list(images))
+        for index, output in enumerate(outputs):
             found = normalized_detections(output, height, width)
             order = found["scores"].argsort(descending=True)[: self.max_detections]
             count = len(order)
@@ -145,6 +158,10 @@ def normalized_detections(output: Detections, height: int, width: int) -> Detect
     if "scores" in output:
         result["scores"] = output["scores"].detach().float().cpu()
     return result
+
+
+def _as_float(value: torch.Tensor) -> torch.Tensor:
+    return value.float() if value.is_floating_point() else value
 
 
 def _plain(target: dict) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ build resumed, the same batches with and without the cache, and the build's cost
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -51,8 +52,9 @@ def prepare(folder: Path, home: Path, mode: str = "on", **kwargs) -> image_cache
     defaults = {"max_gb": 1.0, "remaining_seconds": 3600.0}
     args = {**defaults, **kwargs}
     return image_cache.prepare_cache(
-        manifest, mode, args["max_gb"], SIZE, SCALE, home, args["remaining_seconds"]
-    )
+        manifest, mode, args["max_gb"], SIZE, SCALE, home, args["remaining_seconds"],
+        source=str(folder),
+    )  # fmt: skip
 
 
 def test_build_then_reuse_decodes_nothing(dataset: Path, tmp_path: Path, decodes) -> None:
@@ -192,7 +194,7 @@ def test_evaluation_batches_are_the_same_with_and_without_the_cache(
         next(iter(cached.train)),
         next(iter(plain.train)),
     )
-    assert images.dtype == torch.uint8 and images.shape[1:] == (3, 42, 42)
+    assert images.dtype == torch.uint8 and images.shape[1:] == (42, 42, 3)
     assert torch.equal(targets, plain_targets)
     assert source_hw.tolist()[0] == [32, 32]  # the tiny shapes are 32 pixels square
     plan = cached.train.dataset.device_plan
@@ -242,7 +244,7 @@ def test_device_crops_have_the_distribution_of_the_cpu_transform(
     # The cached path: the image stored at the TRAIN resolution (squashed to a square), then
     # cropped on the device, knowing its original size.
     pixels, hw = image_cache.decode(tmp_path / "coords.png", (42, 42))
-    cached = torch.from_numpy(pixels).permute(2, 0, 1).expand(draws, 3, 42, 42)
+    cached = torch.from_numpy(pixels).expand(draws, 42, 42, 3)
     source_hw = torch.tensor([hw] * draws)
     augment = DeviceAugment(SIZE, [0, 0, 0], [1, 1, 1], SCALE, True)
     generator = torch.Generator().manual_seed(1)
@@ -280,6 +282,23 @@ def test_a_build_that_would_not_fit_the_budget_stops_and_resumes_later(
     assert decodes == []
     assert list((home / "cache" / "images").glob(".*.staging"))  # kept for the next training
     assert prepare(dataset, home).cache is not None
+
+
+def test_auto_builds_only_what_can_finish_now_and_on_what_fits(
+    dataset: Path, tmp_path: Path, decodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workers = min(16, os.cpu_count() or 1)
+    # Before anything is measured, an image is taken to cost a second.
+    monkeypatch.setattr(image_cache, "SECONDS_PER_IMAGE_PRIOR", float(workers))
+    manifest = read_dataset(dataset)
+    total, first_chunk = len(manifest.items), min(image_cache.CHUNK, len(manifest.split(TRAIN)))
+    assert first_chunk < total
+    # The build may take half the budget left: more than the first chunk, less than the whole.
+    remaining = first_chunk + total
+    auto = prepare(dataset, tmp_path / "a", mode="auto", remaining_seconds=remaining)
+    assert auto.cache is None and decodes == []
+    on = prepare(dataset, tmp_path / "b", mode="on", remaining_seconds=remaining)
+    assert on.cache is not None  # the first chunk's real rate then lets the rest through
 
 
 def test_a_training_bills_the_cache_build(tmp_path: Path, tiny_shapes: Path) -> None:

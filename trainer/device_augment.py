@@ -38,7 +38,7 @@ class DevicePlan:
 
 
 class DeviceAugment:
-    """Random resized crop, horizontal flip and normalization of a uint8 NCHW batch."""
+    """Random resized crop, horizontal flip and normalization of a uint8 (B, H, W, 3) batch."""
 
     def __init__(
         self,
@@ -52,6 +52,9 @@ class DeviceAugment:
         self.mean, self.std = list(mean), list(std)
         self.scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.horizontal_flip = horizontal_flip
+        # Per device, made once: a tensor built from a list each step would be a blocking copy
+        # to the GPU, which would stop the CPU from running ahead of it.
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(
         self,
@@ -59,13 +62,21 @@ class DeviceAugment:
         source_hw: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """``images``: uint8 (B, 3, H, W); ``source_hw``: each original image's (height, width)."""
+        """``images``: uint8 (B, H, W, 3), as the cache stores them (so that pinning and copying
+        a batch are plain copies); ``source_hw``: each original image's (height, width).
+        Returns normalized float (B, 3, h, w) batches at the input size."""
+        images = images.permute(0, 3, 1, 2)  # a channels_last view: no copy
         boxes = crop_boxes(source_hw.to(images.device), self.scale, RATIO, generator)
         flips = torch.zeros(len(images), dtype=torch.bool, device=images.device)
         if self.horizontal_flip:
             flips = torch.rand(len(images), device=images.device, generator=generator) < 0.5
         cropped = resized_crop(images, boxes, flips, self.size)
-        return normalize(cropped, self.mean, self.std)
+        if images.device not in self._stats:
+            self._stats[images.device] = (
+                torch.tensor(self.mean, device=images.device),
+                torch.tensor(self.std, device=images.device),
+            )
+        return normalize(cropped, *self._stats[images.device])
 
 
 def crop_boxes(
@@ -149,10 +160,12 @@ def resized_crop(
     return sampled.round_().clamp_(0, 255).mul_(1.0 / 255)  # as v2.ToDtype scales
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(x - mean) / std per channel of a [0, 1] float batch."""
-    mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+def normalize(
+    images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """(x - mean) / std per channel of a [0, 1] float batch, in place."""
+    mean_t = torch.as_tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
     return images.sub_(mean_t).div_(std_t)
 
 

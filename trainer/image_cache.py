@@ -82,10 +82,16 @@ class Layout:
     input_size: tuple[int, int]
     train_size: tuple[int, int]
     keys: dict[str, list[str]] = field(hash=False)  # per split, the item keys in row order
-    source: str = ""  # the dataset's folder, to find stale caches of it
+    source: str = ""  # the dataset's path as the user gave it: its older caches are stale
 
     @classmethod
-    def of(cls, manifest: Manifest, input_size: Sequence[int], crop_scale: Sequence[float]):
+    def of(
+        cls,
+        manifest: Manifest,
+        input_size: Sequence[int],
+        crop_scale: Sequence[float],
+        source: str = "",
+    ) -> Layout:
         items = manifest.items
         return cls(
             fingerprint=manifest.fingerprint(),
@@ -93,7 +99,7 @@ class Layout:
             input_size=(int(input_size[0]), int(input_size[1])),
             train_size=train_resolution(input_size, crop_scale),
             keys={split: [i.key for i in manifest.split(split)] for split in SPLITS},
-            source=os.path.commonpath([str(i.path.parent.resolve()) for i in items]),
+            source=source,
         )
 
     @property
@@ -216,11 +222,14 @@ def build_cache(
     time_allowance: float = math.inf,
     should_stop: Callable[[], bool] = lambda: False,
     on_chunk: Callable[[int, int], None] | None = None,
+    whole_or_nothing: bool = False,
 ) -> BuildResult:
     """Decode what the staging folder lacks; rename it into place once complete.
 
     Stops early, keeping its progress for the next build, when ``should_stop`` says so or when
-    the rest would not fit in ``time_allowance`` seconds at the rate measured so far.
+    the next chunk would not fit in ``time_allowance`` seconds at the rate measured so far;
+    ``whole_or_nothing``: when all that is left would not fit, so that a build that cannot
+    finish in this training does not spend its budget.
     """
     root = cache_root(home)
     root.mkdir(parents=True, exist_ok=True)
@@ -233,33 +242,44 @@ def build_cache(
             return BuildResult(found, 0.0, 0, "")
         staging = _Staging(root / f".{layout.key}.staging", layout)
         paths = {item.key: item.path for item in manifest.items}
-        decoded = _fill(staging, paths, started, time_allowance, should_stop, on_chunk)
+        limits = _Limits(started, time_allowance, whole_or_nothing, should_stop)
+        decoded = _fill(staging, paths, limits, on_chunk)
         seconds = time.monotonic() - started
         if not staging.complete():
             done = staging.done_images()
             return BuildResult(None, seconds, decoded, f"{done} of {staging.total} images built")
         cache = staging.publish(root / layout.key)
-    _remove_stale(root, layout)
+    if layout.source:
+        _remove_stale(root, layout)
     return BuildResult(cache, time.monotonic() - started, decoded, "")
+
+
+@dataclass
+class _Limits:
+    started: float
+    time_allowance: float
+    whole_or_nothing: bool
+    should_stop: Callable[[], bool]
+
+    def allow(self, staging: _Staging, chunk_images: int, decoded: int, workers: int) -> bool:
+        spent = time.monotonic() - self.started
+        rate = spent / decoded if decoded else SECONDS_PER_IMAGE_PRIOR / workers
+        left = staging.total - staging.done_images() if self.whole_or_nothing else chunk_images
+        return not self.should_stop() and spent + rate * left <= self.time_allowance
 
 
 def _fill(
     staging: _Staging,
     paths: dict[str, Path],
-    started: float,
-    time_allowance: float,
-    should_stop: Callable[[], bool],
+    limits: _Limits,
     on_chunk: Callable[[int, int], None] | None,
 ) -> int:
-    pending = staging.pending()
-    decoded, last_log = 0, started
+    decoded, last_log = 0, limits.started
     workers = min(16, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for index in pending:
+        for index in staging.pending():
             split, first, end = staging.chunks[index]
-            spent = time.monotonic() - started
-            rate = spent / decoded if decoded else SECONDS_PER_IMAGE_PRIOR / workers
-            if should_stop() or spent + rate * (end - first) > time_allowance:
+            if not limits.allow(staging, end - first, decoded, workers):
                 break
             keys = staging.layout.keys[split][first:end]
             size = staging.layout.size_of(split)
@@ -270,7 +290,7 @@ def _fill(
                 on_chunk(staging.done_images(), staging.total)
             if time.monotonic() - last_log > 5 or staging.complete():
                 last_log = time.monotonic()
-                _log_progress(staging, decoded, last_log - started)
+                _log_progress(staging, decoded, last_log - limits.started)
     return decoded
 
 
@@ -305,8 +325,11 @@ class _Staging:
         layout_path = self.directory / "layout.json"
         if layout_path.is_file() and self.progress_path.is_file():
             try:
+                progress = json.loads(self.progress_path.read_text())
+                # The same images, in chunks of the same size as when they were recorded.
                 same = json.loads(layout_path.read_text()) == self.layout.to_json()
-                done = set(json.loads(self.progress_path.read_text())["chunks"])
+                same = same and progress["chunk"] == CHUNK
+                done = set(progress["chunks"])
             except (OSError, ValueError, KeyError):
                 same, done = False, set()
             if same:
@@ -322,7 +345,7 @@ class _Staging:
             with (self.directory / f"{split}.hw").open("wb") as handle:
                 handle.truncate(len(self.layout.keys[split]) * 8)
         _write_json_durably(layout_path, self.layout.to_json())
-        _write_json_durably(self.progress_path, {"chunks": []})
+        _write_json_durably(self.progress_path, {"chunk": CHUNK, "chunks": []})
         return set()
 
     def pending(self) -> list[int]:
@@ -345,7 +368,7 @@ class _Staging:
         _pwrite_durably(self.directory / f"{split}.u8", pixels, first * pixels[0].nbytes)
         _pwrite_durably(self.directory / f"{split}.hw", hw, first * 8)
         self.done.add(index)
-        _write_json_durably(self.progress_path, {"chunks": sorted(self.done)})
+        _write_json_durably(self.progress_path, {"chunk": CHUNK, "chunks": sorted(self.done)})
 
     def publish(self, target: Path) -> ImageCache:
         index = {**self.layout.to_json(), "created": time.time()}
@@ -428,12 +451,20 @@ def prepare_cache(
     home: str | Path,
     remaining_seconds: float,
     should_stop: Callable[[], bool] = lambda: False,
+    source: str = "",
 ) -> CacheOutcome:
-    """Open the cache, or build it when ``data.cache`` and the budget and disk allow."""
+    """Open the cache, or build it when ``data.cache`` and the budget and disk allow.
+
+    ``source``, the dataset's path, lets a new build remove the caches of its older contents.
+    """
     mode = cache_mode(mode)
+    try:
+        max_gb = float(max_gb)
+    except (TypeError, ValueError):
+        raise UserError(f"data.cache_max_gb={max_gb!r} must be a number of gigabytes") from None
     if mode == "off":
         return CacheOutcome(None, None, 0.0, "data.cache=off")
-    layout = Layout.of(manifest, input_size, crop_scale)
+    layout = Layout.of(manifest, input_size, crop_scale, source)
     found = open_cache(home, layout)
     if found is not None:
         log.info("image cache: reading %s", found.directory)
@@ -445,7 +476,10 @@ def prepare_cache(
     gib = layout.nbytes() / 1024**3
     log.info("image cache: building %s (%.2f GiB)", cache_root(home) / layout.key, gib)
     allowance = BUILD_BUDGET_FRACTION * max(remaining_seconds, 0.0)
-    result = build_cache(manifest, layout, home, allowance, should_stop)
+    # auto builds only what can finish now; on builds what fits, and the next training resumes.
+    result = build_cache(
+        manifest, layout, home, allowance, should_stop, whole_or_nothing=mode == "auto"
+    )
     if result.cache is None:
         log.warning("image cache: not used by this training (%s; the next one resumes the "
                     "build)", result.note)  # fmt: skip
@@ -459,7 +493,7 @@ def _refusal(mode: str, layout: Layout, max_gb: float, home: str | Path) -> str:
     free = shutil.disk_usage(root).free
     if need > free - DISK_HEADROOM_BYTES:
         return f"it needs {need / 1e9:.1f} GB and the disk has {free / 1e9:.1f} GB free"
-    if mode == "auto" and need > float(max_gb) * 1e9:
+    if mode == "auto" and need > max_gb * 1e9:
         return (
             f"it needs {need / 1e9:.1f} GB, more than data.cache_max_gb={max_gb}; "
             "raise it or set data.cache=on"

@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -102,8 +103,9 @@ def make_loader(
 class CachedImages(Dataset):
     """One split's images read from the cache, a whole batch per read, in the manifest's order.
 
-    TRAIN batches are ``(uint8 images, targets, original sizes)`` for the device augmentation;
-    the others ``(normalized float images, targets)``, equal to the evaluation transform's.
+    TRAIN batches are ``(uint8 images (B, H, W, 3), targets, original sizes)`` for the device
+    augmentation; the others ``(normalized float images, targets)``, equal to the evaluation
+    transform's.
     """
 
     def __init__(
@@ -134,11 +136,11 @@ class CachedImages(Dataset):
         if self._array is None:
             self._array = self.split.open()
         rows = self.rows[np.asarray(indices, dtype=np.int64)]
-        # (B, H, W, 3) to (B, 3, H, W): a channels_last view, no copy.
-        images = torch.from_numpy(self._array[rows]).permute(0, 3, 1, 2)
+        images = torch.from_numpy(self._array[rows])  # (B, H, W, 3), contiguous
         targets = self.targets[torch.as_tensor(indices, dtype=torch.long)]
         if self.train:
             return images, targets, torch.from_numpy(self.split.source_hw[rows])
+        images = images.permute(0, 3, 1, 2)  # a channels_last view: no copy
         pixels = v2.functional.to_dtype_image(images, torch.float32, scale=True)
         pixels = v2.functional.normalize_image(pixels.contiguous(), self.mean, self.std)
         return pixels, targets
@@ -171,9 +173,11 @@ def make_loaders(
     size, mean, std = cfg["model"]["input_size"], data_cfg["mean"], data_cfg["std"]
     crop_scale, flip = data_cfg["crop_scale"], data_cfg["horizontal_flip"]
     # Keys added with the cache: an operation resumed from an older config goes without them.
+    dataset_path = (cfg.get("dataset") or {}).get("path")
     outcome = prepare_cache(
         manifest, data_cfg.get("cache", "off"), data_cfg.get("cache_max_gb", 0), size,
         crop_scale, cfg["home"], remaining_seconds, should_stop,
+        str(Path(dataset_path).expanduser().resolve()) if dataset_path else "demo",
     )  # fmt: skip
     accelerator = str(trainer_cfg["accelerator"])
     compile_ = bool(trainer_cfg.get("compile", False))

@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.conftest import FAST, REPO, read_json, run_dirs, run_trainer
 from trainer import image_cache
-from trainer.data import SPLITS, TRAIN, VALIDATE, read_dataset
+from trainer.data import TEST, TRAIN, VALIDATE, read_dataset
 from trainer.device_augment import DeviceAugment
 from trainer.images import CachedImages, LabelledImages, make_loaders, train_transform
 
@@ -60,7 +60,8 @@ def prepare(folder: Path, home: Path, mode: str = "on", **kwargs) -> image_cache
 def test_build_then_reuse_decodes_nothing(dataset: Path, tmp_path: Path, decodes) -> None:
     home = tmp_path / "home"
     first = prepare(dataset, home)
-    total = len(read_dataset(dataset).items)
+    manifest = read_dataset(dataset)
+    total = len(manifest.split(TRAIN)) + len(manifest.split(VALIDATE))  # TEST is not cached
     assert first.cache is not None and first.build_seconds > 0
     assert len(decodes) == total
     assert first.cache.directory.parent == home / "cache" / "images"
@@ -87,6 +88,15 @@ def test_off_and_a_small_allowance_build_nothing(dataset: Path, tmp_path: Path, 
         prepare(dataset, tmp_path / "d", mode="sometimes")
 
 
+def test_an_unusable_home_means_no_cache_not_a_failed_training(
+    dataset: Path, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    home.write_text("a file where the trainer home should be")
+    outcome = prepare(dataset, home, mode="on")
+    assert outcome.cache is None and "home" in outcome.note
+
+
 def test_a_dataset_change_makes_a_new_cache_and_drops_the_old(
     dataset: Path, tmp_path: Path, decodes
 ) -> None:
@@ -98,7 +108,8 @@ def test_a_dataset_change_makes_a_new_cache_and_drops_the_old(
     decodes.clear()
     new = prepare(dataset, home).cache
     assert new is not None and new.directory != old.directory
-    assert len(decodes) == len(read_dataset(dataset).items)
+    changed = read_dataset(dataset)
+    assert len(decodes) == len(changed.items) - len(changed.split(TEST))
     assert not old.directory.exists()  # the stale cache is gone
     # An image added: a new fingerprint, a new key.
     Image.new("RGB", (40, 40), (0, 0, 255)).save(dataset / "square" / "extra.png")
@@ -143,11 +154,11 @@ def test_a_killed_build_resumes_where_it_stopped(
 
     resumed = image_cache.build_cache(manifest, layout, home)
     assert resumed.cache is not None
-    assert len(decodes) == len(manifest.items) - KILL_AFTER
+    assert len(decodes) == len(manifest.items) - len(manifest.split(TEST)) - KILL_AFTER
     assert not staging.exists()
 
     fresh = image_cache.build_cache(manifest, layout, tmp_path / "fresh")
-    for split in SPLITS:
+    for split in image_cache.SPLITS:
         a, b = resumed.cache.split(split), fresh.cache.split(split)
         assert np.array_equal(a.open(), b.open()), split
         assert np.array_equal(a.source_hw, b.source_hw)
@@ -181,6 +192,7 @@ def test_evaluation_batches_are_the_same_with_and_without_the_cache(
     plain = loaders_for(dataset, tmp_path / "home", "off")
     assert isinstance(cached.val.dataset, CachedImages)
     assert isinstance(plain.val.dataset, LabelledImages)
+    assert isinstance(cached.test.dataset, LabelledImages)  # decoded: nodeQps includes it
     for with_cache, without in ((cached.val, plain.val), (cached.test, plain.test)):
         pairs = list(zip(with_cache, without, strict=True))
         for (images_a, targets_a), (images_b, targets_b) in pairs:
@@ -291,7 +303,8 @@ def test_auto_builds_only_what_can_finish_now_and_on_what_fits(
     # Before anything is measured, an image is taken to cost a second.
     monkeypatch.setattr(image_cache, "SECONDS_PER_IMAGE_PRIOR", float(workers))
     manifest = read_dataset(dataset)
-    total, first_chunk = len(manifest.items), min(image_cache.CHUNK, len(manifest.split(TRAIN)))
+    first_chunk = min(image_cache.CHUNK, len(manifest.split(TRAIN)))
+    total = len(manifest.split(TRAIN)) + len(manifest.split(VALIDATE))
     assert first_chunk < total
     # The build may take half the budget left: more than the first chunk, less than the whole.
     remaining = first_chunk + total

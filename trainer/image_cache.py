@@ -5,8 +5,9 @@ dataset decodes every image once, resized to the model's input size, into uint8 
 (N, H, W, 3) under ``<home>/cache/images/<key>/``; later trainings, sweeps and resumes on the
 same data read those instead. TRAIN images are stored larger than the input by a margin, so
 that the random resized crop done on the device (``device_augment``) still has the pixels it
-needs; VALIDATE and TEST images are stored exactly as the evaluation transform resizes them, so
-that evaluation reads the same tensors with or without the cache.
+needs; VALIDATE images are stored exactly as the evaluation transform resizes them, so that
+validation reads the same tensors with or without the cache. TEST images are not cached: they
+are read once, and the TEST pass measures the model's nodeQps, decoding included.
 
 The key is the dataset fingerprint (paths, labels, splits), a digest of the files' sizes and
 modification times (an image replaced in place is a new dataset), and both resolutions. A build
@@ -37,7 +38,7 @@ import numpy as np
 from PIL import Image
 from torchvision.transforms import v2
 
-from trainer.data import SPLITS, TRAIN, Item, Manifest
+from trainer.data import TRAIN, VALIDATE, Item, Manifest
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer")
@@ -46,6 +47,9 @@ VERSION = 1
 MAX_MARGIN = 1.5  # TRAIN images are stored at most this much larger than the input
 CHUNK = 128  # images decoded, written and recorded together
 MODES = ("auto", "on", "off")
+# The splits read at every epoch. TEST is read once, at the end, through the decoding path: the
+# model's nodeQps is measured on that pass and must include decoding, as serving does.
+SPLITS = (TRAIN, VALIDATE)
 # A build may use at most this share of the budget left when it starts: the training it is for
 # must still have most of its budget, and an unfinished build resumes in the next training.
 BUILD_BUDGET_FRACTION = 0.5
@@ -464,6 +468,28 @@ def prepare_cache(
         raise UserError(f"data.cache_max_gb={max_gb!r} must be a number of gigabytes") from None
     if mode == "off":
         return CacheOutcome(None, None, 0.0, "data.cache=off")
+    started = time.monotonic()
+    try:
+        return _open_or_build(
+            manifest, mode, max_gb, input_size, crop_scale, home, remaining_seconds,
+            should_stop, source,
+        )  # fmt: skip
+    except OSError as error:  # an unwritable home, a full disk: train without the cache
+        log.warning("image cache: not used, %s: %s", type(error).__name__, error)
+        return CacheOutcome(None, None, time.monotonic() - started, str(error))
+
+
+def _open_or_build(
+    manifest: Manifest,
+    mode: str,
+    max_gb: float,
+    input_size: Sequence[int],
+    crop_scale: Sequence[float],
+    home: str | Path,
+    remaining_seconds: float,
+    should_stop: Callable[[], bool],
+    source: str,
+) -> CacheOutcome:
     layout = Layout.of(manifest, input_size, crop_scale, source)
     found = open_cache(home, layout)
     if found is not None:

@@ -3,10 +3,10 @@
 Evaluation and prediction resize the whole image to the model's input size (no crop), scale to
 [0, 1] and normalize; exported models document the same rule.
 
-With the decoded-image cache (``image_cache``), the same three loaders read its memory-mapped
-arrays instead: TRAIN batches stay uint8 and are cropped, flipped and normalized on the device
-(``device_augment``); VALIDATE and TEST batches are normalized here, into the very tensors the
-evaluation transform makes.
+With the decoded-image cache (``image_cache``), the TRAIN and VALIDATE loaders read its
+memory-mapped arrays instead: TRAIN batches stay uint8 and are cropped, flipped and normalized on
+the device (``device_augment``); VALIDATE batches are normalized here, into the very tensors the
+evaluation transform makes. TEST images are decoded as always (see ``image_cache.SPLITS``).
 """
 
 from __future__ import annotations
@@ -189,23 +189,21 @@ def make_loaders(
     )
     splits = {name: manifest.split(name) for name in (TRAIN, VALIDATE, TEST)}
     plan.batch_size = min(int(data_cfg["batch_size"]), len(splits[TRAIN]))  # the step's shape
+    augment = train_transform(size, mean, std, crop_scale, flip)
+    evaluate = eval_transform(size, mean, std)
+    datasets = {
+        name: LabelledImages(items, manifest.labels, augment if name == TRAIN else evaluate)
+        for name, items in splits.items()
+    }
+    workers = {name: int(data_cfg["num_workers"]) for name in splits}
     if outcome.cache is not None:
         plan.augment = DeviceAugment(size, mean, std, crop_scale, flip)
-        datasets = {
-            name: CachedImages(
-                outcome.cache.split(name), items, manifest.labels, mean, std, name == TRAIN
+        cache_workers = _cache_workers(data_cfg.get("cache_num_workers", "auto"), accelerator)
+        for name in (TRAIN, VALIDATE):
+            datasets[name] = CachedImages(
+                outcome.cache.split(name), splits[name], manifest.labels, mean, std, name == TRAIN
             )
-            for name, items in splits.items()
-        }
-        workers = _cache_workers(data_cfg.get("cache_num_workers", "auto"), accelerator)
-    else:
-        augment = train_transform(size, mean, std, crop_scale, flip)
-        evaluate = eval_transform(size, mean, std)
-        datasets = {
-            name: LabelledImages(items, manifest.labels, augment if name == TRAIN else evaluate)
-            for name, items in splits.items()
-        }
-        workers = int(data_cfg["num_workers"])
+            workers[name] = cache_workers
     datasets[TRAIN].device_plan = plan
     batch_size, seed = int(data_cfg["batch_size"]), int(cfg["seed"])
     # A compiled step is compiled again for a new batch shape: the last, smaller batch of each
@@ -213,9 +211,9 @@ def make_loaders(
     # keeps one shape.
     drop_last = compile_ and len(splits[TRAIN]) > batch_size
     return Loaders(
-        make_loader(datasets[TRAIN], batch_size, workers, True, seed, drop_last),
-        make_loader(datasets[VALIDATE], batch_size, workers, False, seed),
-        make_loader(datasets[TEST], batch_size, workers, False, seed),
+        make_loader(datasets[TRAIN], batch_size, workers[TRAIN], True, seed, drop_last),
+        make_loader(datasets[VALIDATE], batch_size, workers[VALIDATE], False, seed),
+        make_loader(datasets[TEST], batch_size, workers[TEST], False, seed),
         outcome,
     )
 

@@ -37,6 +37,7 @@ def assert_one_line_error(result, *needles: str) -> None:
             ["9", "[20000, 900000]"],  # the alias brings cloud-high-accuracy-1's bounds
         ),
         (["task=segmentation"], ["unknown task 'segmentation'", "object_detection"]),
+        (["data.cache=maybe"], ["data.cache='maybe'", "auto, on or off"]),
         (
             ["budget.train_budget_milli_node_hours=500"],
             ["500", "[1000, 100000]", "budget.min_milli_node_hours"],

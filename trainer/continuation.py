@@ -25,11 +25,14 @@ MAY_CHANGE_ON_RESUME = (
     "optimizer.",
     "data.batch_size",
     "data.num_workers",
+    "data.cache",  # and cache_max_gb, cache_num_workers: how images are read, not what
     "early_stopping.",
     "checkpoint.",
     "trainer.accelerator",
     "trainer.devices",
     "trainer.precision",
+    "trainer.compile",  # and compile_reserve_seconds
+    "trainer.channels_last",
     "mlflow.",
     "dataset.path",  # a moved dataset; its labels are checked once it is read
 )

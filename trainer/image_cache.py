@@ -40,13 +40,13 @@ from torchvision.transforms import v2
 
 from trainer.data import TRAIN, VALIDATE, Item, Manifest
 from trainer.errors import UserError
+from trainer.settings import cache_mode
 
 log = logging.getLogger("trainer")
 
 VERSION = 1
 MAX_MARGIN = 1.5  # TRAIN images are stored at most this much larger than the input
 CHUNK = 128  # images decoded, written and recorded together
-MODES = ("auto", "on", "off")
 # The splits read at every epoch. TEST is read once, at the end, through the decoding path: the
 # model's nodeQps is measured on that pass and must include decoding, as serving does.
 SPLITS = (TRAIN, VALIDATE)
@@ -59,16 +59,6 @@ SECONDS_PER_IMAGE_PRIOR = 0.05  # before anything is measured: a large JPEG on o
 
 def cache_root(home: str | Path) -> Path:
     return Path(home).expanduser() / "cache" / "images"
-
-
-def cache_mode(value: Any) -> str:
-    """``data.cache``: auto, on or off (YAML's booleans read as on and off)."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    mode = str(value).lower()
-    if mode not in MODES:
-        raise UserError(f"data.cache={value!r} is invalid: use auto, on or off")
-    return mode
 
 
 def train_resolution(input_size: Sequence[int], crop_scale: Sequence[float]) -> tuple[int, int]:

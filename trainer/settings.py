@@ -45,7 +45,21 @@ def validate(cfg: dict[str, Any]) -> TrainSettings:
             f"dataset.path={dataset_path!r} does not exist; give a folder with one sub-folder "
             "per label or an AutoML CSV, or leave it out to use the bundled demo dataset"
         )
+    cache_mode(cfg["data"].get("cache", "off"))  # a typo is refused before any work
     return TrainSettings(budget, nodes, display_name, dataset_path)
+
+
+MODES = ("auto", "on", "off")
+
+
+def cache_mode(value: Any) -> str:
+    """``data.cache``: auto, on or off (YAML's booleans read as on and off)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    mode = str(value).lower()
+    if mode not in MODES:
+        raise UserError(f"data.cache={value!r} is invalid: use auto, on or off")
+    return mode
 
 
 def available(group: str) -> list[str]:

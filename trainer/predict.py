@@ -286,6 +286,7 @@ def run_batch_prediction(catalog: Any, args: Any) -> PredictionResult:
         raise UserError(f"--shard-size {args.shard_size} must be at least 1")
     trained = trained_model(catalog, args.id, "prediction")
     input_csv = Path(args.input).expanduser().resolve()
+    rows = _read_inputs(trained.config["task"]["name"], input_csv)  # a bad CSV costs nothing
     folder = output_folder(Path(args.output).expanduser().resolve(), trained.model["displayName"])
     details = {
         "inputConfig": {"source": str(input_csv)},
@@ -300,7 +301,7 @@ def run_batch_prediction(catalog: Any, args: Any) -> PredictionResult:
     progress = ProgressLine(operation, lambda: store.publish_operation(
         run_id, operation.resource, "RUNNING"))  # fmt: skip
     try:
-        result = _predict(trained, args, input_csv, folder, progress)
+        result = _predict(trained, args, rows, input_csv.parent, folder, progress)
     except BaseException as error:
         operation.fail(3 if isinstance(error, UserError) else 13, str(error))
         store.publish_operation(run_id, operation.resource, "FAILED")
@@ -314,17 +315,28 @@ def run_batch_prediction(catalog: Any, args: Any) -> PredictionResult:
     return result
 
 
+def _read_inputs(task: str, input_csv: Path) -> list[Any]:
+    if task != "video_classification":
+        return read_input_csv(input_csv)
+    from trainer.video_predict import read_prediction_csv
+
+    if not input_csv.is_file():
+        raise UserError(f"--input {input_csv}: no such file")
+    return read_prediction_csv(input_csv)
+
+
 def _predict(
-    trained: Any, args: Any, input_csv: Path, folder: Path, progress: Callable[[int, int], None]
-) -> PredictionResult:
+    trained: Any, args: Any, rows: list[Any], base: Path, folder: Path,
+    progress: Callable[[int, int], None],
+) -> PredictionResult:  # fmt: skip
     """The task's own prediction: images to JSONL shards, or videos to JSON files and a CSV."""
     from trainer.stored_model import load_network
 
     task, cfg, labels = trained.config["task"]["name"], trained.config, trained.labels
     network = load_network(trained)
     if task == "video_classification":
-        return _predict_videos(network, cfg, labels, args, input_csv, folder, progress)
-    paths = read_input_csv(input_csv)
+        return _predict_videos(network, cfg, labels, args, rows, base, folder, progress)
+    paths = rows
     if task == "object_detection":
         from trainer.detection_images import detection_eval_transform
         from trainer.detection_predict import OUTPUT_PREFIX, check_detection_options
@@ -338,20 +350,17 @@ def _predict(
         records = classification_records(network, labels, args.score_threshold)
         transform, prefix = trained.transform(), RESULTS_PREFIX
     return predict_images(
-        records, paths, input_csv.parent, transform, folder, prefix, args.shard_size,
-        args.workers, progress,
-    )  # fmt: skip
+        records, paths, base, transform, folder, prefix, args.shard_size, args.workers, progress
+    )
 
 
 def _predict_videos(
-    network: Any, cfg: dict[str, Any], labels: list[str], args: Any, input_csv: Path,
-    folder: Path, progress: Callable[[int, int], None],
+    network: Any, cfg: dict[str, Any], labels: list[str], args: Any, rows: list[Any],
+    base: Path, folder: Path, progress: Callable[[int, int], None],
 ) -> PredictionResult:  # fmt: skip
     from trainer.tasks.video_classification import clip_spec
-    from trainer.video_predict import PredictOptions, predict_videos, read_prediction_csv
+    from trainer.video_predict import PredictOptions, predict_videos
 
-    if not input_csv.is_file():
-        raise UserError(f"--input {input_csv}: no such file")
     options = PredictOptions(
         segment_classification=args.segment_classification,
         shot_classification=args.shot_classification,
@@ -366,7 +375,7 @@ def _predict_videos(
             return network(clips).float().softmax(dim=1)
 
     result = predict_videos(
-        read_prediction_csv(input_csv), input_csv.parent, probabilities, labels, clip_spec(cfg),
+        rows, base, probabilities, labels, clip_spec(cfg),
         folder, options, args.workers, progress,
     )  # fmt: skip
     files = [result.csv_path, *result.json_files]

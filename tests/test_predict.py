@@ -173,7 +173,9 @@ def test_predicting_the_test_images_matches_the_stored_evaluation(
 def test_score_threshold_filters_annotations(trained, tiny_shapes: Path) -> None:
     cwd, _, model_id = trained
     items = read_dataset(tiny_shapes).split(TEST)[:6]
-    result = predict(cwd, model_id, [str(i.path) for i in items], "--score-threshold", "0.4")
+    rows = [str(i.path) for i in items]
+    # Two decoding processes: the parallel path (the default on 2 cores is none; see predict.py).
+    result = predict(cwd, model_id, rows, "--score-threshold", "0.4", "--workers", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_jsonl(list(Path(result.stdout.strip()).glob("image_classification_*.jsonl")))
     scores = [[a["classification"]["score"] for a in r["annotations"]] for r in records]

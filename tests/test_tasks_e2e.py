@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import read_json, run_dirs, run_trainer
-from tests.test_manage import cli
+from tests.test_manage import cli, one_line_error
 from tests.test_resume import checkpoint_step, start_trainer, wait_for
 from trainer.data import TEST
 from trainer.demo_detection import write_detection_shapes
@@ -91,6 +91,8 @@ def test_detection_trains_evaluates_and_is_listed(detection_model) -> None:
     assert model["name"].split("/")[1] in listing.stdout
     evaluations = cli("models", "evaluations", model["name"], cwd=cwd)
     assert "mAP@0.5" in evaluations.stdout
+    refused = cli("models", "export", model["name"], cwd=cwd)
+    assert "takes image classification models" in one_line_error(refused)
 
 
 def test_detection_batch_prediction(detection_model, detection_csv: Path) -> None:

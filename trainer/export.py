@@ -131,6 +131,11 @@ def export_package(
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     cfg = trained.config
+    if cfg["task"]["name"] != "image_classification":
+        raise UserError(
+            f"models export takes image classification models; {trained.model_id} is a "
+            f"{cfg['task']['name']} model (its MLflow model serves: mlflow models serve)"
+        )
     if cfg["model"]["type"] == "cloud":
         log.warning("exporting a cloud model: it is not sized for devices; mobile types are")
     network = load_network(trained)

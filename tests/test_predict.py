@@ -241,3 +241,27 @@ def test_expired_model_cannot_predict_export_or_evaluate(trained) -> None:
             assert f"model {model_id} expired on" in one_line_error(cli(*verb, cwd=cwd))
     finally:
         client.set_registered_model_tag(model_id, "expire_time", real)
+
+
+def test_urls_are_read_through_fsspec(tmp_path: Path) -> None:
+    """Any fsspec URL works: here fsspec's in-memory filesystem, read in this process."""
+    import fsspec
+    import torch
+    from PIL import Image
+
+    from trainer.images import eval_transform
+    from trainer.predict import classification_records, predict_images
+
+    with fsspec.open("memory://bucket/cat.png", "wb") as handle:
+        Image.new("RGB", (8, 8), (250, 10, 10)).save(handle, format="PNG")
+    network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
+    result = predict_images(
+        classification_records(network, ["cat", "dog"], 0.0),
+        ["memory://bucket/cat.png", "memory://bucket/gone.png"],
+        tmp_path, eval_transform([4, 4], [0.5] * 3, [0.5] * 3), tmp_path / "out", workers=0,
+    )  # fmt: skip
+    assert (result.predicted, result.failed) == (1, 1)
+    (record,) = read_jsonl(result.result_files)
+    assert record["ID"] == "memory://bucket/cat.png" and len(record["annotations"]) == 2
+    (error,) = read_jsonl(result.error_files)
+    assert error["errors"]["code"] == 5  # fsspec's missing file is NOT_FOUND too

@@ -88,6 +88,7 @@ class ShardedJsonl:
 
     def _next_file(self) -> None:
         self.close()
+        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{self.prefix}_{len(self.files) + 1}.jsonl"
         self.files.append(path)
         self._out = path.open("w", encoding="utf-8")

@@ -33,7 +33,7 @@ DETECTION = [
     *SMALL_BUDGETS,
 ]
 # The demo videos and the default video model type as they are: a real training, about 50 s.
-VIDEO = ["task=video_classification", *SMALL_BUDGETS, "early_stopping.patience=4"]
+VIDEO = ["task=video_classification", *SMALL_BUDGETS, "early_stopping.patience=3"]
 DETECTION_META = "imageObjectDetectionModelMetadata"
 VIDEO_META = "videoClassificationModelMetadata"
 
@@ -197,6 +197,27 @@ def test_video_batch_prediction_of_each_kind(video_model, video_csv: Path) -> No
     one_second = [a for a in annotations if a["videoClassification"]["type"] == "1s_interval"]
     starts = {a["videoClassification"]["timeSegment"]["startTimeOffset"] for a in one_second}
     assert starts == {"0s", "1s", "2s"}  # a demo video lasts 3 s
+
+
+def test_video_training_is_cancelled_like_any_other(
+    tmp_path: Path, trainer_home: Path, video_csv: Path
+) -> None:
+    process = start_trainer(
+        *VIDEO, "budget.train_budget_milli_node_hours=40", "budget.disable_early_stopping=true",
+        "checkpoint.cancel_poll_seconds=0.5", cwd=tmp_path, home=trainer_home,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: any(tmp_path.glob("runs/*/*/checkpoints/last.ckpt")), timeout=300)
+        (run_dir,) = run_dirs(tmp_path)
+        name = read_json(run_dir / "operation.json")["name"]
+        assert cli("operations", "cancel", name, cwd=tmp_path).returncode == 0
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 1, stderr[-3000:]
+    assert "cancelled at global step" in stderr
+    operation = read_json(run_dir / "operation.json")
+    assert name.startswith("operations/VCN") and operation["error"]["code"] == 1
 
 
 # -- learning, at the sizes the tasks are meant for (slow) -----------------------------------

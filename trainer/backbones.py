@@ -16,7 +16,7 @@ def build_backbone(constructor: str, num_classes: int, pretrained: bool) -> nn.M
     if builder is None or not callable(builder):
         raise UserError(f"model.constructor={constructor!r} is not a torchvision.models builder")
     if pretrained:
-        model = builder(weights=_local_weights(constructor))
+        model = builder(weights=local_weights(constructor))
         _replace_head(model, num_classes)
     else:
         model = builder(weights=None, num_classes=num_classes)
@@ -24,7 +24,7 @@ def build_backbone(constructor: str, num_classes: int, pretrained: bool) -> nn.M
     return model
 
 
-def _local_weights(constructor: str) -> models.WeightsEnum:
+def local_weights(constructor: str) -> models.WeightsEnum:
     """The default weights, only if already in the local torch hub cache: we never download."""
     weights = models.get_model_weights(constructor).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name

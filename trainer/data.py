@@ -15,6 +15,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -22,7 +23,7 @@ from trainer.errors import UserError
 
 TRAIN, VALIDATE, TEST = "TRAIN", "VALIDATE", "TEST"
 SPLITS = (TRAIN, VALIDATE, TEST)
-_ML_USE = {"TRAIN": TRAIN, "VALIDATE": VALIDATE, "VALIDATION": VALIDATE, "TEST": TEST}
+ML_USE = {"TRAIN": TRAIN, "VALIDATE": VALIDATE, "VALIDATION": VALIDATE, "TEST": TEST}
 UNASSIGNED = "UNASSIGNED"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_]{1,32}$")
@@ -36,18 +37,25 @@ class Item:
     key: str  # the path as the dataset spells it: what the split hash and fingerprint use
 
 
-@dataclass
-class Manifest:
-    items: list[Item]
-    labels: list[str]
-    skipped: Counter = field(default_factory=Counter)
-    skipped_examples: dict[str, str] = field(default_factory=dict)
+class Splits:
+    """``split`` and ``counts`` of any manifest whose ``items`` each carry a ``split``: image,
+    detection and video manifests alike."""
 
-    def split(self, name: str) -> list[Item]:
+    items: Any
+
+    def split(self, name: str) -> list[Any]:
         return [item for item in self.items if item.split == name]
 
     def counts(self) -> dict[str, int]:
         return {name: len(self.split(name)) for name in SPLITS}
+
+
+@dataclass
+class Manifest(Splits):
+    items: list[Item]
+    labels: list[str]
+    skipped: Counter = field(default_factory=Counter)
+    skipped_examples: dict[str, str] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         """The datasetId: a digest of what was trained on (paths, labels, splits)."""
@@ -106,7 +114,7 @@ def _read_csv(csv_path: Path) -> list[Item]:
             if not any(row):
                 continue
             ml_use = row[0].upper()
-            if ml_use in _ML_USE or ml_use == UNASSIGNED:
+            if ml_use in ML_USE or ml_use == UNASSIGNED:
                 row = row[1:]
             else:
                 ml_use = UNASSIGNED
@@ -121,12 +129,12 @@ def _read_csv(csv_path: Path) -> list[Item]:
             file = Path(key).expanduser()
             if not file.is_absolute():
                 file = csv_path.parent / file
-            split = _ML_USE.get(ml_use) or split_for(key)
+            split = ML_USE.get(ml_use) or split_for(key)
             items.append(Item(file, label, split, key))
     return items
 
 
-def _problem_with(item: Item) -> str | None:
+def problem_with(item: Item) -> str | None:
     try:
         if item.path.stat().st_size == 0:
             return "empty"
@@ -142,7 +150,7 @@ def _problem_with(item: Item) -> str | None:
 def _keep_readable(items: list[Item], workers: int) -> Manifest:
     # PIL releases the GIL while decoding, so threads check images in parallel.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = list(pool.map(_problem_with, items))
+        problems = list(pool.map(problem_with, items))
     manifest = Manifest(items=[], labels=[])
     for item, problem in zip(items, problems, strict=True):
         if problem is None:

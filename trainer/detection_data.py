@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.data import (
-    _ML_USE,
+    ML_USE,
     SPLITS,
     TEST,
     TRAIN,
     UNASSIGNED,
     VALIDATE,
-    _problem_with,
+    Splits,
     check_name,
+    problem_with,
     split_for,
 )
 from trainer.errors import UserError
@@ -70,17 +71,11 @@ class DetectionItem:
 
 
 @dataclass
-class DetectionManifest:
+class DetectionManifest(Splits):
     items: list[DetectionItem]
     labels: list[str]
     skipped: Counter = field(default_factory=Counter)
     skipped_examples: dict[str, str] = field(default_factory=dict)
-
-    def split(self, name: str) -> list[DetectionItem]:
-        return [item for item in self.items if item.split == name]
-
-    def counts(self) -> dict[str, int]:
-        return {name: len(self.split(name)) for name in SPLITS}
 
     def box_counts(self) -> dict[str, int]:
         return {name: sum(len(item.boxes) for item in self.split(name)) for name in SPLITS}
@@ -145,7 +140,7 @@ def _read_csv(csv_path: Path, manifest: DetectionManifest) -> list[DetectionItem
             if not any(row):
                 continue
             ml_use, key, box = _parse_row(row, f"{csv_path}:{line_no}")
-            splits.setdefault(key, _ML_USE.get(ml_use) or split_for(key))
+            splits.setdefault(key, ML_USE.get(ml_use) or split_for(key))
             boxes.setdefault(key, [])
             if box is None:
                 continue
@@ -169,7 +164,7 @@ def _read_csv(csv_path: Path, manifest: DetectionManifest) -> list[DetectionItem
 def _parse_row(row: list[str], where: str) -> tuple[str, str, Box | None]:
     """(ML_USE, path, box or None for a negative row); a malformed row is the user's error."""
     ml_use = row[0].upper()
-    if ml_use in _ML_USE or ml_use == UNASSIGNED:
+    if ml_use in ML_USE or ml_use == UNASSIGNED:
         row = row[1:]
     else:
         ml_use = UNASSIGNED
@@ -230,7 +225,7 @@ def _resolve(key: str, csv_path: Path) -> Path:
 def _keep_readable(items: list[DetectionItem], manifest: DetectionManifest, workers: int) -> None:
     # PIL releases the GIL while decoding, so threads check images in parallel.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = list(pool.map(_problem_with, items))
+        problems = list(pool.map(problem_with, items))
     for item, problem in zip(items, problems, strict=True):
         if problem is None:
             manifest.items.append(item)

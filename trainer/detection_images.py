@@ -18,6 +18,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from trainer.detection_data import DetectionItem
+from trainer.images import make_loader
 
 Target = dict[str, Any]
 
@@ -92,14 +93,6 @@ def collate_detection(
 def make_detection_loader(
     dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int
 ) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator().manual_seed(seed),
-        collate_fn=collate_detection,
-        drop_last=False,
+    return make_loader(
+        dataset, batch_size, num_workers, shuffle, seed, collate_fn=collate_detection
     )

@@ -80,6 +80,7 @@ def make_loader(
     shuffle: bool,
     seed: int,
     drop_last: bool = False,
+    collate_fn: Callable[[list], Any] | None = None,
 ) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     batched = isinstance(dataset, CachedImages)  # its __getitems__ returns whole batches
@@ -93,7 +94,7 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         generator=generator,
         drop_last=drop_last,
-        collate_fn=already_batched if batched else None,
+        collate_fn=collate_fn or (already_batched if batched else None),
     )
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torchvision import models
 from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D
 
-from trainer.backbones import _local_weights
+from trainer.backbones import local_weights
 from trainer.errors import UserError
 
 SMALL = "r2plus1d_small"
@@ -45,7 +45,7 @@ def build_video_backbone(constructor: str, num_classes: int, pretrained: bool) -
     builder = models.get_model_builder(constructor)
     if not pretrained:
         return builder(weights=None, num_classes=num_classes)
-    model = builder(weights=_local_weights(constructor))
+    model = builder(weights=local_weights(constructor))
     _replace_head(model, num_classes)
     return model
 

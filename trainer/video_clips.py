@@ -26,6 +26,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from trainer.images import make_loader
 from trainer.video_data import TIME_EPSILON, Segment, seek_seconds, stream_fps, stream_offset
 
 log = logging.getLogger(__name__)
@@ -169,15 +170,4 @@ def collate_clips(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
 def make_clip_loader(
     dataset: VideoClips, batch_size: int, num_workers: int, shuffle: bool, seed: int
 ) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        generator=generator,
-        collate_fn=collate_clips,
-        drop_last=False,
-    )
+    return make_loader(dataset, batch_size, num_workers, shuffle, seed, collate_fn=collate_clips)

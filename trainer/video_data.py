@@ -38,7 +38,17 @@ from pathlib import Path
 
 import av
 
-from trainer.data import _ML_USE, SPLITS, TEST, TRAIN, UNASSIGNED, VALIDATE, check_name, split_for
+from trainer.data import (
+    ML_USE,
+    SPLITS,
+    TEST,
+    TRAIN,
+    UNASSIGNED,
+    VALIDATE,
+    Splits,
+    check_name,
+    split_for,
+)
 from trainer.errors import UserError
 
 VALIDATION_FRACTION = 0.125
@@ -64,7 +74,7 @@ class Segment:
 
 
 @dataclass
-class VideoManifest:
+class VideoManifest(Splits):
     segments: list[Segment]
     labels: list[str]
     durations: dict[str, float] = field(default_factory=dict)  # video key -> seconds
@@ -75,12 +85,6 @@ class VideoManifest:
     def items(self) -> list[Segment]:
         """The segments, under the name the image manifest uses, for code that serves both."""
         return self.segments
-
-    def split(self, name: str) -> list[Segment]:
-        return [segment for segment in self.segments if segment.split == name]
-
-    def counts(self) -> dict[str, int]:
-        return {name: len(self.split(name)) for name in SPLITS}
 
     def videos(self, split: str | None = None) -> list[str]:
         """The keys of the videos with segments in ``split`` (all splits when None)."""
@@ -185,7 +189,7 @@ def _read_rows(csv_path: Path, manifest: VideoManifest) -> list[_Row]:
 
 def _parse_row(cells: list[str], base: Path, where: str) -> _Row:
     ml_use = cells[0].upper()
-    if ml_use in _ML_USE or ml_use == UNASSIGNED:
+    if ml_use in ML_USE or ml_use == UNASSIGNED:
         cells = cells[1:]
     else:
         ml_use = UNASSIGNED
@@ -296,11 +300,11 @@ def _stream_seconds(container: av.container.InputContainer, stream: av.VideoStre
 def _assign_splits(rows: list[_Row]) -> list[Segment]:
     named: dict[str, set[str]] = {}
     for row in rows:
-        if row.ml_use in _ML_USE:
-            named.setdefault(row.key, set()).add(_ML_USE[row.ml_use])
+        if row.ml_use in ML_USE:
+            named.setdefault(row.key, set()).add(ML_USE[row.ml_use])
     segments = []
     for row in rows:
-        split = _ML_USE.get(row.ml_use)
+        split = ML_USE.get(row.ml_use)
         if split is None:
             # An UNASSIGNED row of a video whose other rows all name one split joins it, so the
             # video stays whole; otherwise the video's hash decides.

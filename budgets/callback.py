@@ -30,14 +30,22 @@ class BudgetStopping(Callback):
         final_eval_batches: int,
         save_seconds: float,
         safety_factor: float = 1.25,
+        checkpoint_seconds: float | None = None,
     ) -> None:
+        """``save_seconds``: what recording the model takes after the TEST pass;
+        ``checkpoint_seconds``: what an epoch boundary's checkpoint writes take before one is
+        measured (``save_seconds`` when not given)."""
         self.meter = meter
         self.final_eval_batches = final_eval_batches
         self.save_seconds = save_seconds
+        self.checkpoint_seconds = save_seconds if checkpoint_seconds is None else checkpoint_seconds
         self.step = WorkEstimator(safety_factor=safety_factor, warmup_samples=1)
         self.eval_batch = WorkEstimator(safety_factor=safety_factor)
         self.boundary = WorkEstimator(safety_factor=safety_factor)
         self.eval_epoch_end = WorkEstimator(safety_factor=safety_factor)
+        # What a boundary takes beyond its validation pass: the checkpoint writes, mostly.
+        self.boundary_saving = WorkEstimator(safety_factor=safety_factor)
+        self._last_validation_seconds = 0.0
         self.stopped_by_budget = False
         self.steps_done = 0
         self._step_started: float | None = None
@@ -58,7 +66,7 @@ class BudgetStopping(Callback):
         return batches + 2 * self.eval_epoch_end.estimate(prior_seconds=0.0) + self.save_seconds
 
     def boundary_estimate(self, val_batches: int) -> float:
-        prior = val_batches * self.eval_batch_estimate() + self.save_seconds
+        prior = val_batches * self.eval_batch_estimate() + self.checkpoint_seconds
         return self.boundary.estimate(prior_seconds=prior)
 
     def reserve_after_step(self, val_batches: int) -> float:
@@ -81,6 +89,9 @@ class BudgetStopping(Callback):
         now = self.meter.clock()
         if self._epoch_ended and self._last_step_ended is not None:
             self.boundary.record(now - self._last_step_ended)
+            saving = now - self._last_step_ended - self._last_validation_seconds
+            self.boundary_saving.record(saving)
+            self._last_validation_seconds = 0.0
         self._epoch_ended = False
         self._step_started = now
 
@@ -110,6 +121,8 @@ class BudgetStopping(Callback):
         if self._eval_started is not None:
             total = self.meter.clock() - self._eval_started
             self.eval_epoch_end.record(max(total - self._eval_batches_seconds, 0.0))
+            if not trainer.sanity_checking:
+                self._last_validation_seconds = total
             self._eval_started = None
 
     def on_validation_batch_start(

@@ -104,6 +104,11 @@ class WorkEstimator:
     def warmup_seconds(self) -> list[float]:
         return list(self._warmup)
 
+    def longest(self) -> float | None:
+        """The longest duration measured so far (warm-up included), or None."""
+        samples = [*self._warmup, *self._recent]
+        return max(samples) if samples else None
+
     def last(self) -> float:
         if self._recent:
             return self._recent[-1]

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from budgets.callback import BudgetStopping
 
 log = logging.getLogger("trainer")
+LIVE_EVERY_SECONDS = 0.5  # how often the live status line is redrawn
 
 
 def format_seconds(seconds: float) -> str:
@@ -45,6 +46,7 @@ class ProgressReport(Callback):
         self.live = sys.stderr.isatty()
         self._status: Any = None
         self._last_report = 0.0
+        self._last_status = 0.0
 
     def status_line(self, trainer: Trainer) -> str:
         meter = self.budget.meter
@@ -83,7 +85,10 @@ class ProgressReport(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
         now = time.monotonic()
-        if self._status is not None:
+        if self._status is not None and now - self._last_status >= LIVE_EVERY_SECONDS:
+            # Not every step: reading the loss off a GPU waits for the step to finish, which
+            # would stop the CPU from queueing the next one.
+            self._last_status = now
             self._status.update(self.status_line(trainer))
         elif now - self._last_report >= self.plain_every_seconds:
             self._report(trainer)

@@ -46,7 +46,19 @@ def validate(cfg: dict[str, Any]) -> TrainSettings:
             "per label or an AutoML CSV, or leave it out to use the bundled demo dataset"
         )
     cache_mode(cfg["data"].get("cache", "off"))  # a typo is refused before any work
+    reserve = cfg["budget"].get("save_reserve_seconds", 0)
+    if str(reserve) != "auto" and not _non_negative_number(reserve):
+        raise UserError(
+            f"budget.save_reserve_seconds={reserve!r} is invalid: use auto or a number of seconds"
+        )
     return TrainSettings(budget, nodes, display_name, dataset_path)
+
+
+def _non_negative_number(value: Any) -> bool:
+    try:
+        return not isinstance(value, bool) and float(value) >= 0
+    except (TypeError, ValueError):
+        return False
 
 
 MODES = ("auto", "on", "off")

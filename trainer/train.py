@@ -33,6 +33,7 @@ from trainer.checkpoints import (
     load_first_good,
 )
 from trainer.continuation import StartFrom
+from trainer.convergence import convergence_callbacks
 from trainer.device_augment import resolve_precision
 from trainer.errors import UserError
 from trainer.evaluate import record_evaluation
@@ -50,6 +51,7 @@ from trainer.settings import validate
 from trainer.store import Store
 from trainer.tasks import task_of
 from trainer.train_ids import MODEL_ID_ENV, OPERATION_ID_ENV
+from trainer.work_history import WorkHistory, save_reserves
 
 log = logging.getLogger("trainer")
 # Lightning sets its loggers to INFO on import and adds tips; keep stderr for our own progress.
@@ -61,6 +63,9 @@ warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended befor
 
 MODEL_CONVERGED = "MODEL_CONVERGED"
 BUDGET_REACHED = "BUDGET_REACHED"
+# Callback state that a new model trained from a base model does not inherit: its convergence
+# and best-model tracking start afresh.
+FRESH_FOR_A_NEW_MODEL = ("EarlyStopping", "ModelCheckpoint", "SmoothedMetric", "LearningRateDrop")
 CANCELLED_CODE, ABORTED, INTERNAL = 1, 10, 13  # google.rpc.Code
 
 
@@ -191,7 +196,11 @@ def _train(job: Job) -> float:
     network = kind.network(cfg, manifest.labels, bool(model_cfg["pretrained"]))
     module = kind.module(network, manifest.labels, cfg)
 
-    budget = BudgetStopping(job.meter, len(test_loader), cfg["budget"]["save_reserve_seconds"])
+    history = WorkHistory(cfg["home"], f"{task['name']}/{model_cfg['type']}")
+    reserves = save_reserves(cfg["budget"], history)
+    budget = BudgetStopping(
+        job.meter, len(test_loader), reserves.recording, checkpoint_seconds=reserves.checkpoint
+    )
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -201,14 +210,11 @@ def _train(job: Job) -> float:
         save_top_k=1,
         enable_version_counter=False,
     )
-    early_stopping = None
-    if not cfg["budget"]["disable_early_stopping"]:
-        early_stopping = EarlyStopping(
-            monitor=task["monitor"],
-            mode=task["monitor_mode"],
-            patience=cfg["early_stopping"]["patience"],
-            min_delta=cfg["early_stopping"]["min_delta"],
-        )
+    convergence = convergence_callbacks(
+        cfg["early_stopping"], task["monitor"], task["monitor_mode"],
+        enabled=not cfg["budget"]["disable_early_stopping"],
+    )  # fmt: skip
+    early_stopping = next((c for c in convergence if isinstance(c, EarlyStopping)), None)
     progress = ProgressReport(
         budget, task["monitor"], job.flush, early_stopping, cfg["checkpoint"]["cost_flush_seconds"]
     )
@@ -222,7 +228,7 @@ def _train(job: Job) -> float:
     )
     # The cancel watch and safety checkpoints come before the budget callback, so that their
     # time is part of the step that the budget measures.
-    callbacks = [cancel_watch, safety, budget, checkpoints, progress, early_stopping]
+    callbacks = [cancel_watch, safety, budget, checkpoints, progress, *convergence]
 
     trainer_cfg = cfg["trainer"]
     trainer = pl.Trainer(
@@ -251,7 +257,9 @@ def _train(job: Job) -> float:
     if budget.steps_done == 0:
         raise UserError(
             f"budget.train_budget_milli_node_hours={job.budget} is too small to train "
-            f"even one step after setup ({job.meter.cost_milli_node_hours()} spent); raise it"
+            f"even one step after setup ({job.meter.cost_milli_node_hours()} spent, "
+            f"{reserves.recording:.1f} s kept for recording the model and "
+            f"{reserves.checkpoint:.1f} s for checkpoints: budget.save_reserve_seconds); raise it"
         )
     stop_reason = BUDGET_REACHED if budget.stopped_by_budget else MODEL_CONVERGED
     best_score = float(checkpoints.best_model_score or trainer.callback_metrics[task["monitor"]])
@@ -259,6 +267,7 @@ def _train(job: Job) -> float:
     # The final model is the best one by the validation metric.
     best_path = checkpoints.best_model_path or checkpoints.last_model_path
     test_results = trainer.test(module, test_loader, ckpt_path=best_path, verbose=False)[0]
+    tested = time.monotonic()  # from here to the recorded model: what the save reserve keeps
     # Examples per second of this node's prediction, decoding included, from the TEST pass.
     node_qps = len(test_loader.dataset) / max(module.test_seconds, 1e-9) / job.nodes
     evaluation = kind.evaluation(module, manifest, manifest.labels, f"models/{state.model_id}")
@@ -313,7 +322,12 @@ def _train(job: Job) -> float:
     files = [run_dir / name for name in ("model.json", "metrics.json", "operation.json")]
     store.log_files(state.run_id, files)
     store.end_run(state.run_id)
-    log.info("recorded the model in %.1f s", time.monotonic() - started)
+    now = time.monotonic()
+    history.record(recording=now - tested, checkpoint=budget.boundary_saving.longest())
+    log.info(
+        "recorded the model in %.1f s (%.1f s after the TEST pass, %.1f s reserved)",
+        now - started, now - tested, reserves.recording,
+    )  # fmt: skip
     print(json.dumps(model, indent=2), flush=True)
     return best_score
 
@@ -346,11 +360,10 @@ def _start_checkpoint(job: Job) -> str | None:
         )
     path, checkpoint = found
     if job.start.strip_callback_state:
-        # A new model: early stopping and best-model tracking start afresh, the rest carries on.
         checkpoint["callbacks"] = {
             key: value
             for key, value in checkpoint.get("callbacks", {}).items()
-            if not key.startswith(("EarlyStopping", "ModelCheckpoint"))
+            if not key.startswith(FRESH_FOR_A_NEW_MODEL)
         }
         path = job.run_dir / "start.ckpt"
         AtomicCheckpointIO().save_checkpoint(checkpoint, path)

@@ -1,0 +1,119 @@
+"""When training has converged: early stopping on a smoothed metric, after lowering the rate.
+
+Two things made short trainings stop long before they had converged
+(``benchmarks/time_to_accuracy.py``):
+
+- A validation metric on a small split is noisy: one lucky pass sets a best that the next five
+  do not beat although the model is still improving. Decisions therefore follow an exponential
+  moving average of the metric (``smoothing``: the newest pass's weight), logged beside it as
+  ``<metric>_smoothed``; the best checkpoint is still chosen by the metric itself.
+- At the optimizer's starting learning rate the metric often stalls while a lower rate would
+  improve it. After ``lr_drop_patience`` passes without improvement the rate is multiplied by
+  ``lr_drop_factor`` (torch's ``ReduceLROnPlateau``, again on each later plateau).
+
+Training stops with MODEL_CONVERGED after ``patience`` passes without improvement (Lightning's
+``EarlyStopping``), so a plateau that a lower learning rate cannot break is still a plateau.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+
+class SmoothedMetric(Callback):
+    """Puts the moving average of ``monitor`` in the callback metrics after each validation pass.
+
+    It must come before the callbacks that read it (Lightning calls them in list order).
+    """
+
+    def __init__(self, monitor: str, smoothing: float) -> None:
+        self.monitor, self.smoothing = monitor, smoothing
+        self.name = f"{monitor}_smoothed"
+        self.value: float | None = None
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        if trainer.sanity_checking or self.monitor not in metrics:
+            return
+        current = float(metrics[self.monitor])
+        previous = current if self.value is None else self.value
+        self.value = self.smoothing * current + (1 - self.smoothing) * previous
+        # Lightning keeps this dict between passes and only adds what modules log to it.
+        metrics[self.name] = torch.tensor(self.value)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({self.name: self.value}, step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.value = state_dict.get("value")
+
+
+class LearningRateDrop(Callback):
+    """``ReduceLROnPlateau`` driven by the monitored metric after each validation pass.
+
+    A callback rather than each module's ``configure_optimizers``: every task's module gets it
+    alike, from the same config as early stopping. Its state is kept in checkpoints.
+    """
+
+    def __init__(
+        self, monitor: str, mode: str, patience: int, factor: float, min_delta: float
+    ) -> None:
+        self.monitor, self.mode = monitor, mode
+        self.patience, self.factor, self.min_delta = patience, factor, min_delta
+        self.plateau: ReduceLROnPlateau | None = None
+        self._restored: dict[str, Any] | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # torch counts the passes *beyond* its patience; ours are "after this many passes".
+        self.plateau = ReduceLROnPlateau(
+            trainer.optimizers[0],
+            mode=self.mode,
+            factor=self.factor,
+            patience=max(self.patience - 1, 0),
+            threshold=self.min_delta,
+            threshold_mode="abs",
+        )
+        if self._restored is not None:
+            self.plateau.load_state_dict(self._restored)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or self.plateau is None or value is None:
+            return
+        self.plateau.step(float(value))
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.plateau is None:
+            return self._restored or {}
+        state = self.plateau.state_dict()
+        state.pop("optimizer", None)  # the optimizer is checkpointed by Lightning itself
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict) or None
+
+
+def convergence_callbacks(
+    early_stopping_cfg: dict[str, Any], monitor: str, mode: str, enabled: bool
+) -> list[Callback]:
+    """The smoothed metric, the learning-rate drop (unless ``lr_drop_patience: null``) and early
+    stopping (unless disabled: then training goes on until the budget is spent), in the order
+    Lightning must call them, as ``conf/early_stopping/`` says."""
+    smoothed = SmoothedMetric(monitor, float(early_stopping_cfg.get("smoothing", 1.0)))
+    min_delta = float(early_stopping_cfg["min_delta"])
+    callbacks: list[Callback] = [smoothed]
+    drop_after = early_stopping_cfg.get("lr_drop_patience")
+    if drop_after:
+        factor = float(early_stopping_cfg["lr_drop_factor"])
+        callbacks.append(LearningRateDrop(smoothed.name, mode, int(drop_after), factor, min_delta))
+    if enabled:
+        patience = int(early_stopping_cfg["patience"])
+        callbacks.append(EarlyStopping(smoothed.name, min_delta, patience, mode=mode))
+    return callbacks

@@ -121,8 +121,7 @@ class BudgetStopping(Callback):
         if self._eval_started is not None:
             total = self.meter.clock() - self._eval_started
             self.eval_epoch_end.record(max(total - self._eval_batches_seconds, 0.0))
-            if not trainer.sanity_checking:
-                self._last_validation_seconds = total
+            self._last_validation_seconds = total  # the boundary that follows includes it
             self._eval_started = None
 
     def on_validation_batch_start(

@@ -48,16 +48,21 @@ class Workload:
     setup: float = 1.0
     fetch: float = 0.0  # loading a batch, between one step's end and the next step's start
     eval_end: float = 0.0  # work at the end of each evaluation pass (a detector's mAP)
+    checkpoint: float | None = None  # an epoch boundary's checkpoint writes (default: save)
 
 
-def simulate(budget: int, work: Workload, nodes: int = 1) -> tuple[BudgetMeter, BudgetStopping]:
+def simulate(
+    budget: int, work: Workload, nodes: int = 1, checkpoint_prior: float | None = None
+) -> tuple[BudgetMeter, BudgetStopping]:
     """Replay Lightning's order of hooks: sanity check, steps, validation at each epoch end
     and on a stop, then the final evaluation and the save."""
     clock = FakeClock()
     meter = BudgetMeter(budget, nodes=nodes, clock=clock)
     meter.start()
     clock.advance(work.setup)
-    callback = BudgetStopping(meter, work.final_eval_batches, save_seconds=work.save)
+    callback = BudgetStopping(
+        meter, work.final_eval_batches, save_seconds=work.save, checkpoint_seconds=checkpoint_prior
+    )
     trainer = FakeTrainer(work.val_batches)
 
     def validate(batches: int) -> None:
@@ -81,7 +86,7 @@ def simulate(budget: int, work: Workload, nodes: int = 1) -> tuple[BudgetMeter, 
             if trainer.should_stop:
                 break
         validate(work.val_batches)
-        clock.advance(work.save)  # the epoch's checkpoint
+        clock.advance(work.save if work.checkpoint is None else work.checkpoint)
         callback.on_train_epoch_end(trainer, None)
     # The TEST pass, the evaluation computed from it (as long again as a pass's end), the save.
     clock.advance(work.final_eval_batches * work.val_batch + 2 * work.eval_end + work.save)
@@ -200,3 +205,21 @@ def test_bounds_refuse_non_integers(value: object) -> None:
 def test_bounds_accept_edges() -> None:
     assert check_budget(1000, 1000, 100000) == 1000
     assert check_budget(100000, 1000, 100000) == 100000
+
+
+def test_checkpoint_prior_is_not_the_recording_reserve() -> None:
+    # A 36 s budget; recording the model is reserved 18 s, an epoch's checkpoints take 0.2 s.
+    # Taking the recording reserve as the first boundary's prior too kept it twice: no step.
+    work = Workload(step=lambda i: 0.3, save=18.0, checkpoint=0.2, steps_per_epoch=5)
+    _, twice = simulate(10, work)
+    assert twice.steps_done == 0
+    meter, callback = simulate(10, work, checkpoint_prior=0.5)
+    assert callback.steps_done > 5
+    assert meter.cost_milli_node_hours() <= 10
+
+
+def test_an_epoch_boundary_s_saving_is_measured_apart_from_its_validation() -> None:
+    work = Workload(step=lambda i: 0.3, val_batch=0.4, checkpoint=0.7, steps_per_epoch=5)
+    _, callback = simulate(30, work, checkpoint_prior=0.5)
+    assert callback.boundary.longest() == pytest.approx(4 * 0.4 + 0.7)
+    assert callback.boundary_saving.longest() == pytest.approx(0.7)

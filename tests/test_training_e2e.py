@@ -142,3 +142,10 @@ def test_multirun_trains_each_model_type_and_returns_the_metric(
     returns = [json.loads(line)["return_value"] for line in record.read_text().splitlines()]
     assert len(returns) == 2
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 and not math.isnan(v) for v in returns)
+
+
+def test_saving_times_are_kept_in_the_home_for_the_next_reserves(trained, trainer_home) -> None:
+    history = read_json(trainer_home / "work_seconds.json")
+    entry = history["image_classification/mobile-low-latency-1"]
+    assert min(entry["recording"]) > 0 and max(entry["recording"]) < 120
+    assert min(entry["checkpoint"]) > 0 and max(entry["checkpoint"]) < 120

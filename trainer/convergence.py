@@ -4,9 +4,9 @@ Two things made short trainings stop long before they had converged
 (``benchmarks/time_to_accuracy.py``):
 
 - A validation metric on a small split is noisy: one lucky pass sets a best that the next five
-  do not beat although the model is still improving. Decisions therefore follow an exponential
-  moving average of the metric (``smoothing``: the newest pass's weight), logged beside it as
-  ``<metric>_smoothed``; the best checkpoint is still chosen by the metric itself.
+  do not beat although the model is still improving. Decisions therefore follow the median of
+  the metric over the last ``smoothing_window`` passes, logged beside it as ``<metric>_smoothed``;
+  the best checkpoint is still chosen by the metric itself.
 - At the optimizer's starting learning rate the metric often stalls while a lower rate would
   improve it. After ``lr_drop_patience`` passes without improvement the rate is multiplied by
   ``lr_drop_factor`` (torch's ``ReduceLROnPlateau``, again on each later plateau).
@@ -17,6 +17,7 @@ Training stops with MODEL_CONVERGED after ``patience`` passes without improvemen
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 import torch
@@ -26,33 +27,38 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 
 class SmoothedMetric(Callback):
-    """Puts the moving average of ``monitor`` in the callback metrics after each validation pass.
+    """Puts the median of ``monitor`` over the last ``window`` passes in the callback metrics.
 
-    It must come before the callbacks that read it (Lightning calls them in list order).
+    A median rather than a moving average: one outlying pass moves it little, and on a true
+    plateau it is flat at once, where an average would creep towards the plateau and look like
+    a slow improvement for many passes. It must come before the callbacks that read it
+    (Lightning calls them in list order).
     """
 
-    def __init__(self, monitor: str, smoothing: float) -> None:
-        self.monitor, self.smoothing = monitor, smoothing
+    def __init__(self, monitor: str, window: int) -> None:
+        self.monitor, self.window = monitor, max(1, window)
         self.name = f"{monitor}_smoothed"
-        self.value: float | None = None
+        self.recent: list[float] = []
+
+    @property
+    def value(self) -> float | None:
+        return statistics.median(self.recent) if self.recent else None
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = trainer.callback_metrics
         if trainer.sanity_checking or self.monitor not in metrics:
             return
-        current = float(metrics[self.monitor])
-        previous = current if self.value is None else self.value
-        self.value = self.smoothing * current + (1 - self.smoothing) * previous
+        self.recent = [*self.recent, float(metrics[self.monitor])][-self.window :]
         # Lightning keeps this dict between passes and only adds what modules log to it.
         metrics[self.name] = torch.tensor(self.value)
         if trainer.logger is not None:
             trainer.logger.log_metrics({self.name: self.value}, step=trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"value": self.value}
+        return {"recent": list(self.recent)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.value = state_dict.get("value")
+        self.recent = [float(v) for v in state_dict.get("recent", [])]
 
 
 class LearningRateDrop(Callback):
@@ -106,7 +112,7 @@ def convergence_callbacks(
     """The smoothed metric, the learning-rate drop (unless ``lr_drop_patience: null``) and early
     stopping (unless disabled: then training goes on until the budget is spent), in the order
     Lightning must call them, as ``conf/early_stopping/`` says."""
-    smoothed = SmoothedMetric(monitor, float(early_stopping_cfg.get("smoothing", 1.0)))
+    smoothed = SmoothedMetric(monitor, int(early_stopping_cfg.get("smoothing_window", 1)))
     min_delta = float(early_stopping_cfg["min_delta"])
     callbacks: list[Callback] = [smoothed]
     drop_after = early_stopping_cfg.get("lr_drop_patience")

@@ -85,11 +85,12 @@ class ProgressReport(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
         now = time.monotonic()
-        if self._status is not None and now - self._last_status >= LIVE_EVERY_SECONDS:
+        if self._status is not None:
             # Not every step: reading the loss off a GPU waits for the step to finish, which
             # would stop the CPU from queueing the next one.
-            self._last_status = now
-            self._status.update(self.status_line(trainer))
+            if now - self._last_status >= LIVE_EVERY_SECONDS:
+                self._last_status = now
+                self._status.update(self.status_line(trainer))
         elif now - self._last_report >= self.plain_every_seconds:
             self._report(trainer)
         if now - self._last_report >= self.plain_every_seconds:

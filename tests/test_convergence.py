@@ -1,0 +1,159 @@
+"""When training is called converged: a smoothed metric, and a learning-rate drop before it.
+
+The trainings here are real Lightning loops on a one-parameter module whose validation metric
+follows a script, a second or two each.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from trainer.convergence import LearningRateDrop, SmoothedMetric, convergence_callbacks
+from trainer.work_history import WorkHistory, save_reserves
+
+
+class Scripted(LightningModule):
+    """Validation accuracy at epoch ``e`` is ``script[e]``; training is a trivial SGD step."""
+
+    def __init__(self, script: list[float]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.script = script
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight * batch[0]).sum()
+
+    def validation_step(self, batch, batch_idx) -> None:
+        self.log("val_accuracy", self.script[min(self.current_epoch, len(self.script) - 1)])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+def fit(script: list[float], callbacks: list) -> tuple[Trainer, Scripted]:
+    loader = DataLoader(TensorDataset(torch.ones(1, 1)), batch_size=1)
+    module = Scripted(script)
+    trainer = Trainer(
+        max_epochs=len(script), callbacks=callbacks, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
+        accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(module, loader, loader)
+    return trainer, module
+
+
+def config(window: int, patience: int, lr_drop_patience: int | None = None) -> dict:
+    return {
+        "smoothing_window": window,
+        "patience": patience,
+        "min_delta": 0.0,
+        "lr_drop_patience": lr_drop_patience,
+        "lr_drop_factor": 0.2,
+    }
+
+
+# One lucky pass (0.9 at epoch 2) on a small split, then steady improvement.
+SPIKE_THEN_CLIMB = [0.1, 0.5, 0.9, 0.6, 0.65, 0.7, 0.72, 0.74, 0.76, 0.78, 0.8]
+
+
+def test_one_lucky_pass_stops_training_on_the_raw_metric() -> None:
+    callbacks = convergence_callbacks(config(1, 3), "val_accuracy", "max", enabled=True)
+    trainer, _ = fit(SPIKE_THEN_CLIMB, callbacks)
+    assert trainer.current_epoch == 6  # stopped after the three passes that follow the spike
+
+
+def test_the_smoothed_metric_keeps_a_climbing_model_training() -> None:
+    callbacks = convergence_callbacks(config(3, 3), "val_accuracy", "max", enabled=True)
+    trainer, _ = fit(SPIKE_THEN_CLIMB, callbacks)
+    early_stopping = next(c for c in callbacks if isinstance(c, EarlyStopping))
+    assert early_stopping.stopped_epoch == 0
+    assert trainer.current_epoch == len(SPIKE_THEN_CLIMB)
+    smoothed = next(c for c in callbacks if isinstance(c, SmoothedMetric))
+    assert smoothed.value == pytest.approx(0.78)  # the median of the last three passes
+    assert float(trainer.callback_metrics["val_accuracy_smoothed"]) == pytest.approx(smoothed.value)
+
+
+def test_a_plateau_stops_training_on_the_smoothed_metric_too() -> None:
+    callbacks = convergence_callbacks(config(3, 3), "val_accuracy", "max", enabled=True)
+    trainer, _ = fit([0.2, 0.5, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7], callbacks)
+    # The median reaches 0.7 at epoch 3 and stays there: three passes later, training stops.
+    assert trainer.current_epoch == 7
+
+
+def test_the_learning_rate_drops_after_each_plateau_even_without_early_stopping() -> None:
+    callbacks = convergence_callbacks(config(1, 3, lr_drop_patience=2), "val_accuracy", "max",
+                                      enabled=False)  # fmt: skip
+    assert not any(isinstance(c, EarlyStopping) for c in callbacks)
+    trainer, module = fit([0.5] * 8, callbacks)
+    assert trainer.current_epoch == 8
+    # Epoch 0 sets the best; passes 1-2, 3-4 and 5-6 are three plateaus of two passes each.
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.2**3)
+
+
+def test_no_drop_when_lr_drop_patience_is_null() -> None:
+    callbacks = convergence_callbacks(config(1, 3), "val_accuracy", "max", enabled=False)
+    assert not any(isinstance(c, LearningRateDrop) for c in callbacks)
+    trainer, _ = fit([0.5] * 4, callbacks)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 1.0
+
+
+def test_the_drop_s_and_the_average_s_state_survive_a_checkpoint() -> None:
+    callbacks = convergence_callbacks(config(3, 9, 3), "val_accuracy", "max", enabled=True)
+    fit([0.5, 0.6, 0.6, 0.6], callbacks)
+    smoothed, drop = callbacks[0], callbacks[1]
+    assert isinstance(drop, LearningRateDrop) and drop.plateau is not None
+    # As a checkpoint keeps them: JSON-able state, loaded into fresh callbacks.
+    states = [json.loads(json.dumps(c.state_dict())) for c in (smoothed, drop)]
+    fresh = convergence_callbacks(config(3, 9, 3), "val_accuracy", "max", enabled=True)
+    for callback, state in zip(fresh[:2], states, strict=True):
+        callback.load_state_dict(state)
+    assert fresh[0].recent == smoothed.recent == pytest.approx([0.6, 0.6, 0.6])
+    module = Scripted([0.0])
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    fresh[1].on_train_start(type("T", (), {"optimizers": [optimizer]})(), module)
+    assert fresh[1].plateau.num_bad_epochs == drop.plateau.num_bad_epochs > 0
+    assert fresh[1].plateau.best == drop.plateau.best
+
+
+# -- the save reserves learned from this machine ------------------------------------------------
+
+BUDGET = {"save_reserve_seconds": "auto", "save_reserve_first_seconds": 20.0,
+          "save_reserve_factor": 2.0}  # fmt: skip
+
+
+def test_auto_reserves_are_the_first_value_until_something_is_measured(tmp_path) -> None:
+    history = WorkHistory(tmp_path, "image_classification/mobile-low-latency-1")
+    reserves = save_reserves(BUDGET, history)
+    assert (reserves.recording, reserves.checkpoint) == (20.0, 20.0)
+    history.record(recording=1.5, checkpoint=None)
+    reserves = save_reserves(BUDGET, history)
+    assert (reserves.recording, reserves.checkpoint) == (3.0, 20.0)
+
+
+def test_auto_reserves_follow_the_slowest_of_the_last_five(tmp_path) -> None:
+    history = WorkHistory(tmp_path, "image_classification/cloud")
+    for seconds in (9.0, 1.0, 2.0, 1.5, 1.0, 1.2):  # the 9 s one is the sixth from the end
+        history.record(recording=seconds, checkpoint=seconds / 10)
+    reserves = save_reserves(BUDGET, history)
+    assert reserves.recording == pytest.approx(4.0)
+    assert reserves.checkpoint == pytest.approx(0.4)
+    other = WorkHistory(tmp_path, "object_detection/cloud")  # another type: its own figures
+    assert save_reserves(BUDGET, other).recording == 20.0
+
+
+def test_a_number_is_used_for_both_and_a_damaged_file_is_ignored(tmp_path) -> None:
+    history = WorkHistory(tmp_path, "image_classification/cloud")
+    history.record(recording=1.0, checkpoint=0.1)
+    reserves = save_reserves({**BUDGET, "save_reserve_seconds": 4}, history)
+    assert (reserves.recording, reserves.checkpoint) == (4.0, 4.0)
+    history.path.write_text("{not json")
+    assert save_reserves(BUDGET, history).recording == 20.0
+    history.record(recording=2.0)
+    assert history.recent("recording") == [2.0]

@@ -49,13 +49,16 @@ def fit(script: list[float], callbacks: list) -> tuple[Trainer, Scripted]:
     return trainer, module
 
 
-def config(window: int, patience: int, lr_drop_patience: int | None = None) -> dict:
+def config(
+    window: int, patience: int, lr_drop_patience: int | None = None, lr_drops: int = 3
+) -> dict:
     return {
         "smoothing_window": window,
         "patience": patience,
         "min_delta": 0.0,
         "lr_drop_patience": lr_drop_patience,
         "lr_drop_factor": 0.2,
+        "lr_drops": lr_drops,
     }
 
 
@@ -91,10 +94,29 @@ def test_the_learning_rate_drops_after_each_plateau_even_without_early_stopping(
     callbacks = convergence_callbacks(config(1, 3, lr_drop_patience=2), "val_accuracy", "max",
                                       enabled=False)  # fmt: skip
     assert not any(isinstance(c, EarlyStopping) for c in callbacks)
-    trainer, module = fit([0.5] * 8, callbacks)
-    assert trainer.current_epoch == 8
-    # Epoch 0 sets the best; passes 1-2, 3-4 and 5-6 are three plateaus of two passes each.
+    trainer, module = fit([0.1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], callbacks)
+    assert trainer.current_epoch == 9
+    # Epoch 1 improves on the first pass and sets the best; passes 2-3, 4-5 and 6-7 are three
+    # plateaus of two passes each.
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.2**3)
+
+
+def test_at_most_lr_drops_and_each_gives_the_lower_rate_a_whole_patience() -> None:
+    callbacks = convergence_callbacks(config(1, 3, lr_drop_patience=2, lr_drops=2),
+                                      "val_accuracy", "max", enabled=True)  # fmt: skip
+    trainer, _ = fit([0.1, 0.5] + [0.5] * 20, callbacks)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.2**2)
+    # Best at epoch 1; drops after epochs 3 and 5, each restarting the count of 3 with its own
+    # pass; epochs 6 and 7 complete it (without the restarts it would end at epoch 4).
+    assert trainer.current_epoch == 8
+
+
+def test_no_drop_before_the_metric_first_improves() -> None:
+    # From scratch, a network may sit at chance for a few passes before it learns at all.
+    callbacks = convergence_callbacks(config(1, 3, lr_drop_patience=2), "val_accuracy", "max",
+                                      enabled=False)  # fmt: skip
+    trainer, _ = fit([0.17, 0.17, 0.17, 0.17, 0.5, 0.6, 0.7], callbacks)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 1.0
 
 
 def test_no_drop_when_lr_drop_patience_is_null() -> None:
@@ -106,7 +128,7 @@ def test_no_drop_when_lr_drop_patience_is_null() -> None:
 
 def test_the_drop_s_and_the_average_s_state_survive_a_checkpoint() -> None:
     callbacks = convergence_callbacks(config(3, 9, 3), "val_accuracy", "max", enabled=True)
-    fit([0.5, 0.6, 0.6, 0.6], callbacks)
+    fit([0.5, 0.6, 0.6, 0.6, 0.6], callbacks)
     smoothed, drop = callbacks[0], callbacks[1]
     assert isinstance(drop, LearningRateDrop) and drop.plateau is not None
     # As a checkpoint keeps them: JSON-able state, loaded into fresh callbacks.
@@ -115,6 +137,7 @@ def test_the_drop_s_and_the_average_s_state_survive_a_checkpoint() -> None:
     for callback, state in zip(fresh[:2], states, strict=True):
         callback.load_state_dict(state)
     assert fresh[0].recent == smoothed.recent == pytest.approx([0.6, 0.6, 0.6])
+    assert fresh[1].learning and fresh[1].first == pytest.approx(0.5)
     module = Scripted([0.0])
     optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
     fresh[1].on_train_start(type("T", (), {"optimizers": [optimizer]})(), module)

@@ -9,14 +9,16 @@ Two things made short trainings stop long before they had converged
   the best checkpoint is still chosen by the metric itself.
 - At the optimizer's starting learning rate the metric often stalls while a lower rate would
   improve it. After ``lr_drop_patience`` passes without improvement the rate is multiplied by
-  ``lr_drop_factor`` (torch's ``ReduceLROnPlateau``, again on each later plateau).
+  ``lr_drop_factor`` (torch's ``ReduceLROnPlateau``), up to ``lr_drops`` times.
 
 Training stops with MODEL_CONVERGED after ``patience`` passes without improvement (Lightning's
-``EarlyStopping``), so a plateau that a lower learning rate cannot break is still a plateau.
+``EarlyStopping``), counted afresh after each drop, so that the lower rate has a whole patience
+to break the plateau, and a plateau it cannot break is still a plateau.
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 from typing import Any
 
@@ -24,6 +26,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+log = logging.getLogger("trainer")
 
 
 class SmoothedMetric(Callback):
@@ -64,17 +68,31 @@ class SmoothedMetric(Callback):
 class LearningRateDrop(Callback):
     """``ReduceLROnPlateau`` driven by the monitored metric after each validation pass.
 
-    A callback rather than each module's ``configure_optimizers``: every task's module gets it
-    alike, from the same config as early stopping. Its state is kept in checkpoints.
+    It starts counting once the metric has improved on its first pass: a network trained from
+    scratch often sits at chance for a few passes before it learns at all, and lowering the
+    rate then only slows the start. A callback rather than each module's
+    ``configure_optimizers``: every task's module gets it alike, from the same config as early
+    stopping. Its state is kept in checkpoints.
     """
 
     def __init__(
-        self, monitor: str, mode: str, patience: int, factor: float, min_delta: float
+        self,
+        monitor: str,
+        mode: str,
+        patience: int,
+        factor: float,
+        min_delta: float,
+        max_drops: int,
+        early_stopping: EarlyStopping | None = None,
     ) -> None:
         self.monitor, self.mode = monitor, mode
         self.patience, self.factor, self.min_delta = patience, factor, min_delta
+        self.max_drops, self.early_stopping = max_drops, early_stopping
+        self.drops = 0
         self.plateau: ReduceLROnPlateau | None = None
-        self._restored: dict[str, Any] | None = None
+        self.first: float | None = None  # the metric's first pass
+        self.learning = False  # it has improved on the first pass since
+        self._restored_plateau: dict[str, Any] | None = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # torch counts the passes *beyond* its patience; ours are "after this many passes".
@@ -86,24 +104,43 @@ class LearningRateDrop(Callback):
             threshold=self.min_delta,
             threshold_mode="abs",
         )
-        if self._restored is not None:
-            self.plateau.load_state_dict(self._restored)
+        if self._restored_plateau:
+            self.plateau.load_state_dict(self._restored_plateau)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         value = trainer.callback_metrics.get(self.monitor)
         if trainer.sanity_checking or self.plateau is None or value is None:
             return
-        self.plateau.step(float(value))
+        value = float(value)
+        if not self.learning:
+            self.first = value if self.first is None else self.first
+            gain = value - self.first if self.mode == "max" else self.first - value
+            self.learning = gain > self.min_delta
+            if not self.learning:
+                return
+        if self.drops >= self.max_drops:
+            return
+        group = self.plateau.optimizer.param_groups[0]
+        before = group["lr"]
+        self.plateau.step(value)
+        if group["lr"] < before:
+            self.drops += 1
+            log.info("learning rate lowered to %.3g (%s stalled)", group["lr"], self.monitor)
+            if self.early_stopping is not None:
+                # The lower rate gets a whole patience before training is called converged.
+                self.early_stopping.wait_count = 0
 
     def state_dict(self) -> dict[str, Any]:
-        if self.plateau is None:
-            return self._restored or {}
-        state = self.plateau.state_dict()
-        state.pop("optimizer", None)  # the optimizer is checkpointed by Lightning itself
-        return state
+        plateau = self.plateau.state_dict() if self.plateau else self._restored_plateau
+        return {
+            "first": self.first, "learning": self.learning, "drops": self.drops,
+            "plateau": plateau or {},
+        }  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = dict(state_dict) or None
+        self.first, self.learning = state_dict.get("first"), bool(state_dict.get("learning"))
+        self.drops = int(state_dict.get("drops", 0))
+        self._restored_plateau = state_dict.get("plateau") or None
 
 
 def convergence_callbacks(
@@ -114,12 +151,22 @@ def convergence_callbacks(
     Lightning must call them, as ``conf/early_stopping/`` says."""
     smoothed = SmoothedMetric(monitor, int(early_stopping_cfg.get("smoothing_window", 1)))
     min_delta = float(early_stopping_cfg["min_delta"])
+    early_stopping = None
+    if enabled:
+        patience = int(early_stopping_cfg["patience"])
+        early_stopping = EarlyStopping(smoothed.name, min_delta, patience, mode=mode)
     callbacks: list[Callback] = [smoothed]
     drop_after = early_stopping_cfg.get("lr_drop_patience")
     if drop_after:
-        factor = float(early_stopping_cfg["lr_drop_factor"])
-        callbacks.append(LearningRateDrop(smoothed.name, mode, int(drop_after), factor, min_delta))
-    if enabled:
-        patience = int(early_stopping_cfg["patience"])
-        callbacks.append(EarlyStopping(smoothed.name, min_delta, patience, mode=mode))
-    return callbacks
+        callbacks.append(
+            LearningRateDrop(
+                smoothed.name,
+                mode,
+                int(drop_after),
+                float(early_stopping_cfg["lr_drop_factor"]),
+                min_delta,
+                int(early_stopping_cfg.get("lr_drops", 1)),
+                early_stopping,
+            )  # fmt: skip
+        )
+    return callbacks if early_stopping is None else [*callbacks, early_stopping]

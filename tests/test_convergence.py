@@ -83,6 +83,14 @@ def test_the_smoothed_metric_keeps_a_climbing_model_training() -> None:
     assert float(trainer.callback_metrics["val_accuracy_smoothed"]) == pytest.approx(smoothed.value)
 
 
+def test_a_slow_start_s_first_small_gains_count() -> None:
+    # From scratch, near chance for a few passes: a median from the first pass on would sit at
+    # 0.13 and end training at epoch 4. The window starts at the first gain (0.2, epoch 4).
+    callbacks = convergence_callbacks(config(3, 4), "val_accuracy", "max", enabled=True)
+    trainer, _ = fit([0.13, 0.13, 0.07, 0.13, 0.2, 0.2, 0.27, 0.4, 0.6, 0.8], callbacks)
+    assert trainer.current_epoch == 10
+
+
 def test_a_plateau_stops_training_on_the_smoothed_metric_too() -> None:
     callbacks = convergence_callbacks(config(3, 3), "val_accuracy", "max", enabled=True)
     trainer, _ = fit([0.2, 0.5, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7], callbacks)
@@ -128,7 +136,7 @@ def test_no_drop_when_lr_drop_patience_is_null() -> None:
 
 def test_the_drop_s_and_the_average_s_state_survive_a_checkpoint() -> None:
     callbacks = convergence_callbacks(config(3, 9, 3), "val_accuracy", "max", enabled=True)
-    fit([0.5, 0.6, 0.6, 0.6, 0.6], callbacks)
+    fit([0.5, 0.6, 0.6, 0.6], callbacks)
     smoothed, drop = callbacks[0], callbacks[1]
     assert isinstance(drop, LearningRateDrop) and drop.plateau is not None
     # As a checkpoint keeps them: JSON-able state, loaded into fresh callbacks.

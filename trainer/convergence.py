@@ -5,8 +5,9 @@ Two things made short trainings stop long before they had converged
 
 - A validation metric on a small split is noisy: one lucky pass sets a best that the next five
   do not beat although the model is still improving. Decisions therefore follow the median of
-  the metric over the last ``smoothing_window`` passes, logged beside it as ``<metric>_smoothed``;
-  the best checkpoint is still chosen by the metric itself.
+  the metric over the last ``smoothing_window`` passes (from its first improvement on; before,
+  the metric itself), logged beside it as ``<metric>_smoothed``; the best checkpoint is still
+  chosen by the metric itself, as DESIGN.md says.
 - At the optimizer's starting learning rate the metric often stalls while a lower rate would
   improve it. After ``lr_drop_patience`` passes without improvement the rate is multiplied by
   ``lr_drop_factor`` (torch's ``ReduceLROnPlateau``), up to ``lr_drops`` times.
@@ -30,39 +31,53 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 log = logging.getLogger("trainer")
 
 
+def smoothed_name(monitor: str) -> str:
+    return f"{monitor}_smoothed"
+
+
 class SmoothedMetric(Callback):
     """Puts the median of ``monitor`` over the last ``window`` passes in the callback metrics.
 
     A median rather than a moving average: one outlying pass moves it little, and on a true
     plateau it is flat at once, where an average would creep towards the plateau and look like
-    a slow improvement for many passes. It must come before the callbacks that read it
-    (Lightning calls them in list order).
+    a slow improvement for many passes. The window starts at the first pass that improves on
+    the first one; until then the metric itself goes through: a network trained from scratch
+    may sit near chance for a few passes, and a median of those would hide its first small
+    gains, so that it would be called converged before it started. It must come before the
+    callbacks that read it (Lightning calls them in list order).
     """
 
-    def __init__(self, monitor: str, window: int) -> None:
-        self.monitor, self.window = monitor, max(1, window)
-        self.name = f"{monitor}_smoothed"
-        self.recent: list[float] = []
-
-    @property
-    def value(self) -> float | None:
-        return statistics.median(self.recent) if self.recent else None
+    def __init__(self, monitor: str, window: int, mode: str = "max") -> None:
+        self.monitor, self.window, self.sign = monitor, max(1, window), 1 if mode == "max" else -1
+        # Of an even count, the middle value on the worse side: two passes, one of them lucky,
+        # do not make a best.
+        self.median = statistics.median_low if mode == "max" else statistics.median_high
+        self.name = smoothed_name(monitor)
+        self.first: float | None = None
+        self.recent: list[float] = []  # since the first improvement, at most ``window``
+        self.value: float | None = None  # what the last pass published
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = trainer.callback_metrics
         if trainer.sanity_checking or self.monitor not in metrics:
             return
-        self.recent = [*self.recent, float(metrics[self.monitor])][-self.window :]
+        current = float(metrics[self.monitor])
+        self.first = current if self.first is None else self.first
+        if self.recent or self.sign * (current - self.first) > 0:
+            self.recent = [*self.recent, current][-self.window :]
+        self.value = self.median(self.recent) if self.recent else current
         # Lightning keeps this dict between passes and only adds what modules log to it.
         metrics[self.name] = torch.tensor(self.value)
         if trainer.logger is not None:
             trainer.logger.log_metrics({self.name: self.value}, step=trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"recent": list(self.recent)}
+        return {"first": self.first, "recent": list(self.recent)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.first = state_dict.get("first")
         self.recent = [float(v) for v in state_dict.get("recent", [])]
+        self.value = self.median(self.recent) if self.recent else self.first
 
 
 class LearningRateDrop(Callback):
@@ -149,7 +164,7 @@ def convergence_callbacks(
     """The smoothed metric, the learning-rate drop (unless ``lr_drop_patience: null``) and early
     stopping (unless disabled: then training goes on until the budget is spent), in the order
     Lightning must call them, as ``conf/early_stopping/`` says."""
-    smoothed = SmoothedMetric(monitor, int(early_stopping_cfg.get("smoothing_window", 1)))
+    smoothed = SmoothedMetric(monitor, int(early_stopping_cfg.get("smoothing_window", 1)), mode)
     min_delta = float(early_stopping_cfg["min_delta"])
     early_stopping = None
     if enabled:

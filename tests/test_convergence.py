@@ -50,7 +50,11 @@ def fit(script: list[float], callbacks: list) -> tuple[Trainer, Scripted]:
 
 
 def config(
-    window: int, patience: int, lr_drop_patience: int | None = None, lr_drops: int = 3
+    window: int,
+    patience: int,
+    lr_drop_patience: int | None = None,
+    lr_drops: int = 3,
+    patience_before_first_gain: int | None = None,
 ) -> dict:
     return {
         "smoothing_window": window,
@@ -59,6 +63,7 @@ def config(
         "lr_drop_patience": lr_drop_patience,
         "lr_drop_factor": 0.2,
         "lr_drops": lr_drops,
+        "patience_before_first_gain": patience_before_first_gain or 2 * patience,
     }
 
 
@@ -83,12 +88,29 @@ def test_the_smoothed_metric_keeps_a_climbing_model_training() -> None:
     assert float(trainer.callback_metrics["val_accuracy_smoothed"]) == pytest.approx(smoothed.value)
 
 
-def test_a_slow_start_s_first_small_gains_count() -> None:
-    # From scratch, near chance for a few passes: a median from the first pass on would sit at
-    # 0.13 and end training at epoch 4. The window starts at the first gain (0.2, epoch 4).
+def test_a_slow_start_gets_more_passes_before_its_first_gain() -> None:
+    # From scratch, near chance for a few passes: the median first improves at epoch 5.
+    script = [0.13, 0.13, 0.07, 0.13, 0.13, 0.2, 0.27, 0.4, 0.6, 0.8]
+    impatient = config(3, 4, patience_before_first_gain=4)
+    trainer, _ = fit(script, convergence_callbacks(impatient, "val_accuracy", "max", True))
+    assert trainer.current_epoch == 5
     callbacks = convergence_callbacks(config(3, 4), "val_accuracy", "max", enabled=True)
-    trainer, _ = fit([0.13, 0.13, 0.07, 0.13, 0.2, 0.2, 0.27, 0.4, 0.6, 0.8], callbacks)
-    assert trainer.current_epoch == 10
+    trainer, _ = fit(script, callbacks)
+    assert trainer.current_epoch == len(script)
+    assert next(c for c in callbacks if isinstance(c, EarlyStopping)).patience == 4
+
+
+def test_a_lucky_first_pass_gives_a_network_still_at_chance_more_passes() -> None:
+    # 15 validation clips at chance: 0.33 first, then nothing better for five passes.
+    script = [0.33, 0.27, 0.13, 0.13, 0.07, 0.33, 0.27, 0.47, 0.6, 0.8, 0.9, 0.95]
+    callbacks = convergence_callbacks(config(3, 5), "val_accuracy", "max", enabled=True)
+    trainer, _ = fit(script, callbacks)
+    assert trainer.current_epoch == len(script)
+    never = convergence_callbacks(config(3, 5), "val_accuracy", "max", enabled=True)
+    trainer, _ = fit([0.33, 0.27, 0.13, 0.13, 0.07, 0.33] + [0.2] * 10, never)
+    assert trainer.current_epoch == 11  # still stopped: after 10 passes without a first gain
+    early_stopping = next(c for c in never if isinstance(c, EarlyStopping))
+    assert early_stopping.patience == 10
 
 
 def test_a_plateau_stops_training_on_the_smoothed_metric_too() -> None:
@@ -146,6 +168,7 @@ def test_the_drop_s_and_the_average_s_state_survive_a_checkpoint() -> None:
         callback.load_state_dict(state)
     assert fresh[0].recent == smoothed.recent == pytest.approx([0.6, 0.6, 0.6])
     assert fresh[1].learning and fresh[1].first == pytest.approx(0.5)
+    assert fresh[0].gained and fresh[0].first == pytest.approx(0.5)
     module = Scripted([0.0])
     optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
     fresh[1].on_train_start(type("T", (), {"optimizers": [optimizer]})(), module)

@@ -5,16 +5,18 @@ Two things made short trainings stop long before they had converged
 
 - A validation metric on a small split is noisy: one lucky pass sets a best that the next five
   do not beat although the model is still improving. Decisions therefore follow the median of
-  the metric over the last ``smoothing_window`` passes (from its first improvement on; before,
-  the metric itself), logged beside it as ``<metric>_smoothed``; the best checkpoint is still
-  chosen by the metric itself, as DESIGN.md says.
+  the metric over the last ``smoothing_window`` passes, logged beside it as
+  ``<metric>_smoothed``; the best checkpoint is still chosen by the metric itself, as DESIGN.md
+  says.
 - At the optimizer's starting learning rate the metric often stalls while a lower rate would
   improve it. After ``lr_drop_patience`` passes without improvement the rate is multiplied by
   ``lr_drop_factor`` (torch's ``ReduceLROnPlateau``), up to ``lr_drops`` times.
 
 Training stops with MODEL_CONVERGED after ``patience`` passes without improvement (Lightning's
 ``EarlyStopping``), counted afresh after each drop, so that the lower rate has a whole patience
-to break the plateau, and a plateau it cannot break is still a plateau.
+to break the plateau, and a plateau it cannot break is still a plateau. Until the metric first
+improves on its first pass, ``patience_before_first_gain`` passes: a first pass at chance may be
+a lucky one that a network still starting cannot beat for a while.
 """
 
 from __future__ import annotations
@@ -40,44 +42,56 @@ class SmoothedMetric(Callback):
 
     A median rather than a moving average: one outlying pass moves it little, and on a true
     plateau it is flat at once, where an average would creep towards the plateau and look like
-    a slow improvement for many passes. The window starts at the first pass that improves on
-    the first one; until then the metric itself goes through: a network trained from scratch
-    may sit near chance for a few passes, and a median of those would hide its first small
-    gains, so that it would be called converged before it started. It must come before the
-    callbacks that read it (Lightning calls them in list order).
+    a slow improvement for many passes. Until the median first improves on its first value,
+    early stopping waits ``patience_before_first_gain`` passes instead of its patience: a first
+    pass at chance may have been a lucky one (a third of 15 clips) that a network still starting
+    cannot beat for a while. It must come before the callbacks that read it (Lightning calls
+    them in list order).
     """
 
-    def __init__(self, monitor: str, window: int, mode: str = "max") -> None:
+    def __init__(
+        self,
+        monitor: str,
+        window: int,
+        mode: str = "max",
+        early_stopping: EarlyStopping | None = None,
+        patience_before_first_gain: int | None = None,
+    ) -> None:
         self.monitor, self.window, self.sign = monitor, max(1, window), 1 if mode == "max" else -1
+        self.name = smoothed_name(monitor)
         # Of an even count, the middle value on the worse side: two passes, one of them lucky,
         # do not make a best.
         self.median = statistics.median_low if mode == "max" else statistics.median_high
-        self.name = smoothed_name(monitor)
-        self.first: float | None = None
-        self.recent: list[float] = []  # since the first improvement, at most ``window``
-        self.value: float | None = None  # what the last pass published
+        self.early_stopping = early_stopping
+        self.patience = early_stopping.patience if early_stopping else 0
+        self.slow_patience = max(patience_before_first_gain or 0, self.patience)
+        self.recent: list[float] = []
+        self.first: float | None = None  # the first median
+        self.gained = False  # a median has improved on the first since
+        self.value: float | None = None  # the last median
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = trainer.callback_metrics
         if trainer.sanity_checking or self.monitor not in metrics:
             return
-        current = float(metrics[self.monitor])
-        self.first = current if self.first is None else self.first
-        if self.recent or self.sign * (current - self.first) > 0:
-            self.recent = [*self.recent, current][-self.window :]
-        self.value = self.median(self.recent) if self.recent else current
+        self.recent = [*self.recent, float(metrics[self.monitor])][-self.window :]
+        self.value = self.median(self.recent)
+        self.first = self.value if self.first is None else self.first
+        self.gained = self.gained or self.sign * (self.value - self.first) > 0
+        if self.early_stopping is not None:
+            self.early_stopping.patience = self.patience if self.gained else self.slow_patience
         # Lightning keeps this dict between passes and only adds what modules log to it.
         metrics[self.name] = torch.tensor(self.value)
         if trainer.logger is not None:
             trainer.logger.log_metrics({self.name: self.value}, step=trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"first": self.first, "recent": list(self.recent)}
+        return {"recent": list(self.recent), "first": self.first, "gained": self.gained}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.first = state_dict.get("first")
         self.recent = [float(v) for v in state_dict.get("recent", [])]
-        self.value = self.median(self.recent) if self.recent else self.first
+        self.first, self.gained = state_dict.get("first"), bool(state_dict.get("gained"))
+        self.value = self.median(self.recent) if self.recent else None
 
 
 class LearningRateDrop(Callback):
@@ -164,18 +178,22 @@ def convergence_callbacks(
     """The smoothed metric, the learning-rate drop (unless ``lr_drop_patience: null``) and early
     stopping (unless disabled: then training goes on until the budget is spent), in the order
     Lightning must call them, as ``conf/early_stopping/`` says."""
-    smoothed = SmoothedMetric(monitor, int(early_stopping_cfg.get("smoothing_window", 1)), mode)
+    name = smoothed_name(monitor)
     min_delta = float(early_stopping_cfg["min_delta"])
     early_stopping = None
     if enabled:
         patience = int(early_stopping_cfg["patience"])
-        early_stopping = EarlyStopping(smoothed.name, min_delta, patience, mode=mode)
-    callbacks: list[Callback] = [smoothed]
+        early_stopping = EarlyStopping(name, min_delta, patience, mode=mode)
+    window = int(early_stopping_cfg.get("smoothing_window", 1))
+    slow_patience = early_stopping_cfg.get("patience_before_first_gain")
+    callbacks: list[Callback] = [
+        SmoothedMetric(monitor, window, mode, early_stopping, slow_patience)
+    ]
     drop_after = early_stopping_cfg.get("lr_drop_patience")
     if drop_after:
         callbacks.append(
             LearningRateDrop(
-                smoothed.name,
+                name,
                 mode,
                 int(drop_after),
                 float(early_stopping_cfg["lr_drop_factor"]),

@@ -17,6 +17,7 @@ FAST = [
     "model.input_size=[32,32]",
     "data.batch_size=16",
     "early_stopping.patience=2",
+    "early_stopping.patience_before_first_gain=2",  # tiny runs: no longer wait for a slow start
     "budget.min_milli_node_hours=1",
     "budget.train_budget_milli_node_hours=200",
     "budget.save_reserve_seconds=4",  # tiny networks record in about 2 s on an idle machine

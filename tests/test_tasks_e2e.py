@@ -24,6 +24,7 @@ from trainer.video_data import read_video_dataset
 SMALL_BUDGETS = [
     "budget.min_milli_node_hours=1",
     "early_stopping.patience=2",
+    "early_stopping.patience_before_first_gain=2",
     "budget.save_reserve_seconds=8",  # larger networks than the image tests' to record
 ]
 DETECTION = [

@@ -64,7 +64,7 @@ class SmoothedMetric(Callback):
         self.median = statistics.median_low if mode == "max" else statistics.median_high
         self.early_stopping = early_stopping
         self.patience = early_stopping.patience if early_stopping else 0
-        self.slow_patience = max(patience_before_first_gain or 0, self.patience)
+        self.slow_patience = max(patience_before_first_gain or 2 * self.patience, self.patience)
         self.recent: list[float] = []
         self.first: float | None = None  # the first median
         self.gained = False  # a median has improved on the first since

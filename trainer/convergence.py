@@ -97,16 +97,16 @@ class SmoothedMetric(Callback):
 class LearningRateDrop(Callback):
     """``ReduceLROnPlateau`` driven by the monitored metric after each validation pass.
 
-    It starts counting once the metric has improved on its first pass: a network trained from
-    scratch often sits at chance for a few passes before it learns at all, and lowering the
-    rate then only slows the start. A callback rather than each module's
-    ``configure_optimizers``: every task's module gets it alike, from the same config as early
-    stopping. Its state is kept in checkpoints.
+    It starts counting once the smoothed metric has improved on its first value (``SmoothedMetric``
+    keeps that): a network trained from scratch often sits at chance for a few passes before it
+    learns at all, and lowering the rate then only slows the start. A callback rather than each
+    module's ``configure_optimizers``: every task's module gets it alike, from the same config
+    as early stopping. Its state is kept in checkpoints.
     """
 
     def __init__(
         self,
-        monitor: str,
+        smoothed: SmoothedMetric,
         mode: str,
         patience: int,
         factor: float,
@@ -114,14 +114,20 @@ class LearningRateDrop(Callback):
         max_drops: int,
         early_stopping: EarlyStopping | None = None,
     ) -> None:
-        self.monitor, self.mode = monitor, mode
+        self.smoothed, self.monitor, self.mode = smoothed, smoothed.name, mode
         self.patience, self.factor, self.min_delta = patience, factor, min_delta
         self.max_drops, self.early_stopping = max_drops, early_stopping
         self.drops = 0
         self.plateau: ReduceLROnPlateau | None = None
-        self.first: float | None = None  # the metric's first pass
-        self.learning = False  # it has improved on the first pass since
         self._restored_plateau: dict[str, Any] | None = None
+
+    @property
+    def first(self) -> float | None:
+        return self.smoothed.first
+
+    @property
+    def learning(self) -> bool:
+        return self.smoothed.gained
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # torch counts the passes *beyond* its patience; ours are "after this many passes".
@@ -140,18 +146,11 @@ class LearningRateDrop(Callback):
         value = trainer.callback_metrics.get(self.monitor)
         if trainer.sanity_checking or self.plateau is None or value is None:
             return
-        value = float(value)
-        if not self.learning:
-            self.first = value if self.first is None else self.first
-            gain = value - self.first if self.mode == "max" else self.first - value
-            self.learning = gain > self.min_delta
-            if not self.learning:
-                return
-        if self.drops >= self.max_drops:
+        if not self.learning or self.drops >= self.max_drops:
             return
         group = self.plateau.optimizer.param_groups[0]
         before = group["lr"]
-        self.plateau.step(value)
+        self.plateau.step(float(value))
         if group["lr"] < before:
             self.drops += 1
             log.info("learning rate lowered to %.3g (%s stalled)", group["lr"], self.monitor)
@@ -161,13 +160,9 @@ class LearningRateDrop(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         plateau = self.plateau.state_dict() if self.plateau else self._restored_plateau
-        return {
-            "first": self.first, "learning": self.learning, "drops": self.drops,
-            "plateau": plateau or {},
-        }  # fmt: skip
+        return {"drops": self.drops, "plateau": plateau or {}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.first, self.learning = state_dict.get("first"), bool(state_dict.get("learning"))
         self.drops = int(state_dict.get("drops", 0))
         self._restored_plateau = state_dict.get("plateau") or None
 
@@ -186,14 +181,13 @@ def convergence_callbacks(
         early_stopping = EarlyStopping(name, min_delta, patience, mode=mode)
     window = int(early_stopping_cfg.get("smoothing_window", 1))
     slow_patience = early_stopping_cfg.get("patience_before_first_gain")
-    callbacks: list[Callback] = [
-        SmoothedMetric(monitor, window, mode, early_stopping, slow_patience)
-    ]
+    smoothed = SmoothedMetric(monitor, window, mode, early_stopping, slow_patience)
+    callbacks: list[Callback] = [smoothed]
     drop_after = early_stopping_cfg.get("lr_drop_patience")
     if drop_after:
         callbacks.append(
             LearningRateDrop(
-                name,
+                smoothed,
                 mode,
                 int(drop_after),
                 float(early_stopping_cfg["lr_drop_factor"]),

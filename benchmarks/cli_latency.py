@@ -32,7 +32,7 @@ def trainer(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def build_store(cwd: Path) -> None:
-    from trainer.demo_data import write_shapes
+    from trainer.tasks.image_classification.demo import write_shapes
 
     write_shapes(cwd / "data", per_label=24, size=32, seed=7)
     trained = trainer(

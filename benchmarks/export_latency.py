@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from trainer.backbones import build_backbone
+from trainer import CONF_DIR
 from trainer.export import Runner, latency_ms, write_model
-from trainer.settings import CONF_DIR
+from trainer.tasks.image_classification.networks import build_backbone
 
 MOBILE = ["mobile-low-latency-1", "mobile-versatile-1", "mobile-high-accuracy-1"]
 

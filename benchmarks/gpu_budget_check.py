@@ -22,11 +22,11 @@ import torch
 
 from budgets import BudgetMeter
 from budgets.callback import BudgetStopping
-from trainer.backbones import build_backbone
-from trainer.data import TRAIN, VALIDATE, read_dataset
-from trainer.demo_data import ensure_demo_dataset
-from trainer.images import LabelledImages, eval_transform, make_loader, train_transform
-from trainer.module import ImageClassifier
+from trainer.data.images import LabelledImages, eval_transform, make_loader, train_transform
+from trainer.data.manifest import TRAIN, VALIDATE, read_dataset
+from trainer.tasks.image_classification.demo import ensure_demo_dataset
+from trainer.tasks.image_classification.module import ImageClassifier
+from trainer.tasks.image_classification.networks import build_backbone
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

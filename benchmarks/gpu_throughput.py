@@ -41,12 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from budgets import BudgetMeter  # noqa: E402
 from budgets.callback import BudgetStopping  # noqa: E402
-from trainer.backbones import build_backbone  # noqa: E402
-from trainer.data import read_dataset  # noqa: E402
-from trainer.device_augment import resolve_precision  # noqa: E402
-from trainer.image_cache import Layout, build_cache, open_cache  # noqa: E402
-from trainer.images import make_loaders  # noqa: E402
-from trainer.module import ImageClassifier  # noqa: E402
+from trainer.data.device_augment import resolve_precision  # noqa: E402
+from trainer.data.image_cache import Layout, build_cache, open_cache  # noqa: E402
+from trainer.data.images import make_loaders  # noqa: E402
+from trainer.data.manifest import read_dataset  # noqa: E402
+from trainer.tasks.image_classification.module import ImageClassifier  # noqa: E402
+from trainer.tasks.image_classification.networks import build_backbone  # noqa: E402
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 MODEL_TYPES = {  # conf/task_model/image_classification/*.yaml, for machines without the tree

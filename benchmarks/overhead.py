@@ -30,15 +30,15 @@ from torch.nn import functional as F
 
 from budgets import BudgetMeter
 from budgets.callback import BudgetStopping
-from trainer.backbones import build_backbone
-from trainer.checkpoints import CancelWatch, SafetyCheckpoints, StopRequest
-from trainer.data import TRAIN, read_dataset
-from trainer.demo_data import ensure_demo_dataset
-from trainer.images import LabelledImages, make_loader, train_transform
-from trainer.module import ImageClassifier
-from trainer.progress import ProgressReport
-from trainer.settings import CONF_DIR
-from trainer.store import Store
+from trainer import CONF_DIR
+from trainer.data.images import LabelledImages, make_loader, train_transform
+from trainer.data.manifest import TRAIN, read_dataset
+from trainer.job.checkpoints import CancelWatch, SafetyCheckpoints, StopRequest
+from trainer.job.progress import ProgressReport
+from trainer.store.store import Store
+from trainer.tasks.image_classification.demo import ensure_demo_dataset
+from trainer.tasks.image_classification.module import ImageClassifier
+from trainer.tasks.image_classification.networks import build_backbone
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore")

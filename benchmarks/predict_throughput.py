@@ -21,11 +21,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from trainer.backbones import build_backbone
-from trainer.demo_data import LABELS, write_shapes
-from trainer.images import eval_transform
+from trainer import CONF_DIR
+from trainer.data.images import eval_transform
 from trainer.predict import BATCH_SIZE, classification_records, default_workers, predict_images
-from trainer.settings import CONF_DIR
+from trainer.tasks.image_classification.demo import LABELS, write_shapes
+from trainer.tasks.image_classification.networks import build_backbone
 
 
 def bare_forward(network: torch.nn.Module, pixels: torch.Tensor) -> float:

@@ -36,10 +36,10 @@ from torch.nn import functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from trainer.backbones import build_backbone  # noqa: E402
-from trainer.data import TEST, TRAIN, read_dataset  # noqa: E402
-from trainer.demo_data import write_shapes  # noqa: E402
-from trainer.images import LabelledImages, eval_transform, make_loader, train_transform  # noqa: E402
+from trainer.data.images import LabelledImages, eval_transform, make_loader, train_transform  # noqa: E402
+from trainer.data.manifest import TEST, TRAIN, read_dataset  # noqa: E402
+from trainer.tasks.image_classification.demo import write_shapes  # noqa: E402
+from trainer.tasks.image_classification.networks import build_backbone  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # The trainer's defaults (conf/), which the plain loop uses too.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.demo_data import write_shapes
+from trainer.tasks.image_classification.demo import write_shapes
 
 REPO = Path(__file__).resolve().parent.parent
 

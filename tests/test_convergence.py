@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import EarlyStopping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainer.convergence import LearningRateDrop, SmoothedMetric, convergence_callbacks
-from trainer.work_history import WorkHistory, save_reserves
+from trainer.job.convergence import LearningRateDrop, SmoothedMetric, convergence_callbacks
+from trainer.job.work_history import WorkHistory, save_reserves
 
 
 class Scripted(LightningModule):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from trainer.data import TEST, TRAIN, VALIDATE, describe, read_dataset, split_for
-from trainer.demo_data import LABELS, ensure_demo_dataset
+from trainer.data.manifest import TEST, TRAIN, VALIDATE, describe, read_dataset, split_for
 from trainer.errors import UserError
+from trainer.tasks.image_classification.demo import LABELS, ensure_demo_dataset
 
 
 def image(path: Path, colour=(0, 128, 255)) -> Path:

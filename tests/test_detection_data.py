@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from benchmarks.real_detection_dataset import build_real_detection_dataset
-from trainer.data import TEST, TRAIN, VALIDATE, split_for
-from trainer.demo_detection import LABELS, ensure_demo_detection_dataset
-from trainer.detection_data import (
+from trainer.data.manifest import TEST, TRAIN, VALIDATE, split_for
+from trainer.errors import UserError
+from trainer.tasks.object_detection.data import (
     INVERTED,
     NO_GOOD_BOX,
     OUTSIDE,
@@ -23,7 +23,7 @@ from trainer.detection_data import (
     describe,
     read_detection_dataset,
 )
-from trainer.errors import UserError
+from trainer.tasks.object_detection.demo import LABELS, ensure_demo_detection_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -200,7 +200,8 @@ def test_fingerprint_covers_boxes_and_is_stable(tmp_path: Path) -> None:
 
 def test_data_and_prediction_formatting_do_not_import_torch() -> None:
     code = (
-        "import sys, trainer.detection_data, trainer.detection_predict, trainer.demo_detection;"
+        "import sys, trainer.tasks.object_detection.data, trainer.tasks.object_detection.predict, "
+        "trainer.tasks.object_detection.demo;"
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

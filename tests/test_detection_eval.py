@@ -20,14 +20,14 @@ from evaluation.detection import (
     mean_average_precision,
 )
 from evaluation.detection_plots import detection_grid_png, detection_precision_recall_png
-from trainer.detection_predict import (
+from trainer.errors import UserError
+from trainer.tasks.object_detection.predict import (
     check_detection_options,
     detection_record,
     jsonl_line,
     output_name,
     record_from_rows,
 )
-from trainer.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 LABELS = ["cat", "dog"]

@@ -14,19 +14,23 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from evaluation.detection import detection_evaluations, mean_average_precision
-from trainer.demo_detection import write_detection_shapes
-from trainer.detection_data import Box, DetectionItem, read_detection_dataset
-from trainer.detection_images import (
+from trainer.errors import UserError
+from trainer.tasks.object_detection.data import Box, DetectionItem, read_detection_dataset
+from trainer.tasks.object_detection.demo import write_detection_shapes
+from trainer.tasks.object_detection.images import (
     DetectionImages,
     collate_detection,
     detection_eval_transform,
     detection_train_transform,
     make_detection_loader,
 )
-from trainer.detection_module import ObjectDetector, ServingDetector, normalized_detections
-from trainer.detection_predict import detection_record
-from trainer.detectors import MODEL_TYPES, build_detector
-from trainer.errors import UserError
+from trainer.tasks.object_detection.module import (
+    ObjectDetector,
+    ServingDetector,
+    normalized_detections,
+)
+from trainer.tasks.object_detection.networks import MODEL_TYPES, build_detector
+from trainer.tasks.object_detection.predict import detection_record
 
 # A 100 x 50 picture, black but for a white block at x 20..40, y 10..30 (pixels).
 WIDTH, HEIGHT = 100, 50

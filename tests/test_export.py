@@ -82,8 +82,8 @@ def test_torchscript_export(trained) -> None:
 def test_a_broken_export_fails_verification_and_leaves_nothing(
     trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trainer.catalog import Catalog
     from trainer.export import ExportFailed, export_package
+    from trainer.store.catalog import Catalog
     from trainer.stored_model import trained_model
 
     cwd, models = trained
@@ -122,7 +122,7 @@ def test_readme_snippet_classifies_with_the_package_alone(
         + "\nassert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'trainer')]\n"
     )
     state = read_json(next(d for d in run_dirs(cwd) if (d / "model.json").is_file()) / "state.json")
-    from trainer.data import TEST, read_dataset
+    from trainer.data.manifest import TEST, read_dataset
 
     item = read_dataset(state["config"]["dataset"]["path"]).split(TEST)[0]
     env = {"PATH": os.environ["PATH"]}  # no PYTHONPATH: nothing of the project on the path
@@ -138,8 +138,8 @@ def test_readme_snippet_classifies_with_the_package_alone(
     import torch
     from PIL import Image
 
-    from trainer.catalog import Catalog
-    from trainer.images import eval_transform
+    from trainer.data.images import eval_transform
+    from trainer.store.catalog import Catalog
     from trainer.stored_model import load_network, trained_model
 
     monkeypatch.chdir(cwd)

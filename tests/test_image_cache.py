@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from tests.conftest import FAST, REPO, read_json, run_dirs, run_trainer
-from trainer import image_cache
-from trainer.data import TEST, TRAIN, VALIDATE, read_dataset
-from trainer.device_augment import DeviceAugment
-from trainer.images import CachedImages, LabelledImages, make_loaders, train_transform
+from trainer.data import image_cache
+from trainer.data.device_augment import DeviceAugment
+from trainer.data.images import CachedImages, LabelledImages, make_loaders, train_transform
+from trainer.data.manifest import TEST, TRAIN, VALIDATE, read_dataset
 
 SIZE = [32, 32]
 SCALE = [0.6, 1.0]
@@ -130,8 +130,8 @@ def test_a_killed_build_resumes_where_it_stopped(
     script = textwrap.dedent(
         f"""
         import os, signal
-        from trainer import image_cache
-        from trainer.data import read_dataset
+        from trainer.data import image_cache
+        from trainer.data.manifest import read_dataset
         image_cache.CHUNK = 16
         manifest = read_dataset({str(dataset)!r})
         layout = image_cache.Layout.of(manifest, {SIZE}, {SCALE})
@@ -270,7 +270,7 @@ def test_device_crops_have_the_distribution_of_the_cpu_transform(
 def test_normalization_matches_the_cpu_transform() -> None:
     """A crop of the whole image, unflipped, at the same size: exactly what ToDtype and
     Normalize make of the same pixels."""
-    from trainer.device_augment import normalize, resized_crop
+    from trainer.data.device_augment import normalize, resized_crop
 
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4)
@@ -368,7 +368,7 @@ def test_a_slow_compile_before_the_first_step_does_not_stop_training_early(
 
     from budgets import BudgetMeter
     from budgets.callback import BudgetStopping
-    from trainer.module import ImageClassifier
+    from trainer.tasks.image_classification.module import ImageClassifier
 
     clock = FakeClock()
 
@@ -401,7 +401,7 @@ def test_the_compile_warm_up_leaves_weights_statistics_and_gradients_alone() -> 
 
     from lightning.pytorch.plugins.precision import Precision
 
-    from trainer.module import ImageClassifier
+    from trainer.tasks.image_classification.module import ImageClassifier
 
     module = ImageClassifier(tiny_backbone(3), 3, 1e-3, 0.0)
     module._plan.batch_size, module._plan.input_size = 4, (16, 16)

@@ -13,7 +13,7 @@ from tests.conftest import FAST, read_json, run_dirs, run_trainer
 from tests.test_evaluation import is_png
 from tests.test_manage import cli, one_line_error
 from tests.test_resume import mlflow_client
-from trainer.data import TEST, read_dataset
+from trainer.data.manifest import TEST, read_dataset
 from trainer.errors import UserError
 from trainer.predict import ShardedJsonl, classification_record, read_input_csv
 
@@ -247,7 +247,7 @@ def test_urls_are_read_through_fsspec(tmp_path: Path) -> None:
     import torch
     from PIL import Image
 
-    from trainer.images import eval_transform
+    from trainer.data.images import eval_transform
     from trainer.predict import classification_records, predict_images
 
     with fsspec.open("memory://bucket/cat.png", "wb") as handle:

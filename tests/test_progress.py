@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 
-from trainer import progress
-from trainer.progress import ProgressReport
+from trainer.job import progress
+from trainer.job.progress import ProgressReport
 
 
 class CountingStatus:

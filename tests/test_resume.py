@@ -326,7 +326,7 @@ def test_ctrl_c_twice_exits_at_once_leaving_a_good_checkpoint(
 
 def test_second_signal_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Deterministically, in-process: the first SIGINT asks for a stop, the second exits."""
-    from trainer.checkpoints import StopRequest
+    from trainer.job.checkpoints import StopRequest
 
     exits: list[int] = []
     monkeypatch.setattr(os, "_exit", exits.append)

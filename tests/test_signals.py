@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainer.checkpoints import LAST, SafetyCheckpoints, StopRequest, TrainingInterrupted
+from trainer.job.checkpoints import LAST, SafetyCheckpoints, StopRequest, TrainingInterrupted
 
 
 class Tiny(pl.LightningModule):

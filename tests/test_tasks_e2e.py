@@ -16,10 +16,10 @@ import pytest
 from tests.conftest import read_json, run_dirs, run_trainer
 from tests.test_manage import cli, one_line_error
 from tests.test_resume import checkpoint_step, start_trainer, wait_for
-from trainer.data import TEST
-from trainer.demo_detection import write_detection_shapes
-from trainer.demo_videos import ensure_demo_videos
-from trainer.video_data import read_video_dataset
+from trainer.data.manifest import TEST
+from trainer.tasks.object_detection.demo import write_detection_shapes
+from trainer.tasks.video_classification.data import read_video_dataset
+from trainer.tasks.video_classification.demo import ensure_demo_videos
 
 SMALL_BUDGETS = [
     "budget.min_milli_node_hours=1",
@@ -54,7 +54,7 @@ def detection_csv(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def video_csv(trainer_home: Path) -> Path:
-    from trainer.tasks.video_classification import DEMO_VIDEOS_PER_LABEL
+    from trainer.tasks.video_classification.task import DEMO_VIDEOS_PER_LABEL
 
     return ensure_demo_videos(trainer_home, DEMO_VIDEOS_PER_LABEL)
 
@@ -237,8 +237,8 @@ def untrained_map_50(run_dir: Path, cwd: Path) -> float:
     import torch
 
     from evaluation.detection import mean_average_precision
-    from trainer.data import TEST
-    from trainer.tasks.object_detection import ObjectDetection
+    from trainer.data.manifest import TEST
+    from trainer.tasks.object_detection.task import ObjectDetection
 
     torch.manual_seed(0)
     cfg = read_json(run_dir / "state.json")["config"]

@@ -13,10 +13,9 @@ import av
 import pytest
 
 from tests.video_helpers import write_corrupt_video, write_ramp_video
-from trainer.data import TEST, TRAIN, VALIDATE, split_for
-from trainer.demo_videos import CSV_NAME, LABELS, ensure_demo_videos, write_moving_videos
+from trainer.data.manifest import TEST, TRAIN, VALIDATE, split_for
 from trainer.errors import UserError
-from trainer.video_data import (
+from trainer.tasks.video_classification.data import (
     BAD_ROW,
     MISSING,
     PAST_END,
@@ -29,6 +28,12 @@ from trainer.video_data import (
     probe_video,
     read_video_dataset,
     unassigned_split,
+)
+from trainer.tasks.video_classification.demo import (
+    CSV_NAME,
+    LABELS,
+    ensure_demo_videos,
+    write_moving_videos,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -262,7 +267,8 @@ def test_demo_dataset_is_written_once_and_atomically(tmp_path: Path) -> None:
 
 def test_reading_video_datasets_does_not_import_torch() -> None:
     code = (
-        "import sys, trainer.video_data, trainer.demo_videos; "
+        "import sys, trainer.tasks.video_classification.data, "
+        "trainer.tasks.video_classification.demo; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

@@ -12,11 +12,9 @@ import torch
 from torch import nn
 
 from tests.video_helpers import RAMP_STEP, write_corrupt_video, write_ramp_video
-from trainer.data import TEST, TRAIN
-from trainer.demo_videos import write_moving_videos
+from trainer.data.manifest import TEST, TRAIN
 from trainer.errors import UserError
-from trainer.video_backbones import SMALL, _replace_head, build_video_backbone
-from trainer.video_clips import (
+from trainer.tasks.video_classification.clips import (
     ClipSpec,
     VideoClips,
     VideoDecodeError,
@@ -25,8 +23,10 @@ from trainer.video_clips import (
     decode_clip,
     make_clip_loader,
 )
-from trainer.video_data import Segment, read_video_dataset
-from trainer.video_module import VideoClassifier
+from trainer.tasks.video_classification.data import Segment, read_video_dataset
+from trainer.tasks.video_classification.demo import write_moving_videos
+from trainer.tasks.video_classification.module import VideoClassifier
+from trainer.tasks.video_classification.networks import SMALL, _replace_head, build_video_backbone
 
 RAW = ClipSpec(4, 2, (32, 32), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # pixels stay in [0, 1]
 
@@ -99,7 +99,7 @@ def test_unreadable_videos_are_reported_and_dropped_not_fatal(
     segments = [ramp_segment(Path(good), label="a"), ramp_segment(corrupt, label="b")]
     segments += [ramp_segment(tmp_path / "gone.mp4", label="b")]
     clips = VideoClips(segments, ["a", "b"], RAW, train=False)
-    with caplog.at_level(logging.WARNING, logger="trainer.video_clips"):
+    with caplog.at_level(logging.WARNING, logger="trainer.tasks.video_classification.clips"):
         items = [clips[i] for i in range(3)] + [clips[1]]
     assert items[0] is not None and items[1] is None and items[2] is None
     assert clips.failures == {"corrupt.mp4": 2, "gone.mp4": 1}

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from tests.video_helpers import write_corrupt_video, write_ramp_video
-from trainer.demo_videos import write_moving_videos
 from trainer.errors import UserError
-from trainer.video_clips import ClipSpec
-from trainer.video_predict import (
+from trainer.tasks.video_classification.clips import ClipSpec
+from trainer.tasks.video_classification.demo import write_moving_videos
+from trainer.tasks.video_classification.predict import (
     CSV_NAME,
     PredictOptions,
     detect_shots,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.demo_videos import write_video
+from trainer.tasks.video_classification.demo import write_video
 
 RAMP_STEP = 8  # grey level added per frame: frame i is grey 8 * i
 

@@ -14,7 +14,7 @@ def main() -> None:
         from trainer.cli import run
 
         raise SystemExit(run(argv))
-    from trainer.settings import check_overrides
+    from trainer.job.settings import check_overrides
 
     check_overrides(sys.argv[1:])
     from trainer.app import train_job

@@ -11,8 +11,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from trainer import CONF_DIR
 from trainer.errors import UserError
-from trainer.settings import CONF_DIR, validate
+from trainer.job.settings import validate
 
 
 # An absolute path: run as `-m trainer`, Hydra would look for a Python module named conf.
@@ -33,7 +34,7 @@ def train_job(cfg: DictConfig) -> float:
         if resolved["resume_operation"] or resolved["base_model_id"]:
             resolved, run_dir, start = _continuation(resolved, overrides, run_dir)
         # Imported here so that a config error is reported before torch and Lightning load.
-        from trainer.train import run_training
+        from trainer.job.train import run_training
 
         return run_training(resolved, run_dir, start)
     except UserError as error:
@@ -47,8 +48,8 @@ def _detach(cfg: dict[str, Any], overrides: list[str], run_dir: Path) -> float:
     import os
     import subprocess
 
-    from trainer.resources import new_id
-    from trainer.train_ids import MODEL_ID_ENV, OPERATION_ID_ENV
+    from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV
+    from trainer.store.resources import new_id
 
     if HydraConfig.get().mode.name == "MULTIRUN":
         raise UserError("detach=true runs one training; drop -m, or launch each job detached")
@@ -74,8 +75,8 @@ def _detach(cfg: dict[str, Any], overrides: list[str], run_dir: Path) -> float:
 
 def _continuation(cfg: dict[str, Any], overrides: list[str], run_dir: Path):
     """The config, run directory and starting point of a resumed or further training."""
-    from trainer import continuation
-    from trainer.store import Store
+    from trainer.job import continuation
+    from trainer.store.store import Store
 
     store = Store(cfg["mlflow"]["tracking_uri"], cfg["mlflow"]["experiment_name"])
     if cfg["resume_operation"]:

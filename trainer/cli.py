@@ -103,7 +103,7 @@ def parse_filter(text: str, allowed: tuple[str, ...]) -> dict[str, str]:
 
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from trainer.catalog import Catalog
+    from trainer.store.catalog import Catalog
 
     try:
         catalog = Catalog(args.tracking_uri, EXPERIMENT)
@@ -119,7 +119,7 @@ def run(argv: list[str]) -> int:
 
 
 def models_list(catalog: Any, args: argparse.Namespace) -> None:
-    from trainer.catalog import metadata_of
+    from trainer.store.catalog import metadata_of
 
     terms = parse_filter(args.filter, ("task", "model_type", "display_name"))
     tasks = {
@@ -166,7 +166,7 @@ def models_get(catalog: Any, args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(model, indent=2))
         return
-    from trainer.catalog import metadata_of
+    from trainer.store.catalog import metadata_of
 
     flat = {k: v for k, v in model.items() if not k.endswith("ModelMetadata")}
     print_fields({**flat, **metadata_of(model)})
@@ -216,7 +216,7 @@ def models_export(catalog: Any, args: argparse.Namespace) -> None:
 
     _quiet_logging()
     from trainer.export import export_package  # torch: only for this verb
-    from trainer.resources import Operation, new_id
+    from trainer.store.resources import Operation, new_id
     from trainer.stored_model import trained_model
 
     trained = trained_model(catalog, args.id, "export")

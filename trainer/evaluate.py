@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from trainer.data import Item
+from trainer.data.manifest import Item
 from trainer.errors import UserError
-from trainer.resources import new_id, utc_now, write_json_atomic
+from trainer.store.resources import new_id, utc_now, write_json_atomic
 
 log = logging.getLogger("trainer")
 
@@ -140,7 +140,7 @@ def record_evaluation(
 def evaluate_stored(catalog: Any, model_id: str, dataset: str | None) -> tuple[Path, dict]:
     """`models evaluate`: score the model on its own TEST split, or on all of another labelled
     dataset with the same labels; record the evaluation in a run of its own."""
-    from trainer.data import TEST
+    from trainer.data.manifest import TEST
     from trainer.stored_model import load_network, trained_model
     from trainer.tasks import task_of
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.data import TEST
+from trainer.data.manifest import TEST
 from trainer.errors import UserError
-from trainer.resources import write_json_atomic
+from trainer.store.resources import write_json_atomic
 from trainer.stored_model import TrainedModel, load_network, test_images
 
 log = logging.getLogger("trainer")

@@ -212,8 +212,8 @@ def classification_records(network: Any, labels: Sequence[str], threshold: float
 def detection_records(
     network: Any, labels: Sequence[str], threshold: float, max_boxes: int
 ) -> Records:
-    from trainer.detection_module import ServingDetector
-    from trainer.detection_predict import record_from_rows
+    from trainer.tasks.object_detection.module import ServingDetector
+    from trainer.tasks.object_detection.predict import record_from_rows
 
     serving = ServingDetector(network.eval())
 
@@ -287,7 +287,7 @@ def default_workers() -> int:
 
 def run_batch_prediction(catalog: Any, args: Any) -> PredictionResult:
     """`python -m trainer predict`: an operation with batchPredictDetails, recorded in MLflow."""
-    from trainer.resources import Operation, new_id
+    from trainer.store.resources import Operation, new_id
     from trainer.stored_model import trained_model
 
     if not 0.0 <= args.score_threshold <= 1.0:
@@ -328,7 +328,7 @@ def run_batch_prediction(catalog: Any, args: Any) -> PredictionResult:
 def _read_inputs(task: str, input_csv: Path) -> list[Any]:
     if task != "video_classification":
         return read_input_csv(input_csv)
-    from trainer.video_predict import read_prediction_csv
+    from trainer.tasks.video_classification.predict import read_prediction_csv
 
     if not input_csv.is_file():
         raise UserError(f"--input {input_csv}: no such file")
@@ -348,8 +348,8 @@ def _predict(
         return _predict_videos(network, cfg, labels, args, rows, base, folder, progress)
     paths = rows
     if task == "object_detection":
-        from trainer.detection_images import detection_eval_transform
-        from trainer.detection_predict import OUTPUT_PREFIX, check_detection_options
+        from trainer.tasks.object_detection.images import detection_eval_transform
+        from trainer.tasks.object_detection.predict import OUTPUT_PREFIX, check_detection_options
 
         check_detection_options(args.score_threshold, args.max_bounding_box_count)
         records = detection_records(
@@ -368,8 +368,8 @@ def _predict_videos(
     network: Any, cfg: dict[str, Any], labels: list[str], args: Any, rows: list[Any],
     base: Path, folder: Path, progress: Callable[[int, int], None],
 ) -> PredictionResult:  # fmt: skip
-    from trainer.tasks.video_classification import clip_spec
-    from trainer.video_predict import PredictOptions, predict_videos
+    from trainer.tasks.video_classification.predict import PredictOptions, predict_videos
+    from trainer.tasks.video_classification.task import clip_spec
 
     options = PredictOptions(
         segment_classification=args.segment_classification,

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.data import TEST
+from trainer.data.images import eval_transform
+from trainer.data.manifest import TEST
 from trainer.errors import UserError
-from trainer.images import eval_transform
-from trainer.resources import expired_on
+from trainer.store.resources import expired_on
 from trainer.tasks import task_of
 
 DOWNLOADS = Path(".model-cache")  # artifacts fetched from a remote store, per model ID

@@ -1,6 +1,6 @@
 """What differs between tasks, behind one interface; everything else is one mechanism.
 
-The training job (trainer/train.py), `models evaluate`, `predict` and the stored-model loader
+The training job (trainer/job/train.py), `models evaluate`, `predict` and the stored-model loader
 ask the task of the config (``cfg["task"]["name"]``) for its data, network, LightningModule and
 evaluation. Budgets, checkpoints, resume, cancel, the store and the CLI know nothing of tasks.
 """
@@ -8,10 +8,11 @@ evaluation. Budgets, checkpoints, resume, cancel, the store and the CLI know not
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from torch import nn
-from torch.utils.data import DataLoader
+if TYPE_CHECKING:  # the CLI and the manifest readers import this package without torch
+    from torch import nn
+    from torch.utils.data import DataLoader
 
 
 @dataclass
@@ -59,15 +60,15 @@ class Task(Protocol):
 def task_of(cfg: dict[str, Any]) -> Task:
     name = cfg["task"]["name"]
     if name == "image_classification":
-        from trainer.tasks.image_classification import ImageClassification
+        from trainer.tasks.image_classification.task import ImageClassification
 
         return ImageClassification()
     if name == "object_detection":
-        from trainer.tasks.object_detection import ObjectDetection
+        from trainer.tasks.object_detection.task import ObjectDetection
 
         return ObjectDetection()
     if name == "video_classification":
-        from trainer.tasks.video_classification import VideoClassification
+        from trainer.tasks.video_classification.task import VideoClassification
 
         return VideoClassification()
     raise ValueError(f"no task {name!r}")  # conf/task/ and settings.py refuse it earlier

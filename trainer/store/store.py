@@ -16,7 +16,7 @@ import mlflow
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
-from trainer.store_reader import StoreReader, open_reader
+from trainer.store.reader import StoreReader, open_reader
 
 # Listing requirements explicitly saves MLflow ~8 s of inferring them on every log_model call.
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1"]

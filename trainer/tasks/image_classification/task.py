@@ -10,13 +10,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trainer import data as datasets
-from trainer.backbones import build_backbone
-from trainer.demo_data import ensure_demo_dataset
+from trainer.data import manifest as datasets
+from trainer.data.images import LabelledImages, eval_transform, make_loader, make_loaders
 from trainer.evaluate import Evaluation, classification_evaluation, score_batches
-from trainer.images import LabelledImages, eval_transform, make_loader, make_loaders
-from trainer.module import ImageClassifier
 from trainer.tasks import Loaders
+from trainer.tasks.image_classification.demo import ensure_demo_dataset
+from trainer.tasks.image_classification.module import ImageClassifier
+from trainer.tasks.image_classification.networks import build_backbone
 
 log = logging.getLogger("trainer")
 

@@ -38,9 +38,9 @@ import numpy as np
 from PIL import Image
 from torchvision.transforms import v2
 
-from trainer.data import TRAIN, VALIDATE, Item, Manifest
+from trainer.data.manifest import TRAIN, VALIDATE, Item, Manifest
 from trainer.errors import UserError
-from trainer.settings import cache_mode
+from trainer.job.settings import cache_mode
 
 log = logging.getLogger("trainer")
 

@@ -24,7 +24,10 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from budgets import BudgetMeter
 from budgets.callback import BudgetStopping
-from trainer.checkpoints import (
+from trainer.data.device_augment import resolve_precision
+from trainer.errors import UserError
+from trainer.evaluate import record_evaluation
+from trainer.job.checkpoints import (
     AtomicCheckpointIO,
     CancelWatch,
     SafetyCheckpoints,
@@ -32,13 +35,14 @@ from trainer.checkpoints import (
     TrainingInterrupted,
     load_first_good,
 )
-from trainer.continuation import StartFrom
-from trainer.convergence import convergence_callbacks
-from trainer.device_augment import resolve_precision
-from trainer.errors import UserError
-from trainer.evaluate import record_evaluation
-from trainer.progress import ProgressReport
-from trainer.resources import (
+from trainer.job.continuation import StartFrom
+from trainer.job.convergence import convergence_callbacks
+from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV
+from trainer.job.progress import ProgressReport
+from trainer.job.run_state import CANCELLED, FAILED, INTERRUPTED, RUNNING, SUCCEEDED, RunState
+from trainer.job.settings import validate
+from trainer.job.work_history import WorkHistory, save_reserves
+from trainer.store.resources import (
     Operation,
     classification_metadata,
     model_resource,
@@ -46,12 +50,8 @@ from trainer.resources import (
     utc_now,
     write_json_atomic,
 )
-from trainer.run_state import CANCELLED, FAILED, INTERRUPTED, RUNNING, SUCCEEDED, RunState
-from trainer.settings import validate
-from trainer.store import Store
+from trainer.store.store import Store
 from trainer.tasks import task_of
-from trainer.train_ids import MODEL_ID_ENV, OPERATION_ID_ENV
-from trainer.work_history import WorkHistory, save_reserves
 
 log = logging.getLogger("trainer")
 # Lightning sets its loggers to INFO on import and adds tips; keep stderr for our own progress.

@@ -8,14 +8,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trainer.data import TEST, TRAIN, VALIDATE
-from trainer.demo_videos import ensure_demo_videos
+from trainer.data.manifest import TEST, TRAIN, VALIDATE
 from trainer.evaluate import Evaluation, classification_evaluation, score_batches
 from trainer.tasks import Loaders
-from trainer.video_backbones import build_video_backbone
-from trainer.video_clips import ClipSpec, VideoClips, make_clip_loader
-from trainer.video_data import Segment, VideoManifest, describe, read_video_dataset
-from trainer.video_module import VideoClassifier
+from trainer.tasks.video_classification.clips import ClipSpec, VideoClips, make_clip_loader
+from trainer.tasks.video_classification.data import (
+    Segment,
+    VideoManifest,
+    describe,
+    read_video_dataset,
+)
+from trainer.tasks.video_classification.demo import ensure_demo_videos
+from trainer.tasks.video_classification.module import VideoClassifier
+from trainer.tasks.video_classification.networks import build_video_backbone
 
 DEMO_VIDEOS_PER_LABEL = 24
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
-from trainer.resources import utc_now, write_json_atomic
+from trainer.store.resources import utc_now, write_json_atomic
 
 RUNNING, INTERRUPTED, SUCCEEDED, FAILED = "RUNNING", "INTERRUPTED", "SUCCEEDED", "FAILED"
 CANCELLED = "CANCELLED"

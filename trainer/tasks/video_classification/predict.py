@@ -54,8 +54,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainer.errors import UserError
-from trainer.video_clips import ClipSpec, VideoDecodeError, clip_positions, decode_clip
-from trainer.video_data import (
+from trainer.tasks.video_classification.clips import (
+    ClipSpec,
+    VideoDecodeError,
+    clip_positions,
+    decode_clip,
+)
+from trainer.tasks.video_classification.data import (
     TIME_EPSILON,
     VideoUnreadable,
     parse_seconds,

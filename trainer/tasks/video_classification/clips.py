@@ -26,8 +26,14 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from trainer.images import make_loader
-from trainer.video_data import TIME_EPSILON, Segment, seek_seconds, stream_fps, stream_offset
+from trainer.data.images import make_loader
+from trainer.tasks.video_classification.data import (
+    TIME_EPSILON,
+    Segment,
+    seek_seconds,
+    stream_fps,
+    stream_offset,
+)
 
 log = logging.getLogger(__name__)
 

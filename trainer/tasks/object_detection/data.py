@@ -8,8 +8,8 @@ One row per box, several rows per image, as AutoML reads them:
 
 Coordinates are fractions of the image's width and height. A box outside [0, 1], inverted, or
 with an edge under 0.01 is skipped and counted; so is a missing or unreadable image. ML_USE,
-the split hash, the name rule and the image checks are trainer/data.py's. Nothing here imports
-torch: the management CLI and the config checks stay fast.
+the split hash, the name rule and the image checks are trainer/data/manifest.py's. Nothing here
+imports torch: the management CLI and the config checks stay fast.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.data import (
+from trainer.data.manifest import (
     ML_USE,
     SPLITS,
     TEST,
@@ -36,7 +36,7 @@ from trainer.data import (
 from trainer.errors import UserError
 
 MIN_EDGE = 0.01  # AutoML's smallest box edge, as a fraction of the image
-# Skip reasons for boxes (images use trainer/data.py's: missing, empty, broken).
+# Skip reasons for boxes (images use trainer/data/manifest.py's: missing, empty, broken).
 OUTSIDE, INVERTED, TOO_SMALL = "box outside [0, 1]", "inverted box", "box edge < 0.01"
 NO_GOOD_BOX = "image whose boxes were all skipped"
 CSV_FORM = "[ML_USE,]path[,label,x_min,y_min,,,x_max,y_max,,]"
@@ -58,7 +58,8 @@ class Box:
 
 @dataclass(frozen=True)
 class DetectionItem:
-    """One image, as trainer/data.py's Item, with its boxes instead of a label (none: negative)."""
+    """One image, as the image manifest's Item, with its boxes instead of a label (none: a
+    negative)."""
 
     path: Path
     split: str
@@ -100,7 +101,7 @@ def read_detection_dataset(
     path: str | Path, check_workers: int = 8, for_training: bool = True, min_labels: int = 2
 ) -> DetectionManifest:
     """The manifest of a detection CSV (or of a folder holding exactly one CSV); for training,
-    also checked to be trainable (labels, boxes in every split), as trainer/data.py does.
+    also checked to be trainable (labels, boxes in every split), as trainer/data/manifest.py does.
 
     ``min_labels`` follows DESIGN.md's "fewer than two labels is an error"; a one-label detector
     is meaningful (objects against background), so a caller may lower it to 1.

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.resources import write_json_atomic
+from trainer.store.resources import write_json_atomic
 
 log = logging.getLogger("trainer")
 KEEP = 5  # measurements remembered per kind of work, task and model type

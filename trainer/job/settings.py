@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from budgets import BudgetOutOfBounds, check_budget
-from trainer.data import check_name
+from trainer import CONF_DIR
+from trainer.data.manifest import check_name
 from trainer.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS_CHECKED = ("task", "model_type")
 
 

@@ -16,8 +16,8 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from trainer.errors import UserError
-from trainer.resources import parse_time, utc_now
-from trainer.store_reader import RunRecord, open_reader
+from trainer.store.reader import RunRecord, open_reader
+from trainer.store.resources import parse_time, utc_now
 
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED")
 # A RUNNING operation that has not put its cost on record for this long is taken as dead
@@ -40,7 +40,7 @@ class Catalog:
 
     @cached_property
     def store(self) -> Any:
-        from trainer.store import Store  # MLflow itself: only for the verbs that write
+        from trainer.store.store import Store  # MLflow itself: only for the verbs that write
 
         return Store(self.tracking_uri, self.experiment)
 

@@ -1,4 +1,4 @@
-"""The LightningModule for object detection, interchangeable with trainer/module.py's classifier.
+"""The LightningModule for object detection, interchangeable with the image classifier.
 
 Same constructor arguments (network, number of labels, learning rate, weight decay), optimizer
 and learning-rate handling on resume, so the training job can swap one for the other. It logs
@@ -151,7 +151,7 @@ class ServingDetector(nn.Module):
 
 def normalized_detections(output: Detections, height: int, width: int) -> Detections:
     """A detector's output (or a target) in [0, 1] coordinates with 0-based labels, on the CPU:
-    what evaluation/detection.py and trainer/detection_predict.py take."""
+    what evaluation/detection.py and trainer/tasks/object_detection/predict.py take."""
     scale = torch.tensor([width, height, width, height], dtype=torch.float32)
     boxes = output["boxes"].detach().float().cpu().reshape(-1, 4) / scale
     result = {"boxes": boxes.clamp(0.0, 1.0), "labels": output["labels"].detach().cpu() - 1}

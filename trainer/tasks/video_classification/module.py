@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.module import ImageClassifier
+from trainer.tasks.image_classification.module import ImageClassifier
 
 
 class VideoClassifier(ImageClassifier):

@@ -24,9 +24,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from trainer.data import TEST, TRAIN, VALIDATE, Item, Manifest
-from trainer.device_augment import DeviceAugment, DevicePlan, resolve_channels_last
-from trainer.image_cache import CachedSplit, CacheOutcome, prepare_cache
+from trainer.data.device_augment import DeviceAugment, DevicePlan, resolve_channels_last
+from trainer.data.image_cache import CachedSplit, CacheOutcome, prepare_cache
+from trainer.data.manifest import TEST, TRAIN, VALIDATE, Item, Manifest
 
 log = logging.getLogger("trainer")
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import av
 
-from trainer.data import (
+from trainer.data.manifest import (
     ML_USE,
     SPLITS,
     TEST,

@@ -3,7 +3,7 @@
 Boxes travel with their image through torchvision.transforms.v2 as tv_tensors.BoundingBoxes, so
 resizing and flipping move them too. Every image is resized to the model's input size (no crop,
 as for classification); pixels stay in [0, 1] because the detectors normalize internally
-(trainer/detectors.py). Labels are 1-based: 0 is the detectors' background class.
+(networks.py). Labels are 1-based: 0 is the detectors' background class.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from trainer.detection_data import DetectionItem
-from trainer.images import make_loader
+from trainer.data.images import make_loader
+from trainer.tasks.object_detection.data import DetectionItem
 
 Target = dict[str, Any]
 

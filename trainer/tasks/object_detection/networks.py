@@ -4,8 +4,8 @@ Every detector is built with ``weights=None``: from scratch, or (``pretrained=Tr
 its ImageNet backbone taken from the local torch hub cache; we never download. Class 0 is the
 background for torchvision's detectors, so a dataset with N labels gets ``num_classes=N + 1``.
 
-The dataset already resizes every image to the model's input size (trainer/detection_images.py),
-so each detector's own transform is set to leave that size alone: its resize is then a no-op and
+The dataset already resizes every image to the model's input size (images.py), so each
+detector's own transform is set to leave that size alone: its resize is then a no-op and
 predicted boxes come back in input-size pixels.
 """
 
@@ -20,8 +20,8 @@ from torch import nn
 from torchvision.models import WeightsEnum, detection
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from trainer.backbones import _settle_batch_norm
 from trainer.errors import UserError
+from trainer.tasks.image_classification.networks import _settle_batch_norm
 
 # The model types in latency order (fastest first within mobile and within cloud), with the
 # constructor each one names and the input size it is meant for ([height, width]); the Hydra

@@ -9,24 +9,28 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trainer.data import TEST, TRAIN, VALIDATE
-from trainer.demo_detection import ensure_demo_detection_dataset
-from trainer.detection_data import (
+from trainer.data.manifest import TEST, TRAIN, VALIDATE
+from trainer.evaluate import Evaluation, named
+from trainer.tasks import Loaders
+from trainer.tasks.object_detection.data import (
     DetectionItem,
     DetectionManifest,
     describe,
     read_detection_dataset,
 )
-from trainer.detection_images import (
+from trainer.tasks.object_detection.demo import ensure_demo_detection_dataset
+from trainer.tasks.object_detection.images import (
     DetectionImages,
     detection_eval_transform,
     detection_train_transform,
     make_detection_loader,
 )
-from trainer.detection_module import ObjectDetector, ServingDetector, normalized_detections
-from trainer.detectors import build_detector
-from trainer.evaluate import Evaluation, named
-from trainer.tasks import Loaders
+from trainer.tasks.object_detection.module import (
+    ObjectDetector,
+    ServingDetector,
+    normalized_detections,
+)
+from trainer.tasks.object_detection.networks import build_detector
 
 GRID_IMAGES = 8
 

@@ -12,10 +12,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from trainer.catalog import bare_id
 from trainer.errors import UserError
-from trainer.resources import expired_on, parse_time
-from trainer.run_state import RunState
+from trainer.job.run_state import RunState
+from trainer.store.catalog import bare_id
+from trainer.store.resources import expired_on, parse_time
 
 log = logging.getLogger("trainer")
 
@@ -158,7 +158,7 @@ def _group_choice(saved: dict[str, Any], key: str) -> Any:
 
 def resume_candidates(run_dir: Path) -> list[Path]:
     """Newest first; a training further that never checkpointed restarts from its base."""
-    from trainer.checkpoints import BEST, LAST, previous  # torch: only when resuming
+    from trainer.job.checkpoints import BEST, LAST, previous  # torch: only when resuming
 
     directory = run_dir / "checkpoints"
     last, best = directory / LAST, directory / BEST

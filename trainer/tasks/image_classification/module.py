@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from budgets.callback import BudgetStopping
-from trainer.device_augment import DevicePlan
+from trainer.data.device_augment import DevicePlan
 
 log = logging.getLogger("trainer")
 

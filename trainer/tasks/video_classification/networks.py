@@ -18,8 +18,8 @@ from torch import nn
 from torchvision import models
 from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D
 
-from trainer.backbones import local_weights
 from trainer.errors import UserError
+from trainer.tasks.image_classification.networks import local_weights
 
 SMALL = "r2plus1d_small"
 

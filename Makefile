@@ -17,10 +17,10 @@ train: $(STAMP)
 	$(BIN)/python -m trainer $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m ''
+	$(BIN)/python -m pytest -q -m '' --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

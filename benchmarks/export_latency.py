@@ -1,15 +1,18 @@
-"""ONNX latency at batch 1 on this CPU for each mobile model type, side by side.
+"""Latency at batch 1 on this CPU of every task's exported model types, side by side.
 
-Each type's backbone is built at its own input size (conf/task_model/), exported with the same
-code as `models export`, and timed with onnxruntime (median of 50 runs after 10 warm-ups). The
-weights do not change the latency, so the networks are not trained here. Expected order:
-low-latency fastest, high-accuracy slowest.
+Each model type's network is built at its own input size (conf/task_model/), exported with the
+same code as `models export` (the task's ExportPlan, trainer/export.py) and timed with the
+format's runtime (median of 50 runs after 10 warm-ups). The weights do not change the latency
+much, so the networks are not trained here; a detector's time depends a little on how many
+boxes reach its non-maximum suppression, shown in the last column. Expected order within each
+task: low-latency fastest, high-accuracy slowest.
 
-    .venv/bin/python benchmarks/export_latency.py
+    .venv/bin/python benchmarks/export_latency.py [--format onnx|torchscript] [--task TASK]
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import tempfile
 import warnings
@@ -17,35 +20,67 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from trainer import CONF_DIR
-from trainer.export import Runner, latency_ms, write_model
-from trainer.tasks.image_classification.networks import build_backbone
+from trainer.export import Runner, as_arrays, latency_ms, write_model
+from trainer.tasks import task_configs, task_of
 
 MOBILE = ["mobile-low-latency-1", "mobile-versatile-1", "mobile-high-accuracy-1"]
+LABELS = {"image_classification": 10, "object_detection": 3, "video_classification": 4}
+
+
+def model_types(task: str) -> list[str]:
+    """The task's model types (not aliases such as `default`): mobile ones in latency order,
+    then the others."""
+    import yaml
+
+    files = sorted((CONF_DIR / "task_model" / task).glob("*.yaml"))
+    offered = [p.stem for p in files if "model" in (yaml.safe_load(p.read_text()) or {})]
+    return [t for t in MOBILE if t in offered] + [t for t in offered if t not in MOBILE]
+
+
+def measure(task: str, model_type: str, fmt: str, folder: Path) -> tuple[str, str, float, str]:
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        composed = compose("config", [f"task={task}", f"model_type={model_type}"])
+        cfg = OmegaConf.to_container(composed, resolve=True)
+    kind = task_of(cfg)
+    labels = [f"label_{i}" for i in range(LABELS[task])]
+    network = kind.network(cfg, labels, pretrained=False).eval()
+    plan = kind.export_plan(network, cfg, labels, [])
+    path = folder / f"{task}-{model_type}.{fmt}"
+    write_model(plan, fmt, path)
+    runner = Runner(fmt, path)
+    example = plan.example[:1].numpy()
+    outputs = as_arrays(plan.network(plan.example[:1])) if not plan.batch_free else []
+    boxes = str(len(outputs[0])) if outputs else ""
+    shape = "x".join(str(v) for v in plan.example.shape[1:])
+    return cfg["model"]["constructor"], shape, latency_ms(runner, example), boxes
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    parser.add_argument("--task", action="append", choices=sorted(task_configs()))
+    args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     torch.manual_seed(0)
-    rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        for model_type in MOBILE:
-            with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-                cfg = compose("config", [f"model_type={model_type}"])
-            network = build_backbone(cfg.model.constructor, 10, pretrained=False).eval()
-            height, width = cfg.model.input_size
-            path = Path(folder) / f"{model_type}.onnx"
-            write_model(network, "onnx", path, torch.zeros(2, 3, height, width))
-            runner = Runner("onnx", path)
-            milliseconds = latency_ms(runner, torch.rand(1, 3, height, width).numpy())
-            rows.append((model_type, cfg.model.constructor, f"{height}x{width}", milliseconds))
-    print(f"{'model type':<24} {'backbone':<20} {'input':<8} {'ms at batch 1 (median)':>22}")
-    for model_type, constructor, size, milliseconds in rows:
-        print(f"{model_type:<24} {constructor:<20} {size:<8} {milliseconds:>22.2f}")
-    ordered = rows[0][3] < rows[1][3] < rows[2][3]
-    print(f"low-latency < versatile < high-accuracy: {'yes' if ordered else 'NO'}")
+    print(f"{'task':<22} {'model type':<24} {'network':<38} {'input':<12} "
+          f"{'ms (median)':>11} {'boxes':>5}")  # fmt: skip
+    with tempfile.TemporaryDirectory() as temp, torch.no_grad():
+        for task in args.task or sorted(task_configs()):
+            times = {}
+            for model_type in model_types(task):
+                network, shape, milliseconds, boxes = measure(task, model_type, args.format,
+                                                              Path(temp))  # fmt: skip
+                times[model_type] = milliseconds
+                print(f"{task:<22} {model_type:<24} {network:<38} {shape:<12} "
+                      f"{milliseconds:>11.2f} {boxes:>5}", flush=True)  # fmt: skip
+            mobile = [times[t] for t in MOBILE if t in times]
+            if len(mobile) > 1:
+                ordered = all(a < b for a, b in zip(mobile, mobile[1:], strict=False))
+                print(f"{task}: mobile types in latency order: {'yes' if ordered else 'NO'}")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ from PIL import Image
 
 from trainer import CONF_DIR
 from trainer.data.images import eval_transform
-from trainer.predict import BATCH_SIZE, classification_records, default_workers, predict_images
+from trainer.data.prediction import BATCH_SIZE, default_workers, predict_images
 from trainer.tasks.image_classification.demo import LABELS, write_shapes
 from trainer.tasks.image_classification.networks import build_backbone
+from trainer.tasks.image_classification.predict import RESULTS_PREFIX, classification_records
 
 
 def bare_forward(network: torch.nn.Module, pixels: torch.Tensor) -> float:
@@ -39,7 +40,7 @@ def bare_forward(network: torch.nn.Module, pixels: torch.Tensor) -> float:
 def whole_job(network, paths: list[str], folder: Path, transform, workers: int) -> float:
     out = Path(tempfile.mkdtemp(dir=folder))
     records = classification_records(network, LABELS, threshold=0.5)
-    result = predict_images(records, paths, folder, transform, out, workers=workers)
+    result = predict_images(records, paths, folder, transform, out, RESULTS_PREFIX, workers=workers)
     return result.predicted / result.seconds
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
-CSV_NAME = "dataset.csv"
+from trainer.tasks.object_detection.demo import CSV_NAME, image_rows, split_by_index
+
 Region = tuple[int, int, int, int]  # left, top, right, bottom, in the photo's pixels
 
 
@@ -99,17 +100,13 @@ def build_real_detection_dataset(
     rng = np.random.default_rng(seed)
     rows: list[list[str]] = []
     for index in range(images):
-        ml_use = {8: "VALIDATE", 9: "TEST"}.get(index % 10, "TRAIN")
+        ml_use = split_by_index(index)
         name = f"images/real_{index:04d}.jpg"
         count = 0 if index % 8 == 5 else int(rng.integers(1, 4))
         canvas = background_canvas(backgrounds, size, rng)
         boxes = paste_objects(canvas, objects, labels, count, rng)
         canvas.save(folder / name, quality=92)
-        if not boxes:
-            rows.append([ml_use, name])
-        for label, (x0, y0, x1, y1) in boxes:
-            corners = [f"{v / size:.6f}" for v in (x0, y0, x1, y1)]
-            rows.append([ml_use, name, label, *corners[:2], "", "", *corners[2:], "", ""])
+        rows += image_rows(ml_use, name, boxes, size)
     csv_path = folder / CSV_NAME
     with csv_path.open("w", newline="") as handle:
         csv.writer(handle).writerows(rows)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,33 @@ FAST = [
     "budget.train_budget_milli_node_hours=200",
     "budget.save_reserve_seconds=4",  # tiny networks record in about 2 s on an idle machine
 ]
+MOBILE = ["mobile-low-latency-1", "mobile-versatile-1", "mobile-high-accuracy-1"]
+MOBILE_BUDGET = 6  # milli-node-hours each: 21.6 s, set-up, TEST pass and recording included
+
+SMALL_BUDGETS = [
+    "budget.min_milli_node_hours=1",
+    "early_stopping.patience=2",
+    "early_stopping.patience_before_first_gain=2",
+    "budget.save_reserve_seconds=8",  # larger networks than the image tests' to record
+]
+DETECTION = [
+    "task=object_detection",
+    "model.input_size=[64,64]",
+    "data.batch_size=4",
+    *SMALL_BUDGETS,
+]
+DETECTION_BUDGET = 12
+# The demo videos and the default video model type as they are: a real training, about 50 s.
+# Patience stays at its default, 5: validation accuracy sits near chance for the first epochs.
+VIDEO = [
+    "task=video_classification",
+    "budget.min_milli_node_hours=1",
+    "budget.save_reserve_seconds=8",
+    # The demo reaches validation accuracy 1.0 within a dozen epochs; learning-rate drops
+    # would add six more passes there (tested in test_convergence.py), not worth the suite's time.
+    "early_stopping.lr_drop_patience=null",
+]
+VIDEO_BUDGET = 40
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +87,100 @@ def run_dirs(cwd: Path) -> list[Path]:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def run_dir_of(cwd: Path, model: dict) -> Path:
+    """The run directory that recorded ``model``, among the others in ``cwd``."""
+    (found,) = [d for d in run_dirs(cwd) if (d / "model.json").is_file()
+                and read_json(d / "model.json")["name"] == model["name"]]  # fmt: skip
+    return found
+
+
+def train(cwd: Path, home: Path, *args: str) -> tuple[dict, Path]:
+    """One training to the end; its Model resource and run directory."""
+    result = run_trainer(*args, cwd=cwd, home=home, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = json.loads(result.stdout)
+    return model, run_dir_of(cwd, model)
+
+
+# -- trained models shared by the session ------------------------------------------------------
+# Trainings are the suite's slowest work: each model below is trained once and shared by every
+# test that needs a trained model of its kind. A test that changes one (its tags, its files) puts
+# it back; a test that adds trainings to a shared store finds its own by name (run_dir_of).
+
+
+@dataclass
+class Trained:
+    cwd: Path  # the working directory: its mlflow.db and runs/ are the model's store
+    models: dict[str, dict] = field(default_factory=dict)  # by model type
+    run_dirs: dict[str, Path] = field(default_factory=dict)
+    budget: int = 0
+    returns: list = field(default_factory=list)  # what each Hydra job returned
+
+    def only(self) -> tuple[Path, Path, dict, int]:
+        """The directory, run directory, model and budget of a one-model training."""
+        ((model_type, model),) = self.models.items()
+        return self.cwd, self.run_dirs[model_type], model, self.budget
+
+
+@pytest.fixture(scope="session")
+def mobile_models(tmp_path_factory, trainer_home: Path, tiny_shapes: Path) -> Trained:
+    """One small model of each mobile image type, trained in one Hydra multirun until its budget
+    is spent (BUDGET_REACHED), each job's return value recorded as a sweeper would read it."""
+    cwd = tmp_path_factory.mktemp("mobile")
+    record = cwd / "returns.jsonl"
+    result = run_trainer(
+        "-m", *FAST, f"dataset.path={tiny_shapes}", f"model_type={','.join(MOBILE)}",
+        f"budget.train_budget_milli_node_hours={MOBILE_BUDGET}",
+        "budget.disable_early_stopping=true",
+        "+hydra.callbacks.record._target_=tests.hydra_probe.RecordReturn",
+        cwd=cwd, home=trainer_home, timeout=900, env={"RECORD_RETURN_FILE": str(record)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = Trained(cwd, budget=MOBILE_BUDGET)
+    for run_dir in run_dirs(cwd):
+        model = read_json(run_dir / "model.json")
+        model_type = model["imageClassificationModelMetadata"]["modelType"]
+        trained.models[model_type], trained.run_dirs[model_type] = model, run_dir
+    trained.returns = [json.loads(line)["return_value"] for line in record.open()]
+    return trained
+
+
+@pytest.fixture(scope="session")
+def detection_csv(tmp_path_factory) -> Path:
+    from trainer.tasks.object_detection.demo import write_detection_shapes
+
+    return write_detection_shapes(tmp_path_factory.mktemp("det"), images=40, size=64, seed=3)
+
+
+@pytest.fixture(scope="session")
+def detection_model(tmp_path_factory, trainer_home: Path, detection_csv: Path) -> Trained:
+    """A small SSDlite (the default detection type) on 64-pixel generated shapes."""
+    cwd = tmp_path_factory.mktemp("det_run")
+    model, run_dir = train(
+        cwd, trainer_home, *DETECTION, f"dataset.path={detection_csv}",
+        f"budget.train_budget_milli_node_hours={DETECTION_BUDGET}", "display_name=boxes",
+    )  # fmt: skip
+    model_type = model["imageObjectDetectionModelMetadata"]["modelType"]
+    return Trained(cwd, {model_type: model}, {model_type: run_dir}, DETECTION_BUDGET)
+
+
+@pytest.fixture(scope="session")
+def video_csv(trainer_home: Path) -> Path:
+    from trainer.tasks.video_classification.demo import ensure_demo_videos
+    from trainer.tasks.video_classification.task import DEMO_VIDEOS_PER_LABEL
+
+    return ensure_demo_videos(trainer_home, DEMO_VIDEOS_PER_LABEL)
+
+
+@pytest.fixture(scope="session")
+def video_model(tmp_path_factory, trainer_home: Path, video_csv: Path) -> Trained:
+    """The default video type on the demo videos: a real training that must learn."""
+    cwd = tmp_path_factory.mktemp("video_run")
+    model, run_dir = train(
+        cwd, trainer_home, *VIDEO, f"budget.train_budget_milli_node_hours={VIDEO_BUDGET}",
+        "display_name=motion",
+    )  # fmt: skip
+    model_type = model["videoClassificationModelMetadata"]["modelType"]
+    return Trained(cwd, {model_type: model}, {model_type: run_dir}, VIDEO_BUDGET)

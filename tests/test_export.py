@@ -1,5 +1,6 @@
-"""Edge export through the CLI: each mobile type, verification, a broken export, the README
-snippet run without this project or torch."""
+"""Edge export for every task: verified packages through the CLI, TorchScript, a broken export,
+an exporter's refusal, and the README's snippets running each package without this project or
+torch."""
 
 from __future__ import annotations
 
@@ -10,26 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
-from tests.conftest import FAST, REPO, read_json, run_dirs, run_trainer
+from tests.conftest import REPO, Trained, read_json
 from tests.test_manage import cli, cli_json, one_line_error
-
-MOBILE = ["mobile-low-latency-1", "mobile-versatile-1", "mobile-high-accuracy-1"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, trainer_home: Path, tiny_shapes: Path) -> tuple[Path, dict]:
-    """One small model of each mobile type, trained in one Hydra multirun."""
-    cwd = tmp_path_factory.mktemp("export")
-    result = run_trainer(
-        "-m", *FAST, f"dataset.path={tiny_shapes}", f"model_type={','.join(MOBILE)}",
-        "budget.train_budget_milli_node_hours=8", cwd=cwd, home=trainer_home,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    models = [read_json(d / "model.json") for d in run_dirs(cwd)]
-    by_type = {m["imageClassificationModelMetadata"]["modelType"]: m for m in models}
-    assert sorted(by_type) == sorted(MOBILE)
-    return cwd, by_type
+from trainer.data.manifest import TEST
 
 
 def export(cwd: Path, model: dict, *extra: str) -> Path:
@@ -40,28 +27,26 @@ def export(cwd: Path, model: dict, *extra: str) -> Path:
     return Path(result.stdout.strip())
 
 
-@pytest.fixture(scope="module")
-def packages(trained) -> dict[str, Path]:
-    cwd, models = trained
-    return {model_type: export(cwd, models[model_type]) for model_type in MOBILE}
+def stored(trained: Trained, model: dict, monkeypatch: pytest.MonkeyPatch):
+    """The stored model as `models export` loads it, in this process."""
+    from trainer.store.catalog import Catalog
+    from trainer.stored_model import trained_model
+
+    monkeypatch.chdir(trained.cwd)
+    catalog = Catalog(f"sqlite:///{trained.cwd / 'mlflow.db'}", "vision-trainer")
+    return trained_model(catalog, model["name"], "export")
 
 
-@pytest.mark.parametrize("model_type", MOBILE)
-def test_each_mobile_type_exports_verified(trained, packages, model_type: str) -> None:
-    cwd, models = trained
-    model = models[model_type]
-    package = packages[model_type]
-    assert package.name.startswith(f"model-export-{model['displayName']}-")
-    assert {p.name for p in package.iterdir()} == {"model.onnx", "labels.txt", "metadata.json"}
+def check_package(package: Path, model: dict, files: set[str]) -> dict:
+    assert {p.name for p in package.iterdir()} == files | {"labels.txt", "metadata.json"}
     meta = read_json(package / "metadata.json")
-    assert meta["modelType"] == model_type and meta["modelId"] == model["name"].split("/")[1]
-    assert meta["input_size"] == [32, 32]
-    assert meta["verification"]["images"] > 0
-    assert meta["verification"]["maxAbsDifference"] < 1e-4
+    assert meta["modelId"] == model["name"].split("/")[1]
+    assert meta["verification"]["inputs"] > 0 and meta["verification"]["split"] == TEST
     assert meta["latencyMs"]["median"] > 0 and meta["latencyMs"]["runs"] >= 50
-    labels = (package / "labels.txt").read_text().split()
-    assert labels == sorted(["circle", "square", "triangle", "cross", "stripes_h", "stripes_v"])
+    return meta
 
+
+def check_export_operation(cwd: Path, package: Path) -> None:
     exports = [
         op
         for op in cli_json("operations", "list", cwd=cwd)["operations"]
@@ -71,87 +56,325 @@ def test_each_mobile_type_exports_verified(trained, packages, model_type: str) -
     assert {"outputDirectory": str(package)} in details
 
 
-def test_torchscript_export(trained) -> None:
-    cwd, models = trained
-    package = export(cwd, models["mobile-low-latency-1"], "--format", "torchscript")
-    meta = read_json(package / "metadata.json")
-    assert (package / "model.pt").is_file() and meta["format"] == "torchscript"
+def readme_snippet(name: str) -> str:
+    text = (REPO / "README.md").read_text()
+    block = text.split(f"<!-- snippet: {name} -->")[1].split("<!-- end snippet -->")[0]
+    return block.split("```python")[1].split("```")[0]
+
+
+def run_snippet(name: str, folder: Path, *args: str) -> str:
+    """Run a README snippet with the package alone: no project on the path, no torch loaded."""
+    script = folder / name
+    script.write_text(
+        readme_snippet(name)
+        + "\nassert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'trainer')]\n"
+    )
+    env = {"PATH": os.environ["PATH"]}  # no PYTHONPATH: nothing of the project on the path
+    result = subprocess.run(
+        [sys.executable, "-I", str(script), *args],
+        cwd=folder, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+# -- image classification ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def package(mobile_models: Trained) -> Path:
+    """The default type exported through the CLI, as a user exports it."""
+    return export(mobile_models.cwd, mobile_models.models["mobile-low-latency-1"])
+
+
+def check_image_package(package: Path, model: dict, model_type: str, files: set[str]) -> None:
+    meta = check_package(package, model, files)
+    assert meta["task"] == "image_classification" and meta["modelType"] == model_type
+    assert meta["input_size"] == [32, 32]
     assert meta["verification"]["maxAbsDifference"] < 1e-4
+    labels = (package / "labels.txt").read_text().split()
+    assert labels == sorted(["circle", "square", "triangle", "cross", "stripes_h", "stripes_v"])
+
+
+def test_the_cli_exports_a_verified_package(mobile_models, package) -> None:
+    model = mobile_models.models["mobile-low-latency-1"]
+    assert package.name.startswith(f"model-export-{model['displayName']}-")
+    check_image_package(package, model, "mobile-low-latency-1", {"model.onnx"})
+    check_export_operation(mobile_models.cwd, package)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "fmt"),
+    [("mobile-versatile-1", "torchscript"), ("mobile-high-accuracy-1", "onnx")],
+)
+def test_the_other_mobile_types_export_verified(
+    mobile_models, model_type: str, fmt: str, tmp_path: Path, monkeypatch
+) -> None:
+    from trainer.export import FORMATS, export_package
+
+    model = mobile_models.models[model_type]
+    exported = export_package(stored(mobile_models, model, monkeypatch), fmt, tmp_path)
+    check_image_package(exported, model, model_type, {FORMATS[fmt]})
+
+
+def test_torchscript_export(mobile_models, tmp_path: Path, monkeypatch) -> None:
+    from trainer.export import export_package
+
+    model = mobile_models.models["mobile-low-latency-1"]
+    package = export_package(stored(mobile_models, model, monkeypatch), "torchscript", tmp_path)
+    meta = check_package(package, model, {"model.pt"})
+    assert meta["format"] == "torchscript" and meta["verification"]["maxAbsDifference"] < 1e-4
 
 
 def test_a_broken_export_fails_verification_and_leaves_nothing(
-    trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mobile_models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from trainer.export import ExportFailed, export_package
-    from trainer.store.catalog import Catalog
-    from trainer.stored_model import trained_model
 
-    cwd, models = trained
-    monkeypatch.chdir(cwd)
-    catalog = Catalog(f"sqlite:///{cwd / 'mlflow.db'}", "vision-trainer")
-    model = trained_model(catalog, models["mobile-low-latency-1"]["name"], "export")
+    trained = stored(mobile_models, mobile_models.models["mobile-low-latency-1"], monkeypatch)
     output = tmp_path / "exports"
     # Exported for 40x48 inputs, verified with the model's own 32x32 TEST images.
-    with pytest.raises(ExportFailed, match="failed on the TEST images|differ"):
-        export_package(model, "onnx", output, export_size=[40, 48])
+    with pytest.raises(ExportFailed, match="failed on the TEST inputs|differ"):
+        export_package(trained, "onnx", output, export_size=[40, 48])
     assert list(output.iterdir()) == []
 
 
-def test_unknown_model_and_format(trained) -> None:
-    cwd, _ = trained
+class Unscriptable(nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (lambda: images)()  # TorchScript compiles no lambda
+
+
+def test_an_exporter_refusal_names_the_reason_and_the_types_that_export(tmp_path: Path) -> None:
+    from trainer.export import ExportFailed, _write_or_explain
+    from trainer.tasks import ExportPlan
+
+    plan = ExportPlan(Unscriptable(), torch.zeros(1, 3), "image", ["logits"], [], None, {},
+                      torchscript="script")  # fmt: skip
+    cfg = {"task": {"name": "image_classification"}, "model": {"constructor": "custom_net"}}
+    with pytest.raises(ExportFailed) as refusal:
+        _write_or_explain(plan, "torchscript", tmp_path / "model.pt", cfg)
+    (line,) = str(refusal.value).splitlines()
+    assert "torchscript cannot export model.constructor=custom_net" in line
+    assert "the image_classification model types cloud, mobile-high-accuracy-1" in line
+
+
+def test_unknown_model_and_format(mobile_models) -> None:
+    cwd = mobile_models.cwd
     assert "ICN404" in one_line_error(cli("models", "export", "ICN404", cwd=cwd))
     bad = cli("models", "export", "ICN404", "--format", "tflite", cwd=cwd)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
-def readme_snippet() -> str:
-    text = (REPO / "README.md").read_text()
-    block = text.split("<!-- snippet: classify.py -->")[1].split("<!-- end snippet -->")[0]
-    return block.split("```python")[1].split("```")[0]
-
-
 def test_readme_snippet_classifies_with_the_package_alone(
-    trained, packages, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mobile_models, package, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cwd, models = trained
-    model = models["mobile-low-latency-1"]
-    package = packages["mobile-low-latency-1"]
-    script = tmp_path / "classify.py"
-    script.write_text(
-        readme_snippet()
-        + "\nassert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'trainer')]\n"
-    )
-    state = read_json(next(d for d in run_dirs(cwd) if (d / "model.json").is_file()) / "state.json")
-    from trainer.data.manifest import TEST, read_dataset
-
-    item = read_dataset(state["config"]["dataset"]["path"]).split(TEST)[0]
-    env = {"PATH": os.environ["PATH"]}  # no PYTHONPATH: nothing of the project on the path
-    result = subprocess.run(
-        [sys.executable, "-I", str(script), str(package), str(item.path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    label, score = result.stdout.split()
+    model = mobile_models.models["mobile-low-latency-1"]
+    trained = stored(mobile_models, model, monkeypatch)
+    item = trained.manifest().split(TEST)[0]
+    label, score = run_snippet("classify.py", tmp_path, str(package), str(item.path)).split()
     labels = (package / "labels.txt").read_text().split()
     assert label in labels and 0 < float(score) <= 1
 
     # The same image through the trained model, as the trainer's evaluation prepares it.
-    import torch
     from PIL import Image
 
     from trainer.data.images import eval_transform
-    from trainer.store.catalog import Catalog
-    from trainer.stored_model import load_network, trained_model
+    from trainer.stored_model import load_network
 
-    monkeypatch.chdir(cwd)
-    trained_record = trained_model(
-        Catalog("sqlite:///mlflow.db", "vision-trainer"), model["name"], "export"
-    )
-    network = load_network(trained_record)
-    cfg = trained_record.config
+    cfg = trained.config
     transform = eval_transform(cfg["model"]["input_size"], cfg["data"]["mean"], cfg["data"]["std"])
     with Image.open(item.path) as image, torch.no_grad():
-        scores = network(transform(image.convert("RGB"))[None]).softmax(1)[0]
+        scores = load_network(trained)(transform(image.convert("RGB"))[None]).softmax(1)[0]
     assert abs(float(scores.max()) - float(score)) < 0.05  # Pillow's resize, not torchvision's
     if float(scores.max()) > 0.6:
         assert label == labels[int(scores.argmax())]
     assert json.loads((package / "metadata.json").read_text())["resize"].startswith("resize")
+
+
+# -- object detection ------------------------------------------------------------------------
+
+
+def test_box_comparison_wants_each_detection_within_a_pixel_with_its_label() -> None:
+    import numpy as np
+
+    from trainer.tasks.object_detection.export import box_comparison
+
+    boxes = np.array([[0.1, 0.1, 0.5, 0.5], [0.6, 0.2, 0.9, 0.4]], dtype=np.float32)
+    scores, labels = np.array([0.9, 0.3], dtype=np.float32), np.array([1, 0])
+    compare = box_comparison(100, 200)  # height, width: x is 200 pixels wide
+    close = compare([[boxes, scores, labels]], [[boxes + [0.004, 0.009, 0, 0], scores, labels]])
+    assert close.problem is None and close.figures["detectionsCompared"] == 4
+    assert close.figures["maxBoxDifferencePixels"] == pytest.approx(0.9, abs=1e-3)
+    shifted = compare([[boxes, scores, labels]], [[boxes + [0.01, 0, 0, 0], scores, labels]])
+    assert "has no match in the export (the nearest 2.00 px off)" in shifted.problem
+    relabelled = compare([[boxes, scores, labels]], [[boxes, scores, labels[::-1]]])
+    assert "has no match in the export (none)" in relabelled.problem
+    nothing = np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+    assert "detects nothing" in compare([list(nothing)], [list(nothing)]).problem
+
+
+def test_logit_comparison_wants_the_same_top_label() -> None:
+    import numpy as np
+
+    from trainer.tasks.image_classification.export import logit_comparison
+
+    logits = np.array([[2.0, 1.0], [0.0, 3.0]], dtype=np.float32)
+    swapped = logits[:, ::-1].copy()
+    assert logit_comparison(None)([[logits]], [[logits + 1e-3]]).problem is None
+    assert (
+        "differs from the trained model's on 2"
+        in logit_comparison(None)([[logits]], [[swapped]]).problem
+    )
+    assert "tolerance" in logit_comparison(1e-4)([[logits]], [[logits + 1e-3]]).problem
+
+
+@pytest.fixture(scope="module")
+def detection_package(detection_model: Trained) -> Path:
+    cwd, _, model, _ = detection_model.only()
+    return export(cwd, model)
+
+
+def test_detection_exports_with_boxes_within_a_pixel(detection_model, detection_package) -> None:
+    cwd, _, model, _ = detection_model.only()
+    meta = check_package(detection_package, model, {"model.onnx"})
+    assert meta["task"] == "object_detection" and meta["modelType"] == "mobile-low-latency-1"
+    assert meta["input_size"] == [64, 64] and "one image a call" in meta["layout"]
+    assert set(meta["outputs"]) == {"boxes", "scores", "labels"}
+    verification = meta["verification"]
+    assert verification["detectionsCompared"] > 0
+    assert verification["maxBoxDifferencePixels"] <= verification["pixelTolerance"] == 1.0
+    assert meta["producedBy"].startswith("onnx opset")
+    check_export_operation(cwd, detection_package)
+
+
+def test_detection_torchscript_export(detection_model, tmp_path: Path, monkeypatch) -> None:
+    from trainer.export import export_package
+
+    cwd, _, model, _ = detection_model.only()
+    package = export_package(stored(detection_model, model, monkeypatch), "torchscript", tmp_path)
+    meta = check_package(package, model, {"model.pt"})
+    assert meta["verification"]["maxBoxDifferencePixels"] <= 1.0
+
+
+def test_readme_snippet_detects_with_the_package_alone(
+    detection_model, detection_package, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+
+    from trainer.stored_model import load_network
+    from trainer.tasks.object_detection.export import ExportedDetector
+    from trainer.tasks.object_detection.images import detection_eval_transform
+
+    _, _, model, _ = detection_model.only()
+    trained = stored(detection_model, model, monkeypatch)
+    item = trained.manifest().split(TEST)[0]
+    output = run_snippet("detect.py", tmp_path, str(detection_package), str(item.path), "0")
+    lines = [line.split() for line in output.splitlines()]
+    labels = (detection_package / "labels.txt").read_text().split()
+    assert 0 < len(lines) <= 100 and all(line[0] in labels for line in lines)
+    scores = [float(line[1]) for line in lines]
+    assert scores == sorted(scores, reverse=True)
+
+    # The same image through the trained detector, as evaluation prepares it.
+    with Image.open(item.path) as image:
+        pixels = detection_eval_transform(trained.config["model"]["input_size"])(
+            image.convert("RGB")
+        )
+        width, height = image.size
+    with torch.no_grad():
+        boxes, found, classes = ExportedDetector(load_network(trained))(pixels[None])
+    assert abs(float(found[0]) - scores[0]) < 0.05  # Pillow's resize, not torchvision's
+    if float(found[0]) - float(found[1]) > 0.05:
+        assert lines[0][0] == labels[int(classes[0])]
+        corners = boxes[0].numpy() * [width, height, width, height]
+        assert max(abs(float(v) - c) for v, c in zip(lines[0][2:], corners, strict=True)) < 3
+
+
+# -- video classification ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def video_package(video_model: Trained) -> Path:
+    cwd, _, model, _ = video_model.only()
+    return export(cwd, model)
+
+
+def test_video_exports_with_the_same_top_label(video_model, video_package) -> None:
+    cwd, _, model, _ = video_model.only()
+    meta = check_package(video_package, model, {"model.onnx"})
+    assert meta["task"] == "video_classification"
+    assert meta["frames_per_clip"] > 1 and meta["frame_stride"] >= 1
+    assert meta["verification"]["top1Disagreements"] == 0
+    assert meta["verification"]["maxAbsDifference"] < 1e-3
+    check_export_operation(cwd, video_package)
+
+
+def test_video_torchscript_export(video_model, tmp_path: Path, monkeypatch) -> None:
+    from trainer.export import export_package
+
+    cwd, _, model, _ = video_model.only()
+    package = export_package(stored(video_model, model, monkeypatch), "torchscript", tmp_path)
+    assert check_package(package, model, {"model.pt"})["verification"]["top1Disagreements"] == 0
+
+
+def test_readme_snippet_classifies_a_video_with_the_package_alone(
+    video_model, video_package, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainer.stored_model import load_network
+    from trainer.tasks.video_classification.clips import decode_clip
+    from trainer.tasks.video_classification.data import video_duration
+    from trainer.tasks.video_classification.task import clip_spec
+
+    _, _, model, _ = video_model.only()
+    trained = stored(video_model, model, monkeypatch)
+    segment = trained.manifest().split(TEST)[0]
+    label, score = run_snippet("classify_video.py", tmp_path, str(video_package),
+                               str(segment.path)).split()  # fmt: skip
+    labels = (video_package / "labels.txt").read_text().split()
+    assert label in labels and 0 < float(score) <= 1
+
+    # The whole video's centred clip through the trained network, as evaluation decodes it.
+    clip = decode_clip(segment.path, 0.0, video_duration(segment.path), clip_spec(trained.config))
+    with torch.no_grad():
+        scores = load_network(trained)(clip[None]).softmax(1)[0]
+    if float(scores.max()) > 0.6:
+        assert label == labels[int(scores.argmax())]
+        assert abs(float(scores.max()) - float(score)) < 0.1
+
+
+# -- every model type of every task (slow) ------------------------------------------------------
+
+
+def offered_types() -> list[tuple[str, str]]:
+    from benchmarks.export_latency import model_types
+    from trainer.tasks import task_configs
+
+    return [(task, t) for task in sorted(task_configs()) for t in model_types(task)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("task", "model_type"), offered_types())
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_every_offered_model_type_exports(task: str, model_type: str, fmt: str, tmp_path) -> None:
+    """What the exporter's refusal promises: every model type conf/ offers exports to both
+    formats (untrained networks: the architecture is what an exporter can or cannot follow)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from trainer import CONF_DIR
+    from trainer.export import Runner, as_arrays, write_model
+    from trainer.tasks import task_of
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_container(
+            compose("config", [f"task={task}", f"model_type={model_type}"]), resolve=True
+        )
+    labels = ["a", "b", "c"]
+    network = task_of(cfg).network(cfg, labels, pretrained=False).eval()
+    plan = task_of(cfg).export_plan(network, cfg, labels, [])
+    write_model(plan, fmt, tmp_path / f"model.{fmt}")
+    example = plan.example[:1]
+    got = Runner(fmt, tmp_path / f"model.{fmt}")(example.numpy())
+    with torch.no_grad():
+        expected = as_arrays(plan.network(example))
+    assert [a.shape[1:] for a in got] == [a.shape[1:] for a in expected]

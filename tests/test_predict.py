@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, read_json, run_dirs, run_trainer
+from tests.conftest import read_json
 from tests.test_evaluation import is_png
 from tests.test_manage import cli, one_line_error
 from tests.test_resume import mlflow_client
 from trainer.data.manifest import TEST, read_dataset
+from trainer.data.prediction import ShardedJsonl, read_input_csv
 from trainer.errors import UserError
-from trainer.predict import ShardedJsonl, classification_record, read_input_csv
+from trainer.tasks.image_classification.predict import classification_record
 
 # -- units --------------------------------------------------------------------------------
 
@@ -73,19 +74,11 @@ def test_shards_hold_at_most_shard_size_lines(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, trainer_home: Path, tiny_shapes: Path):
-    cwd = tmp_path_factory.mktemp("predict")
-    result = run_trainer(
-        *FAST,
-        f"dataset.path={tiny_shapes}",
-        "budget.train_budget_milli_node_hours=8",
-        "display_name=shapes_small",
-        cwd=cwd,
-        home=trainer_home,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = run_dirs(cwd)
-    return cwd, run_dir, json.loads(result.stdout)["name"].split("/")[1]
+def trained(mobile_models):
+    """The session's mobile-versatile-1 model: only this module evaluates it again."""
+    model_type = "mobile-versatile-1"
+    model = mobile_models.models[model_type]
+    return mobile_models.cwd, mobile_models.run_dirs[model_type], model["name"].split("/")[1]
 
 
 def stored_evaluation(run_dir: Path) -> list[dict]:
@@ -130,8 +123,9 @@ def test_predicting_the_test_images_matches_the_stored_evaluation(
     assert result.returncode == 0, result.stderr[-3000:]
     folder = Path(result.stdout.strip())
     assert folder.parent == (cwd / "out").resolve()
+    display_name = read_json(run_dir / "model.json")["displayName"]
     assert re.fullmatch(
-        r"prediction-shapes_small-\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", folder.name
+        rf"prediction-{display_name}-\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}}Z", folder.name
     )
 
     shards = sorted(
@@ -248,7 +242,8 @@ def test_urls_are_read_through_fsspec(tmp_path: Path) -> None:
     from PIL import Image
 
     from trainer.data.images import eval_transform
-    from trainer.predict import classification_records, predict_images
+    from trainer.data.prediction import predict_images
+    from trainer.tasks.image_classification.predict import RESULTS_PREFIX, classification_records
 
     with fsspec.open("memory://bucket/cat.png", "wb") as handle:
         Image.new("RGB", (8, 8), (250, 10, 10)).save(handle, format="PNG")
@@ -256,7 +251,8 @@ def test_urls_are_read_through_fsspec(tmp_path: Path) -> None:
     result = predict_images(
         classification_records(network, ["cat", "dog"], 0.0),
         ["memory://bucket/cat.png", "memory://bucket/gone.png"],
-        tmp_path, eval_transform([4, 4], [0.5] * 3, [0.5] * 3), tmp_path / "out", workers=0,
+        tmp_path, eval_transform([4, 4], [0.5] * 3, [0.5] * 3), tmp_path / "out",
+        RESULTS_PREFIX, workers=0,
     )  # fmt: skip
     assert (result.predicted, result.failed) == (1, 1)
     (record,) = read_jsonl(result.result_files)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FAST, REPO, read_json, run_dirs, run_trainer
+from tests.conftest import FAST, REPO, read_json, run_dir_of, run_dirs, run_trainer
 
 META = "imageClassificationModelMetadata"
 
@@ -156,20 +156,11 @@ def test_damaged_last_checkpoint_falls_back_to_the_previous(
 
 
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory, trainer_home: Path, tiny_shapes: Path):
-    cwd = tmp_path_factory.mktemp("base")
-    result = run_trainer(
-        *FAST,
-        f"dataset.path={tiny_shapes}",
-        "budget.train_budget_milli_node_hours=8",
-        "budget.disable_early_stopping=true",
-        "display_name=base",
-        cwd=cwd,
-        home=trainer_home,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = run_dirs(cwd)
-    return cwd, run_dir, read_json(run_dir / "model.json")
+def base_model(mobile_models):
+    """The session's mobile-low-latency-1 model, trained until its budget was spent. Only this
+    module trains further from it; the tests that change its tags or files put them back."""
+    model_type = "mobile-low-latency-1"
+    return mobile_models.cwd, mobile_models.run_dirs[model_type], mobile_models.models[model_type]
 
 
 def val_history(cwd: Path, run_id: str, metric: str = "val_accuracy") -> list[tuple[int, float]]:
@@ -199,7 +190,7 @@ def test_training_further_continues_from_the_base_model(
     assert int(model[META]["trainCostMilliNodeHours"]) <= 4  # its own cost, not the base's
 
     base_run = read_json(base_dir / "state.json")["run_id"]
-    further_dir = next(d for d in run_dirs(cwd) if d != base_dir)
+    further_dir = run_dir_of(cwd, model)
     further_run = read_json(further_dir / "state.json")["run_id"]
     further_curve = val_history(cwd, further_run)
     # Steps go on from the base's final (best) checkpoint, and the first validation is about

@@ -13,57 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_json, run_dirs, run_trainer
-from tests.test_manage import cli, one_line_error
+from tests.conftest import DETECTION, VIDEO, read_json, run_dirs, run_trainer, train
+from tests.test_manage import cli
 from tests.test_resume import checkpoint_step, start_trainer, wait_for
 from trainer.data.manifest import TEST
-from trainer.tasks.object_detection.demo import write_detection_shapes
 from trainer.tasks.video_classification.data import read_video_dataset
-from trainer.tasks.video_classification.demo import ensure_demo_videos
 
-SMALL_BUDGETS = [
-    "budget.min_milli_node_hours=1",
-    "early_stopping.patience=2",
-    "early_stopping.patience_before_first_gain=2",
-    "budget.save_reserve_seconds=8",  # larger networks than the image tests' to record
-]
-DETECTION = [
-    "task=object_detection",
-    "model.input_size=[64,64]",
-    "data.batch_size=4",
-    *SMALL_BUDGETS,
-]
-# The demo videos and the default video model type as they are: a real training, about 50 s.
-# Patience stays at its default, 5: validation accuracy sits near chance for the first epochs.
-VIDEO = [
-    "task=video_classification",
-    "budget.min_milli_node_hours=1",
-    "budget.save_reserve_seconds=8",
-    # The demo reaches validation accuracy 1.0 within a dozen epochs; learning-rate drops
-    # would add six more passes there (tested in test_convergence.py), not worth the suite's time.
-    "early_stopping.lr_drop_patience=null",
-]
 DETECTION_META = "imageObjectDetectionModelMetadata"
 VIDEO_META = "videoClassificationModelMetadata"
-
-
-@pytest.fixture(scope="module")
-def detection_csv(tmp_path_factory) -> Path:
-    return write_detection_shapes(tmp_path_factory.mktemp("det"), images=40, size=64, seed=3)
-
-
-@pytest.fixture(scope="module")
-def video_csv(trainer_home: Path) -> Path:
-    from trainer.tasks.video_classification.task import DEMO_VIDEOS_PER_LABEL
-
-    return ensure_demo_videos(trainer_home, DEMO_VIDEOS_PER_LABEL)
-
-
-def train(cwd: Path, home: Path, *args: str) -> tuple[dict, Path]:
-    result = run_trainer(*args, cwd=cwd, home=home, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = max(run_dirs(cwd), key=lambda d: d.stat().st_mtime)
-    return json.loads(result.stdout), run_dir
 
 
 def check_model(model: dict, meta_key: str, prefix: str, budget: int) -> None:
@@ -77,19 +34,8 @@ def check_model(model: dict, meta_key: str, prefix: str, budget: int) -> None:
 # -- object detection ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def detection_model(tmp_path_factory, trainer_home: Path, detection_csv: Path):
-    cwd = tmp_path_factory.mktemp("det_run")
-    budget = 12
-    model, run_dir = train(
-        cwd, trainer_home, *DETECTION, f"dataset.path={detection_csv}",
-        f"budget.train_budget_milli_node_hours={budget}", "display_name=boxes",
-    )  # fmt: skip
-    return cwd, run_dir, model, budget
-
-
 def test_detection_trains_evaluates_and_is_listed(detection_model) -> None:
-    cwd, run_dir, model, budget = detection_model
+    cwd, run_dir, model, budget = detection_model.only()
     check_model(model, DETECTION_META, "IOD", budget)
     assert "test_map_50" in read_json(run_dir / "metrics.json")
     (evaluation_file,) = run_dir.glob("evaluations/*/evaluation.json")
@@ -100,12 +46,10 @@ def test_detection_trains_evaluates_and_is_listed(detection_model) -> None:
     assert model["name"].split("/")[1] in listing.stdout
     evaluations = cli("models", "evaluations", model["name"], cwd=cwd)
     assert "mAP@0.5" in evaluations.stdout
-    refused = cli("models", "export", model["name"], cwd=cwd)
-    assert "takes image classification models" in one_line_error(refused)
 
 
 def test_detection_batch_prediction(detection_model, detection_csv: Path) -> None:
-    cwd, _, model, _ = detection_model
+    cwd, _, model, _ = detection_model.only()
     images = sorted((detection_csv.parent / "images").glob("*.png"))[:3]
     (cwd / "boxes.csv").write_text("\n".join(str(p) for p in images) + "\nmissing.png\n")
     result = cli(
@@ -126,6 +70,7 @@ def test_detection_batch_prediction(detection_model, detection_csv: Path) -> Non
     assert errors[0]["ID"] == "missing.png" and errors[0]["errors"]["code"] == 5
 
 
+@pytest.mark.slow  # the task-agnostic job's mechanism: test_resume.py covers it
 def test_detection_resumes_after_sigterm(tmp_path: Path, trainer_home: Path, detection_csv):
     args = [
         *DETECTION, f"dataset.path={detection_csv}", "budget.train_budget_milli_node_hours=20",
@@ -159,19 +104,8 @@ def test_detection_resumes_after_sigterm(tmp_path: Path, trainer_home: Path, det
 # -- video classification -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def video_model(tmp_path_factory, trainer_home: Path, video_csv: Path):
-    cwd = tmp_path_factory.mktemp("video_run")
-    budget = 40
-    model, run_dir = train(
-        cwd, trainer_home, *VIDEO, f"budget.train_budget_milli_node_hours={budget}",
-        "display_name=motion",
-    )  # fmt: skip
-    return cwd, run_dir, model, budget
-
-
 def test_video_learns_far_above_chance(video_model, video_csv: Path) -> None:
-    cwd, run_dir, model, budget = video_model
+    cwd, run_dir, model, budget = video_model.only()
     check_model(model, VIDEO_META, "VCN", budget)
     accuracy = read_json(run_dir / "metrics.json")["test_accuracy"]
     assert accuracy >= 0.7  # four directions: chance is 0.25
@@ -185,7 +119,7 @@ def test_video_learns_far_above_chance(video_model, video_csv: Path) -> None:
 
 
 def test_video_batch_prediction_of_each_kind(video_model, video_csv: Path) -> None:
-    cwd, _, model, _ = video_model
+    cwd, _, model, _ = video_model.only()
     video = sorted((video_csv.parent / "videos").glob("*.mp4"))[0]
     (cwd / "clips.csv").write_text(f"{video},0,inf\n{video},0.5,1.5\nmissing.mp4,0,1\n")
     result = cli(
@@ -208,6 +142,7 @@ def test_video_batch_prediction_of_each_kind(video_model, video_csv: Path) -> No
     assert starts == {"0s", "1s", "2s"}  # a demo video lasts 3 s
 
 
+@pytest.mark.slow  # the task-agnostic job's mechanism: test_manage.py covers it
 def test_video_training_is_cancelled_like_any_other(
     tmp_path: Path, trainer_home: Path, video_csv: Path
 ) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, read_json, run_dirs, run_trainer
+from tests.conftest import FAST, MOBILE, read_json, run_dirs, run_trainer
 
 META = "imageClassificationModelMetadata"
 
@@ -98,49 +98,19 @@ def test_model_is_registered_in_mlflow_with_its_metadata(trained) -> None:
     assert np.asarray(served.predict(np.zeros((3, 3, 32, 32), dtype=np.float32))).shape == (3, 6)
 
 
-def test_budget_reached_with_a_five_milli_node_hour_budget(
-    tmp_path: Path, trainer_home: Path, tiny_shapes: Path
-) -> None:
-    result = run_trainer(
-        *FAST,
-        f"dataset.path={tiny_shapes}",
-        "budget.train_budget_milli_node_hours=5",
-        "budget.disable_early_stopping=true",
-        cwd=tmp_path,
-        home=trainer_home,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = run_dirs(tmp_path)
-    meta = read_json(run_dir / "model.json")[META]
-    assert meta["stopReason"] == "BUDGET_REACHED"
-    assert 4 <= int(meta["trainCostMilliNodeHours"]) <= 5
-
-
-def test_multirun_trains_each_model_type_and_returns_the_metric(
-    tmp_path: Path, trainer_home: Path, tiny_shapes: Path
-) -> None:
-    record = tmp_path / "returns.jsonl"
-    result = run_trainer(
-        "-m",
-        *FAST,
-        "model_type=mobile-low-latency-1,mobile-versatile-1",
-        "budget.min_milli_node_hours=1",
-        "budget.train_budget_milli_node_hours=8",
-        f"dataset.path={tiny_shapes}",
-        "+hydra.callbacks.record._target_=tests.hydra_probe.RecordReturn",
-        cwd=tmp_path,
-        home=trainer_home,
-        env={"RECORD_RETURN_FILE": str(record)},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    models = [read_json(d / "model.json") for d in run_dirs(tmp_path)]
-    assert sorted(m[META]["modelType"] for m in models) == [
-        "mobile-low-latency-1",
-        "mobile-versatile-1",
-    ]
-    assert len({m["name"] for m in models}) == 2
-    returns = [json.loads(line)["return_value"] for line in record.read_text().splitlines()]
-    assert len(returns) == 2
+def test_multirun_trains_each_type_to_its_budget_and_returns_the_metric(mobile_models) -> None:
+    """The session's Hydra multirun of the mobile types, each with budget.disable_early_stopping:
+    each job is its own model, stops BUDGET_REACHED having spent its budget, and returns the
+    validation metric a sweeper optimizes."""
+    models, budget = mobile_models.models, mobile_models.budget
+    assert sorted(models) == sorted(MOBILE)
+    assert len({m["name"] for m in models.values()}) == len(MOBILE)
+    for model in models.values():
+        meta = model[META]
+        assert meta["stopReason"] == "BUDGET_REACHED"
+        assert budget - 1 <= int(meta["trainCostMilliNodeHours"]) <= budget, meta
+    returns = mobile_models.returns
+    assert len(returns) == len(MOBILE)
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 and not math.isnan(v) for v in returns)
 
 

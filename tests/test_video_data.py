@@ -229,7 +229,7 @@ def test_datasets_that_cannot_train_are_clear_errors(tmp_path: Path, ramp: Path)
         read_video_dataset(no_train)
     no_test = tmp_path / "no_test.csv"
     no_test.write_text("TRAIN,a.mp4,left,0,1\nTRAIN,b.mp4,right,0,1\nTRAIN,c.mp4,right,0,1\n")
-    with pytest.raises(UserError, match="no TEST segments"):
+    with pytest.raises(UserError, match="no TEST segment"):
         read_video_dataset(no_test)
 
 

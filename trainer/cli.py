@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from trainer.errors import UserError
+from trainer.tasks import add_predict_options, task_name_of_model
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "vision-trainer"
@@ -61,20 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--score-threshold", type=float, default=0.5)
     predict.add_argument("--shard-size", type=int, default=1000, help="images per JSONL file")
     predict.add_argument("--workers", type=int, default=None, help="decoding processes")
-    detection = predict.add_argument_group("object detection models")
-    detection.add_argument("--max-bounding-box-count", type=int, default=100)
-    video = predict.add_argument_group(
-        "video models (input CSV: path,start_seconds,end_seconds; output video_classification.csv)"
-    )
-    video.add_argument(
-        "--segment-classification", action=argparse.BooleanOptionalAction, default=True,
-        help="classify each input segment as a whole (default: on)",
-    )  # fmt: skip
-    video.add_argument("--shot-classification", action="store_true", help="classify each shot")
-    video.add_argument(
-        "--1s-interval-classification", dest="one_second_interval_classification",
-        action="store_true", help="classify each 1-second window",
-    )  # fmt: skip
+    add_predict_options(predict)  # each task's own flags
 
     operations = resources.add_parser("operations", help="trainings").add_subparsers(
         dest="verb", required=True
@@ -122,15 +110,10 @@ def models_list(catalog: Any, args: argparse.Namespace) -> None:
     from trainer.store.catalog import metadata_of
 
     terms = parse_filter(args.filter, ("task", "model_type", "display_name"))
-    tasks = {
-        "imageClassificationModelMetadata": "image_classification",
-        "imageObjectDetectionModelMetadata": "object_detection",
-        "videoClassificationModelMetadata": "video_classification",
-    }
 
     def keep(model: dict[str, Any]) -> bool:
         fields = {
-            "task": next((tasks.get(k, k) for k in model if k.endswith("ModelMetadata")), ""),
+            "task": task_name_of_model(model),
             "model_type": metadata_of(model)["modelType"],
             "display_name": model["displayName"],
         }
@@ -143,12 +126,11 @@ def models_list(catalog: Any, args: argparse.Namespace) -> None:
     rows = []
     for model in models:
         meta = metadata_of(model)
-        task = next(tasks.get(k, k) for k in model if k.endswith("ModelMetadata"))
         rows.append(
             [
                 model["name"].split("/")[1],
                 model["displayName"],
-                task,
+                task_name_of_model(model),
                 meta["modelType"],
                 meta["trainBudgetMilliNodeHours"],
                 meta["trainCostMilliNodeHours"],
@@ -245,9 +227,15 @@ def models_export(catalog: Any, args: argparse.Namespace) -> None:
     store.end_run(run_id)
     metadata = json.loads((package / "metadata.json").read_text())
     print(operation.name, file=sys.stderr)
+    verification = metadata["verification"]
+    figures = ", ".join(
+        f"{key} {value:.2g}" if isinstance(value, float) else f"{key} {value}"
+        for key, value in verification.items()
+        if key not in ("inputs", "split")
+    )
     print(
-        f"exported to {package} (max difference {metadata['verification']['maxAbsDifference']:.1e},"
-        f" {metadata['latencyMs']['median']:.2f} ms at batch 1)",
+        f"exported to {package}: verified on {verification['inputs']} TEST inputs ({figures}); "
+        f"{metadata['latencyMs']['median']:.2f} ms at batch 1",
         file=sys.stderr,
     )
     print(package)
@@ -258,7 +246,8 @@ def predict(catalog: Any, args: argparse.Namespace) -> None:
     import logging
 
     logging.getLogger("trainer").setLevel(logging.INFO)  # progress lines off a terminal
-    from trainer.predict import default_workers, run_batch_prediction  # torch: only here
+    from trainer.data.prediction import default_workers
+    from trainer.predict import run_batch_prediction  # torch: only here
 
     args.workers = default_workers() if args.workers is None else args.workers
     result = run_batch_prediction(catalog, args)

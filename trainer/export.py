@@ -1,8 +1,10 @@
 """Edge export: an ONNX or TorchScript package that runs without this project, verified and timed.
 
-A package is written aside and renamed into place only once the exported model has given the
-trained model's answers on real TEST images (largest absolute difference under the tolerance),
-so a failed export leaves nothing behind.
+The model's task says what is exported, how it is fed and how its answers are judged
+(``ExportPlan``, trainer/tasks/__init__.py); this module writes the file, runs it with the
+runtime a device would use on real TEST inputs, times it and writes the package. A package is
+written aside and renamed into place only once the exported model has given the trained model's
+answers, so a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -11,60 +13,65 @@ import logging
 import shutil
 import statistics
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from trainer.data.manifest import TEST
 from trainer.errors import UserError
 from trainer.store.resources import write_json_atomic
-from trainer.stored_model import TrainedModel, load_network, test_images
+from trainer.stored_model import TrainedModel, load_network
+from trainer.tasks import ExportPlan, task_of
 
 log = logging.getLogger("trainer")
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
-TOLERANCE = 1e-4  # float32 classification logits
 LATENCY_RUNS, WARMUP_RUNS = 50, 10
-RESIZE_RULE = (
-    "resize the whole image to input_size (bilinear, antialiased; no crop), scale to [0, 1], "
-    "then normalize each channel: (x - mean) / std"
-)
+ONNX_OPSET = 17  # for torch.onnx's TorchScript-based exporter; dynamo picks its own
+VERIFIED_INPUTS = 16
 
 
 class ExportFailed(UserError):
-    """The exported model did not give the trained model's answers; nothing was kept."""
+    """The model could not be exported, or the export did not give the trained model's answers;
+    nothing was kept."""
 
 
-def write_model(network: nn.Module, fmt: str, path: Path, example: torch.Tensor) -> str:
-    """Write the network; return what produced it (opset or torch version)."""
-    if fmt == "onnx":
-        batch = torch.export.Dim("batch", min=1, max=1024)
+def write_model(plan: ExportPlan, fmt: str, path: Path) -> str:
+    """Write the plan's network; return what produced it (opset or torch version)."""
+    network, example = plan.network, plan.example
+    if fmt == "torchscript":
+        if plan.torchscript == "script":
+            exported = torch.jit.script(network)
+        else:
+            exported = torch.jit.trace(network, example)
+        torch.jit.save(exported, str(path))
+        return f"torch {torch.__version__}"
+    names = {"input_names": [plan.input_name], "output_names": plan.output_names}
+    if plan.onnx_exporter == "dynamo":
+        shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if plan.batch_free else None
         program = torch.onnx.export(
-            network,
-            (example,),
-            dynamo=True,
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_shapes=({0: batch},),
-            external_data=False,
-            verbose=False,
-        )
+            network, (example,), dynamo=True, dynamic_shapes=shapes, external_data=False,
+            verbose=False, **names,
+        )  # fmt: skip
         program.save(str(path), external_data=False)
-        import onnx
+    else:
+        with warnings.catch_warnings():  # its deprecation notice: dynamo cannot do this model
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                network, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET, **names
+            )
+    import onnx
 
-        return (
-            f"onnx opset {onnx.load(str(path), load_external_data=False).opset_import[0].version}"
-        )
-    traced = torch.jit.trace(network, example)
-    torch.jit.save(traced, str(path))
-    return f"torch {torch.__version__}"
+    return f"onnx opset {onnx.load(str(path), load_external_data=False).opset_import[0].version}"
 
 
 class Runner:
-    """Runs an exported file on NumPy batches, with the runtime a device would use."""
+    """Runs an exported file on a NumPy batch, with the runtime a device would use; returns
+    every output as an array."""
 
     def __init__(self, fmt: str, path: Path) -> None:
         self.fmt = fmt
@@ -79,41 +86,54 @@ class Runner:
             self.module = torch.jit.load(str(path)).eval()
             self.runtime = f"torch {torch.__version__} (TorchScript, CPU)"
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         if self.fmt == "onnx":
-            return self.session.run(None, {self.session.get_inputs()[0].name: batch})[0]
+            return self.session.run(None, {self.session.get_inputs()[0].name: batch})
         with torch.no_grad():
-            return self.module(torch.from_numpy(batch)).numpy()
+            return as_arrays(self.module(torch.from_numpy(batch)))
 
 
-def verify(runner: Runner, network: nn.Module, images: torch.Tensor, tolerance: float) -> float:
+def as_arrays(outputs: Any) -> list[np.ndarray]:
+    """A network's output, one tensor or several, as a list of arrays."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs.detach().numpy()]
+    return [output.detach().numpy() for output in outputs]
+
+
+def verify(runner: Runner, plan: ExportPlan) -> dict[str, Any]:
+    """Run the trained network and the exported one on the plan's inputs; the figures of the
+    comparison, or ExportFailed."""
+    if not plan.inputs:
+        raise ExportFailed("the model has no TEST inputs to verify an export on")
     with torch.no_grad():
-        expected = network(images).numpy()
+        expected = [as_arrays(plan.network(torch.from_numpy(batch))) for batch in plan.inputs]
     try:
-        got = runner(images.numpy())
+        got = [runner(batch) for batch in plan.inputs]
     except Exception as error:  # a runtime refusing the input is a failed verification too
-        raise ExportFailed(f"the exported model failed on the TEST images: {error}") from None
-    if got.shape != expected.shape:
-        raise ExportFailed(f"exported outputs have shape {got.shape}, expected {expected.shape}")
-    difference = float(np.abs(got - expected).max())
-    if not difference < tolerance:
-        raise ExportFailed(
-            f"exported outputs differ from the trained model's by up to {difference:.2e} "
-            f"(tolerance {tolerance:.0e}); the export was discarded"
-        )
-    return difference
+        raise ExportFailed(f"the exported model failed on the TEST inputs: {error}") from None
+    verification = plan.compare(expected, got)
+    if verification.problem:
+        raise ExportFailed(f"{verification.problem}; the export was discarded")
+    return verification.figures
 
 
-def latency_ms(runner: Runner, image: np.ndarray) -> float:
-    """Median milliseconds at batch 1 after warm-up."""
+def latency_ms(runner: Runner, example: np.ndarray) -> float:
+    """Median milliseconds for one input after warm-up."""
     for _ in range(WARMUP_RUNS):
-        runner(image)
+        runner(example)
     times = []
     for _ in range(LATENCY_RUNS):
         started = time.perf_counter()
-        runner(image)
+        runner(example)
         times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times)
+
+
+def export_plan(trained: TrainedModel) -> ExportPlan:
+    """The task's plan for the stored network, verified on the first TEST items."""
+    task = task_of(trained.config)
+    items = trained.manifest().split(TEST)[:VERIFIED_INPUTS]
+    return task.export_plan(load_network(trained), trained.config, trained.labels, items)
 
 
 def export_package(
@@ -121,7 +141,6 @@ def export_package(
     fmt: str,
     output: Path,
     export_size: list[int] | None = None,
-    tolerance: float = TOLERANCE,
 ) -> Path:
     """Write, verify and time one package; return its folder.
 
@@ -131,17 +150,11 @@ def export_package(
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     cfg = trained.config
-    if cfg["task"]["name"] != "image_classification":
-        raise UserError(
-            f"models export takes image classification models; {trained.model_id} is a "
-            f"{cfg['task']['name']} model (its MLflow model serves: mlflow models serve)"
-        )
-    if cfg["model"]["type"] == "cloud":
+    if str(cfg["model"]["type"]).startswith("cloud"):
         log.warning("exporting a cloud model: it is not sized for devices; mobile types are")
-    network = load_network(trained)
-    images = test_images(trained)
-    height, width = export_size or cfg["model"]["input_size"]
-    example = torch.zeros(2, 3, height, width)  # batch 2: a batch of 1 would freeze the size
+    plan = export_plan(trained)
+    if export_size is not None:
+        plan.example = torch.zeros(*plan.example.shape[:-2], *export_size)
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     final = output / f"model-export-{trained.model['displayName']}-{stamp}"
@@ -149,10 +162,10 @@ def export_package(
     staging.mkdir(parents=True)
     try:
         model_file = staging / FORMATS[fmt]
-        produced_by = write_model(network, fmt, model_file, example)
+        produced_by = _write_or_explain(plan, fmt, model_file, cfg)
         runner = Runner(fmt, model_file)
-        difference = verify(runner, network, images, tolerance)
-        latency = latency_ms(runner, images[:1].numpy())
+        figures = verify(runner, plan)
+        latency = latency_ms(runner, plan.inputs[0][:1])
         (staging / "labels.txt").write_text("\n".join(trained.labels) + "\n")
         write_json_atomic(
             staging / "metadata.json",
@@ -164,18 +177,12 @@ def export_package(
                 "format": fmt,
                 "file": FORMATS[fmt],
                 "producedBy": produced_by,
-                "input_size": list(cfg["model"]["input_size"]),
-                "layout": "NCHW, float32, RGB; the batch size is free",
-                "mean": list(cfg["data"]["mean"]),
-                "std": list(cfg["data"]["std"]),
-                "resize": RESIZE_RULE,
-                "output": "logits, one per line of labels.txt in that order; softmax gives scores",
+                **plan.metadata,
                 "verification": {
-                    "images": len(images),
+                    "inputs": sum(len(b) for b in plan.inputs),
                     "split": TEST,
-                    "maxAbsDifference": difference,
-                    "tolerance": tolerance,
-                },
+                    **figures,
+                },  # fmt: skip
                 "latencyMs": {
                     "batch": 1,
                     "median": round(latency, 4),
@@ -189,3 +196,20 @@ def export_package(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
+
+
+def _write_or_explain(plan: ExportPlan, fmt: str, path: Path, cfg: dict[str, Any]) -> str:
+    """Write the model; an exporter's refusal becomes one line naming the reason and the
+    model types whose networks are known to export (the ones conf/ offers for this task)."""
+    try:
+        return write_model(plan, fmt, path)
+    except Exception as error:
+        from trainer.job.settings import model_types
+
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        offered = ", ".join(t for t in model_types(cfg["task"]["name"]) if t != "default")
+        raise ExportFailed(
+            f"{fmt} cannot export model.constructor={cfg['model']['constructor']} "
+            f"({type(error).__name__}: {reason}); the {cfg['task']['name']} model types "
+            f"{offered} export to {' and '.join(FORMATS)}"
+        ) from None

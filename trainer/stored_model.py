@@ -1,5 +1,8 @@
 """A model on record, loaded back for export, evaluation and prediction.
 
+It sits above trainer/tasks/ (the task builds the network the checkpoint fills), so it is not
+part of trainer/store/, which knows no task.
+
 The Model resource and its registry tags say where its run directory is; when that directory is
 not on this machine (a shared tracking server), the config and best checkpoint come from the
 run's MLflow artifacts instead.
@@ -15,8 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.data.images import eval_transform
-from trainer.data.manifest import TEST
 from trainer.errors import UserError
 from trainer.store.resources import expired_on
 from trainer.tasks import task_of
@@ -35,10 +36,6 @@ class TrainedModel:
     @property
     def model_id(self) -> str:
         return self.model["name"].split("/")[1]
-
-    def transform(self):
-        cfg = self.config
-        return eval_transform(cfg["model"]["input_size"], cfg["data"]["mean"], cfg["data"]["std"])
 
     def manifest(self) -> Any:
         """The dataset the model was trained on (its splits as in training)."""
@@ -87,15 +84,3 @@ def load_network(trained: TrainedModel) -> nn.Module:
     }
     network.load_state_dict(weights)
     return network.eval()
-
-
-def test_images(trained: TrainedModel, count: int = 16) -> torch.Tensor:
-    """A batch of the model's TEST images, prepared exactly as evaluation prepares them."""
-    from PIL import Image
-
-    transform = trained.transform()
-    batch = []
-    for item in trained.manifest().split(TEST)[:count]:
-        with Image.open(item.path) as image:
-            batch.append(transform(image.convert("RGB")))
-    return torch.stack(batch)

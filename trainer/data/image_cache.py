@@ -39,8 +39,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from trainer.data.manifest import TRAIN, VALIDATE, Item, Manifest
+from trainer.data.settings import cache_mode
 from trainer.errors import UserError
-from trainer.job.settings import cache_mode
 
 log = logging.getLogger("trainer")
 

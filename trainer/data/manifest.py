@@ -1,9 +1,15 @@
-"""Reading a labelled image dataset into a manifest: which image, which label, which split.
+"""Manifests: which item, which label, which split; the rules every task's dataset follows, and
+the labelled-image dataset that image classification reads and the image cache keys on.
 
-Two forms, as AutoML reads them: a folder with one sub-folder per label, or a CSV with rows
-``[ML_USE,]path,label``. UNASSIGNED items split 80/10/10 by a hash of their path, so the same
-item always lands in the same split. Missing, empty and broken images are skipped and counted.
-Nothing here imports torch: the management CLI and config checks stay fast.
+Every manifest splits its items into TRAIN, VALIDATE and TEST by AutoML's ML_USE column, or, for
+UNASSIGNED items, by a stable hash of the item's path (the same item always lands in the same
+split); it skips what it cannot use (missing, empty and broken files, bad rows), counting each
+reason with an example for the report; and a dataset that cannot train (fewer than two labels, a
+label with nothing to train on, no VALIDATE or TEST data) is the user's error.
+
+Labelled images come in two forms, as AutoML reads them: a folder with one sub-folder per label,
+or a CSV with rows ``[ML_USE,]path,label``; UNASSIGNED items split 80/10/10. Nothing here imports
+torch: the management CLI and config checks stay fast.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import csv
 import hashlib
 import re
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,19 +36,18 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_]{1,32}$")
 
 
-@dataclass(frozen=True)
-class Item:
-    path: Path
-    label: str
-    split: str
-    key: str  # the path as the dataset spells it: what the split hash and fingerprint use
+# -- what every manifest shares ----------------------------------------------------------------
 
 
-class Splits:
-    """``split`` and ``counts`` of any manifest whose ``items`` each carry a ``split``: image,
-    detection and video manifests alike."""
+class ManifestBase:
+    """Splits, counts and the skip report of any manifest whose ``items`` each carry a
+    ``split``: image, detection and video manifests alike. Subclasses are dataclasses with
+    ``skipped`` (a Counter of reasons) and ``skipped_examples`` (one example per reason)."""
 
     items: Any
+    labels: list[str]
+    skipped: Counter
+    skipped_examples: dict[str, str]
 
     def split(self, name: str) -> list[Any]:
         return [item for item in self.items if item.split == name]
@@ -49,20 +55,24 @@ class Splits:
     def counts(self) -> dict[str, int]:
         return {name: len(self.split(name)) for name in SPLITS}
 
+    def skip(self, reason: str, example: str, count: int = 1) -> None:
+        self.skipped[reason] += count
+        self.skipped_examples.setdefault(reason, example)
 
-@dataclass
-class Manifest(Splits):
-    items: list[Item]
-    labels: list[str]
-    skipped: Counter = field(default_factory=Counter)
-    skipped_examples: dict[str, str] = field(default_factory=dict)
+    def skipped_text(self) -> str:
+        """``3 broken (e.g. a.png), 1 missing (e.g. b.png)``; empty when nothing was skipped."""
+        return ", ".join(
+            f"{n} {why} (e.g. {self.skipped_examples[why]})"
+            for why, n in sorted(self.skipped.items())
+        )
 
-    def fingerprint(self) -> str:
-        """The datasetId: a digest of what was trained on (paths, labels, splits)."""
-        digest = hashlib.sha256()
-        for item in sorted(self.items, key=lambda i: i.key):
-            digest.update(f"{item.key}\t{item.label}\t{item.split}\n".encode())
-        return digest.hexdigest()[:24]
+    def skipped_summary(self, unit: str = "") -> str:
+        """What ``describe`` appends: ``; skipped 4 images: ...``, or nothing."""
+        if not self.skipped:
+            return ""
+        return f"; skipped {sum(self.skipped.values())}{' ' + unit if unit else ''}: " + (
+            self.skipped_text()
+        )
 
 
 def check_name(kind: str, value: str) -> str:
@@ -81,16 +91,130 @@ def split_for(key: str) -> str:
     return VALIDATE if bucket < 90 else TEST
 
 
+def csv_rows(csv_path: Path) -> Iterator[tuple[int, list[str]]]:
+    """The non-blank rows of a dataset CSV, cells stripped, with their line numbers (a BOM from
+    spreadsheet exports is not part of the first cell)."""
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+        for line_no, row in enumerate(csv.reader(handle), start=1):
+            cells = [cell.strip() for cell in row]
+            if any(cells):
+                yield line_no, cells
+
+
+def take_ml_use(cells: list[str]) -> tuple[str, list[str]]:
+    """A row's ML_USE (UNASSIGNED when the first cell is not one) and the cells after it."""
+    ml_use = cells[0].upper()
+    if ml_use in ML_USE or ml_use == UNASSIGNED:
+        return ml_use, cells[1:]
+    return UNASSIGNED, cells
+
+
+def resolve_path(key: str, base: Path) -> Path:
+    """A path as a CSV spells it: absolute, home-relative, or relative to the CSV's folder."""
+    file = Path(key).expanduser()
+    return file if file.is_absolute() else base / file
+
+
+def problem_with(item: Any) -> str | None:
+    """Why an item's image cannot be used (``missing``, ``empty``, ``broken``), or None."""
+    try:
+        if item.path.stat().st_size == 0:
+            return "empty"
+        with Image.open(item.path) as image:
+            image.load()  # decode fully: a truncated file passes Image.verify()
+    except FileNotFoundError:
+        return "missing"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return "broken"
+    return None
+
+
+def keep_readable(manifest: ManifestBase, candidates: list[Any], workers: int) -> None:
+    """Add the candidates whose image decodes to ``manifest.items``; skip and count the rest."""
+    # PIL releases the GIL while decoding, so threads check images in parallel.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = list(pool.map(problem_with, candidates))
+    for item, problem in zip(candidates, problems, strict=True):
+        if problem is None:
+            manifest.items.append(item)
+        else:
+            manifest.skip(problem, str(item.path))
+
+
+def check_trainable(
+    manifest: ManifestBase,
+    path: str | Path,
+    unit: str,
+    sizes: dict[str, int],
+    train_labels: set[str],
+    needs: str,
+    min_labels: int = 2,
+) -> None:
+    """Refuse a dataset that cannot train: fewer than ``min_labels`` labels (``needs`` says
+    what a model needs), a label without TRAIN ``unit``s, no VALIDATE or TEST ones (``sizes``:
+    how many each split has)."""
+    where = f"dataset.path={str(path)!r}"
+    if len(manifest.labels) < min_labels:
+        found = ", ".join(manifest.labels) or "none"
+        note = f" (skipped: {manifest.skipped_text()})" if manifest.skipped else ""
+        raise UserError(
+            f"{where} has {len(manifest.labels)} usable label(s) ({found}); {needs}{note}"
+        )
+    missing = [label for label in manifest.labels if label not in train_labels]
+    if missing:
+        raise UserError(
+            f"label(s) {', '.join(missing)} have no TRAIN {unit} in {where}; "
+            f"add some or mark some rows TRAIN"
+        )
+    for split in (VALIDATE, TEST):
+        if not sizes[split]:
+            raise UserError(
+                f"{where} has no {split} {unit}; add more or mark some rows {split} in the CSV"
+            )
+
+
+# -- labelled images ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    label: str
+    split: str
+    key: str  # the path as the dataset spells it: what the split hash and fingerprint use
+
+
+@dataclass
+class Manifest(ManifestBase):
+    items: list[Item]
+    labels: list[str]
+    skipped: Counter = field(default_factory=Counter)
+    skipped_examples: dict[str, str] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """The datasetId: a digest of what was trained on (paths, labels, splits)."""
+        digest = hashlib.sha256()
+        for item in sorted(self.items, key=lambda i: i.key):
+            digest.update(f"{item.key}\t{item.label}\t{item.split}\n".encode())
+        return digest.hexdigest()[:24]
+
+
 def read_dataset(path: str | Path, check_workers: int = 8, for_training: bool = True) -> Manifest:
     """The readable items of a dataset; for training, also checked to be trainable (labels,
     splits); for evaluation, any labelled images will do."""
     root = Path(path).expanduser()
     if not root.exists():
         raise UserError(f"dataset.path={str(path)!r} does not exist; give a folder or a CSV file")
-    candidates = _read_csv(root) if root.is_file() else _read_folder(root)
-    manifest = _keep_readable(candidates, check_workers)
+    manifest = Manifest(items=[], labels=[])
+    keep_readable(
+        manifest, _read_csv(root) if root.is_file() else _read_folder(root), check_workers
+    )
+    manifest.labels = sorted({item.label for item in manifest.items})
     if for_training:
-        _check_usable(manifest, path)
+        check_trainable(
+            manifest, path, "item", manifest.counts(), {i.label for i in manifest.split(TRAIN)},
+            "a classifier needs at least two labels with readable images",
+        )  # fmt: skip
     return manifest
 
 
@@ -108,92 +232,24 @@ def _read_folder(root: Path) -> list[Item]:
 def _read_csv(csv_path: Path) -> list[Item]:
     items: list[Item] = []
     seen: set[str] = set()
-    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-        for line_no, row in enumerate(csv.reader(handle), start=1):
-            row = [cell.strip() for cell in row]
-            if not any(row):
-                continue
-            ml_use = row[0].upper()
-            if ml_use in ML_USE or ml_use == UNASSIGNED:
-                row = row[1:]
-            else:
-                ml_use = UNASSIGNED
-            if len(row) < 2 or not row[0] or not row[1]:
-                raise UserError(
-                    f"{csv_path}:{line_no}: expected [ML_USE,]path,label but got {','.join(row)!r}"
-                )
-            key, label = row[0], check_name("label", row[1])
-            if key in seen:
-                continue
-            seen.add(key)
-            file = Path(key).expanduser()
-            if not file.is_absolute():
-                file = csv_path.parent / file
-            split = ML_USE.get(ml_use) or split_for(key)
-            items.append(Item(file, label, split, key))
-    return items
-
-
-def problem_with(item: Item) -> str | None:
-    try:
-        if item.path.stat().st_size == 0:
-            return "empty"
-        with Image.open(item.path) as image:
-            image.load()  # decode fully: a truncated file passes Image.verify()
-    except FileNotFoundError:
-        return "missing"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return "broken"
-    return None
-
-
-def _keep_readable(items: list[Item], workers: int) -> Manifest:
-    # PIL releases the GIL while decoding, so threads check images in parallel.
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = list(pool.map(problem_with, items))
-    manifest = Manifest(items=[], labels=[])
-    for item, problem in zip(items, problems, strict=True):
-        if problem is None:
-            manifest.items.append(item)
-        else:
-            manifest.skipped[problem] += 1
-            manifest.skipped_examples.setdefault(problem, str(item.path))
-    manifest.labels = sorted({item.label for item in manifest.items})
-    return manifest
-
-
-def _check_usable(manifest: Manifest, path: str | Path) -> None:
-    if len(manifest.labels) < 2:
-        found = ", ".join(manifest.labels) or "none"
-        raise UserError(
-            f"dataset.path={str(path)!r} has {len(manifest.labels)} usable label(s) ({found}); "
-            "a classifier needs at least two labels with readable images"
-        )
-    train_labels = {item.label for item in manifest.split(TRAIN)}
-    missing = [label for label in manifest.labels if label not in train_labels]
-    if missing:
-        raise UserError(
-            f"label(s) {', '.join(missing)} have no TRAIN item in dataset.path={str(path)!r}; "
-            "add images for them or mark some rows TRAIN"
-        )
-    for split in (VALIDATE, TEST):
-        if not manifest.split(split):
+    for line_no, cells in csv_rows(csv_path):
+        ml_use, row = take_ml_use(cells)
+        if len(row) < 2 or not row[0] or not row[1]:
             raise UserError(
-                f"dataset.path={str(path)!r} has no {split} items; add more images or mark "
-                f"some rows {split} in the CSV"
+                f"{csv_path}:{line_no}: expected [ML_USE,]path,label but got {','.join(row)!r}"
             )
+        key, label = row[0], check_name("label", row[1])
+        if key in seen:
+            continue
+        seen.add(key)
+        split = ML_USE.get(ml_use) or split_for(key)
+        items.append(Item(resolve_path(key, csv_path.parent), label, split, key))
+    return items
 
 
 def describe(manifest: Manifest) -> str:
     counts = manifest.counts()
-    text = (
+    return (
         f"{len(manifest.items)} images, {len(manifest.labels)} labels "
         f"(train {counts[TRAIN]}, validate {counts[VALIDATE]}, test {counts[TEST]})"
-    )
-    if manifest.skipped:
-        parts = ", ".join(
-            f"{n} {why} (e.g. {manifest.skipped_examples[why]})"
-            for why, n in sorted(manifest.skipped.items())
-        )
-        text += f"; skipped {sum(manifest.skipped.values())}: {parts}"
-    return text
+    ) + manifest.skipped_summary()

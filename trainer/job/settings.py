@@ -10,6 +10,7 @@ from typing import Any
 from budgets import BudgetOutOfBounds, check_budget
 from trainer import CONF_DIR
 from trainer.data.manifest import check_name
+from trainer.data.settings import cache_mode
 from trainer.errors import UserError
 
 GROUPS_CHECKED = ("task", "model_type")
@@ -59,19 +60,6 @@ def _non_negative_number(value: Any) -> bool:
         return not isinstance(value, bool) and float(value) >= 0
     except (TypeError, ValueError):
         return False
-
-
-MODES = ("auto", "on", "off")
-
-
-def cache_mode(value: Any) -> str:
-    """``data.cache``: auto, on or off (YAML's booleans read as on and off)."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    mode = str(value).lower()
-    if mode not in MODES:
-        raise UserError(f"data.cache={value!r} is invalid: use auto, on or off")
-    return mode
 
 
 def available(group: str) -> list[str]:

@@ -26,7 +26,6 @@ from budgets import BudgetMeter
 from budgets.callback import BudgetStopping
 from trainer.data.device_augment import resolve_precision
 from trainer.errors import UserError
-from trainer.evaluate import record_evaluation
 from trainer.job.checkpoints import (
     AtomicCheckpointIO,
     CancelWatch,
@@ -42,9 +41,10 @@ from trainer.job.progress import ProgressReport
 from trainer.job.run_state import CANCELLED, FAILED, INTERRUPTED, RUNNING, SUCCEEDED, RunState
 from trainer.job.settings import validate
 from trainer.job.work_history import WorkHistory, save_reserves
+from trainer.store.evaluations import record_evaluation
 from trainer.store.resources import (
     Operation,
-    classification_metadata,
+    model_metadata,
     model_resource,
     new_id,
     utc_now,
@@ -285,7 +285,7 @@ def _train(job: Job) -> float:
     log.info("TEST: %s", ", ".join(f"{key} {value:.4f}" for key, value in test_metrics.items()))
 
     def resource(cost: int) -> dict[str, Any]:
-        metadata = classification_metadata(
+        metadata = model_metadata(
             model_cfg["type"], job.budget, cost, stop_reason, node_qps, job.nodes,
             state.base_model_id,
         )  # fmt: skip

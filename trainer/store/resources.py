@@ -86,7 +86,7 @@ def model_resource(
     }
 
 
-def classification_metadata(
+def model_metadata(
     model_type: str,
     budget: int,
     cost: int,

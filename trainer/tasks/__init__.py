@@ -1,18 +1,39 @@
 """What differs between tasks, behind one interface; everything else is one mechanism.
 
-The training job (trainer/job/train.py), `models evaluate`, `predict` and the stored-model loader
-ask the task of the config (``cfg["task"]["name"]``) for its data, network, LightningModule and
-evaluation. Budgets, checkpoints, resume, cancel, the store and the CLI know nothing of tasks.
+A task is one package here plus its configs, and nothing else names it:
+
+- ``conf/task/<name>.yaml``: the ID prefix, the model metadata key, the monitored validation
+  metric and the model lifespan;
+- ``conf/task_model/<name>/<model type>.yaml``: each model type's network, input size and budget
+  bounds (``default.yaml`` picks the task's default type);
+- ``trainer/tasks/<name>/task.py``: ``TASK``, an object with every method of ``Task`` below;
+- ``trainer/tasks/<name>/__init__.py``: optionally ``add_predict_options(parser)``, the task's own
+  flags of the ``predict`` verb. It must not import torch: the CLI builds its parser from it.
+
+The training job (trainer/job/train.py), ``models evaluate``, ``predict``, ``models export`` and
+the stored-model loader ask ``task_of(cfg)`` for what they need. Budgets, checkpoints, resume,
+cancel, the store and the CLI know nothing of tasks. This module imports no torch, so that the
+CLI can read the task configs quickly.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-if TYPE_CHECKING:  # the CLI and the manifest readers import this package without torch
+from trainer import CONF_DIR
+
+if TYPE_CHECKING:
+    import numpy as np
     from torch import nn
     from torch.utils.data import DataLoader
+
+    from trainer.data.prediction import PredictionResult
+    from trainer.store.evaluations import Evaluation
 
 
 @dataclass
@@ -23,52 +44,154 @@ class Loaders:
     metrics: dict[str, float] = field(default_factory=dict)  # for metrics.json
 
 
+@dataclass
+class PredictRequest:
+    """One ``predict`` call: the input rows (as ``read_prediction_input`` read them), where
+    relative paths start from, the output folder, the verb's flags and a progress callback."""
+
+    rows: list[Any]
+    base: Path
+    folder: Path
+    options: Any  # the parsed flags: score_threshold, shard_size, workers and the task's own
+    progress: Callable[[int, int], None] = lambda done, total: None
+
+
+@dataclass
+class Verification:
+    """How an exported model compared with the trained one: figures for metadata.json, and
+    what was wrong (None when it agrees)."""
+
+    figures: dict[str, Any]
+    problem: str | None = None
+
+
+@dataclass
+class ExportPlan:
+    """What ``models export`` writes, feeds and checks, for one trained network.
+
+    ``network`` is what gets exported (in eval mode, CPU); ``example`` one input batch of the
+    right shape to trace it with; ``inputs`` real TEST inputs prepared as the task prepares
+    them (a list of batches, each an array the exported model takes as it is); ``compare``
+    judges the exported outputs against the network's, batch by batch (each a list of arrays,
+    one per output); ``metadata`` says how to feed the package and what comes out.
+    """
+
+    network: nn.Module
+    example: Any
+    input_name: str
+    output_names: list[str]
+    inputs: list[np.ndarray]
+    compare: Callable[[list[list[np.ndarray]], list[list[np.ndarray]]], Verification]
+    metadata: dict[str, Any]
+    batch_free: bool = True  # False: the exported model takes one example at a time
+    # torch.onnx's dynamo exporter cannot follow data-dependent shapes (a detector's NMS);
+    # "torchscript" uses torch.onnx's TorchScript-based exporter instead.
+    onnx_exporter: str = "dynamo"
+    # "script" keeps control flow that tracing would freeze (a detector's variable box count).
+    torchscript: str = "trace"
+
+
 class Task(Protocol):
     """Every LightningModule holds its network as ``backbone``: checkpoints load alike."""
 
+    # -- training ----------------------------------------------------------------------------
+
     def read_manifest(self, cfg: dict[str, Any], for_training: bool = True) -> Any:
         """The dataset of ``cfg`` (the generated demo one when no path is given): an object
-        with ``labels``, ``split(name)``, ``fingerprint()``."""
+        with ``labels``, ``items``, ``split(name)``, ``fingerprint()``."""
 
-    def describe(self, manifest: Any) -> str: ...
+    def describe(self, manifest: Any) -> str:
+        """One line on the dataset: counts per split, what was skipped and why."""
 
-    def loaders(self, manifest: Any, cfg: dict[str, Any], job: Any) -> Loaders: ...
+    def loaders(self, manifest: Any, cfg: dict[str, Any], job: Any) -> Loaders:
+        """TRAIN, VALIDATE and TEST loaders; ``job`` has the budget meter and stop request
+        for work that must be billed (building a cache)."""
 
-    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: bool) -> nn.Module: ...
+    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: bool) -> nn.Module:
+        """The model type's network for these labels, from scratch or local weights."""
 
-    def module(self, network: nn.Module, labels: list[str], cfg: dict[str, Any]) -> Any: ...
+    def module(self, network: nn.Module, labels: list[str], cfg: dict[str, Any]) -> Any:
+        """The LightningModule that trains ``network``; it logs ``task.monitor``, keeps the
+        TEST pass's outputs for ``evaluation`` and its duration as ``test_seconds``."""
 
     def test_metrics(self, results: dict[str, float]) -> dict[str, float]:
         """The TEST figures that metrics.json and the log report."""
 
     def evaluation(self, module: Any, manifest: Any, labels: list[str], model_name: str) -> Any:
-        """The evaluation (trainer.evaluate.Evaluation) of the TEST pass just run."""
-
-    def evaluate_items(
-        self, network: nn.Module, cfg: dict[str, Any], items: list[Any], labels: list[str],
-        model_name: str,
-    ) -> Any:  # fmt: skip
-        """`models evaluate`: the evaluation of ``items`` by a stored network."""
+        """The Evaluation (trainer.store.evaluations) of the TEST pass just run."""
 
     def example_input(self, loader: DataLoader) -> Any:
         """A small input batch for logging the network to MLflow (None: log without one)."""
 
     def serving(self, network: nn.Module) -> nn.Module:
-        """The network as MLflow logs it for `mlflow models serve`."""
+        """The network as MLflow logs it for `mlflow models serve`: one tensor in, one out."""
+
+    # -- a stored model ----------------------------------------------------------------------
+
+    def evaluate_items(
+        self, network: nn.Module, cfg: dict[str, Any], items: list[Any], labels: list[str],
+        model_name: str,
+    ) -> Evaluation:  # fmt: skip
+        """`models evaluate`: the evaluation of ``items`` by a stored network."""
+
+    def read_prediction_input(self, path: Path, options: Any) -> list[Any]:
+        """The rows of a `predict` input file, with the task's own flags checked; a malformed
+        file or flag is a UserError, before the operation starts."""
+
+    def predict(
+        self, network: nn.Module, cfg: dict[str, Any], labels: list[str], request: PredictRequest
+    ) -> PredictionResult:
+        """Write AutoML's batch-prediction files for ``request.rows`` into ``request.folder``;
+        a bad row is an error record, never a stop."""
+
+    def export_plan(
+        self, network: nn.Module, cfg: dict[str, Any], labels: list[str], items: list[Any]
+    ) -> ExportPlan:
+        """How `models export` exports ``network`` and verifies it on ``items`` (TEST items;
+        none for a latency measurement on ``example`` alone)."""
+
+
+@cache
+def task_configs() -> dict[str, dict[str, Any]]:
+    """Every task's conf/task/<name>.yaml, by name (YAML only: no Hydra, no torch)."""
+    import yaml
+
+    found = {}
+    for path in sorted((CONF_DIR / "task").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        found[config["name"]] = config
+    return found
+
+
+def task_name_of_model(model: dict[str, Any]) -> str:
+    """The task of a Model resource, from its metadata key."""
+    keys = {config["metadata_key"]: name for name, config in task_configs().items()}
+    return next((keys[key] for key in model if key in keys), "")
 
 
 def task_of(cfg: dict[str, Any]) -> Task:
+    """The task a composed config names (conf/task/ and the config checks refuse unknown ones)."""
     name = cfg["task"]["name"]
-    if name == "image_classification":
-        from trainer.tasks.image_classification.task import ImageClassification
+    if name not in task_configs():
+        raise ValueError(f"no task {name!r}")
+    return importlib.import_module(f"trainer.tasks.{name}.task").TASK
 
-        return ImageClassification()
-    if name == "object_detection":
-        from trainer.tasks.object_detection.task import ObjectDetection
 
-        return ObjectDetection()
-    if name == "video_classification":
-        from trainer.tasks.video_classification.task import VideoClassification
+def split_loaders(manifest: Any, loader: Callable[[list[Any], bool], Any]) -> Loaders:
+    """The TRAIN (``train=True``: shuffled, augmented), VALIDATE and TEST loaders of a
+    manifest, made alike by ``loader(items, train)``."""
+    from trainer.data.manifest import TEST, TRAIN, VALIDATE
 
-        return VideoClassification()
-    raise ValueError(f"no task {name!r}")  # conf/task/ and settings.py refuse it earlier
+    return Loaders(
+        loader(manifest.split(TRAIN), True),
+        loader(manifest.split(VALIDATE), False),
+        loader(manifest.split(TEST), False),
+    )
+
+
+def add_predict_options(parser: Any) -> None:
+    """Each task's own flags of the predict verb, from its light package module."""
+    for name in task_configs():
+        add = getattr(importlib.import_module(f"trainer.tasks.{name}"), "add_predict_options", None)
+        if add is not None:
+            add(parser)

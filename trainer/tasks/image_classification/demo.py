@@ -6,13 +6,12 @@ draws the same images, so the dataset fingerprint is stable across machines.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from trainer.data.demo import generate_once
 
 LABELS = ("circle", "square", "triangle", "cross", "stripes_h", "stripes_v")
 VERSION = "shapes_v1"
@@ -21,18 +20,7 @@ VERSION = "shapes_v1"
 def ensure_demo_dataset(home: str | Path, per_label: int = 80, size: int = 64) -> Path:
     """Return the demo dataset's folder under ``home``, generating it once if absent."""
     target = Path(home).expanduser() / "datasets" / f"{VERSION}_{per_label}x{size}"
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Written aside and renamed, so an interrupted generation never leaves a half dataset.
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:
-        write_shapes(staging, per_label, size, seed=0)
-        os.replace(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not target.is_dir():  # another process won the race otherwise
-            raise
+    generate_once(target, target, lambda folder: write_shapes(folder, per_label, size, seed=0))
     return target
 
 

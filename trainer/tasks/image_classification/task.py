@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,16 +13,22 @@ from torch.utils.data import DataLoader
 
 from trainer.data import manifest as datasets
 from trainer.data.images import LabelledImages, eval_transform, make_loader, make_loaders
-from trainer.evaluate import Evaluation, classification_evaluation, score_batches
-from trainer.tasks import Loaders
+from trainer.data.prediction import PredictionResult, predict_request, read_input_csv
+from trainer.store.evaluations import Evaluation
+from trainer.tasks import ExportPlan, Loaders, PredictRequest
+from trainer.tasks.image_classification import export
 from trainer.tasks.image_classification.demo import ensure_demo_dataset
+from trainer.tasks.image_classification.evaluation import classification_evaluation, score_batches
 from trainer.tasks.image_classification.module import ImageClassifier
 from trainer.tasks.image_classification.networks import build_backbone
+from trainer.tasks.image_classification.predict import RESULTS_PREFIX, classification_records
 
 log = logging.getLogger("trainer")
 
 
 class ImageClassification:
+    # -- training ----------------------------------------------------------------------------
+
     def read_manifest(self, cfg: dict[str, Any], for_training: bool = True) -> datasets.Manifest:
         path = cfg["dataset"]["path"] or ensure_demo_dataset(cfg["home"])
         return datasets.read_dataset(path, for_training=for_training)
@@ -60,19 +67,39 @@ class ImageClassification:
         items = manifest.split(datasets.TEST)  # the TEST loader's order: it does not shuffle
         return classification_evaluation(model_name, scores, targets, labels, items)
 
-    def evaluate_items(
-        self, network: nn.Module, cfg: dict[str, Any], items: list[datasets.Item],
-        labels: list[str], model_name: str,
-    ) -> Evaluation:  # fmt: skip
-        transform = eval_transform(
-            cfg["model"]["input_size"], cfg["data"]["mean"], cfg["data"]["std"]
-        )
-        loader = make_loader(LabelledImages(items, labels, transform), 64, 0, False, 0)
-        scores, targets = score_batches(network, loader)
-        return classification_evaluation(model_name, scores, targets, labels, items)
-
     def example_input(self, loader: DataLoader) -> np.ndarray:
         return next(iter(loader))[0][:2].float().numpy()
 
     def serving(self, network: nn.Module) -> nn.Module:
         return network
+
+    # -- a stored model ----------------------------------------------------------------------
+
+    def evaluate_items(
+        self, network: nn.Module, cfg: dict[str, Any], items: list[datasets.Item],
+        labels: list[str], model_name: str,
+    ) -> Evaluation:  # fmt: skip
+        loader = make_loader(LabelledImages(items, labels, _eval_transform(cfg)), 64, 0, False, 0)
+        scores, targets = score_batches(network, loader)
+        return classification_evaluation(model_name, scores, targets, labels, items)
+
+    def read_prediction_input(self, path: Path, options: Any) -> list[str]:
+        return read_input_csv(path)
+
+    def predict(
+        self, network: nn.Module, cfg: dict[str, Any], labels: list[str], request: PredictRequest
+    ) -> PredictionResult:
+        records = classification_records(network, labels, request.options.score_threshold)
+        return predict_request(records, _eval_transform(cfg), RESULTS_PREFIX, request)
+
+    def export_plan(
+        self, network: nn.Module, cfg: dict[str, Any], labels: list[str], items: list[Any]
+    ) -> ExportPlan:
+        return export.export_plan(network, cfg, labels, items)
+
+
+def _eval_transform(cfg: dict[str, Any]) -> Any:
+    return eval_transform(cfg["model"]["input_size"], cfg["data"]["mean"], cfg["data"]["std"])
+
+
+TASK = ImageClassification()

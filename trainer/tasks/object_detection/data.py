@@ -14,10 +14,8 @@ imports torch: the management CLI and the config checks stay fast.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,12 +24,15 @@ from trainer.data.manifest import (
     SPLITS,
     TEST,
     TRAIN,
-    UNASSIGNED,
     VALIDATE,
-    Splits,
+    ManifestBase,
     check_name,
-    problem_with,
+    check_trainable,
+    csv_rows,
+    keep_readable,
+    resolve_path,
     split_for,
+    take_ml_use,
 )
 from trainer.errors import UserError
 
@@ -72,7 +73,7 @@ class DetectionItem:
 
 
 @dataclass
-class DetectionManifest(Splits):
+class DetectionManifest(ManifestBase):
     items: list[DetectionItem]
     labels: list[str]
     skipped: Counter = field(default_factory=Counter)
@@ -92,10 +93,6 @@ class DetectionManifest(Splits):
             digest.update(f"{item.key}\t{item.split}\t{boxes}\n".encode())
         return digest.hexdigest()[:24]
 
-    def skip(self, reason: str, example: str) -> None:
-        self.skipped[reason] += 1
-        self.skipped_examples.setdefault(reason, example)
-
 
 def read_detection_dataset(
     path: str | Path, check_workers: int = 8, for_training: bool = True, min_labels: int = 2
@@ -108,10 +105,15 @@ def read_detection_dataset(
     """
     csv_path = _csv_file(path)
     manifest = DetectionManifest(items=[], labels=[])
-    candidates = _read_csv(csv_path, manifest)
-    _keep_readable(candidates, manifest, check_workers)
+    keep_readable(manifest, _read_csv(csv_path, manifest), check_workers)
+    manifest.labels = sorted({label for item in manifest.items for label in item.labels})
     if for_training:
-        _check_usable(manifest, path, min_labels)
+        check_trainable(
+            manifest, path, "box", manifest.box_counts(),
+            {label for item in manifest.split(TRAIN) for label in item.labels},
+            f"a detector needs at least {min_labels} label(s) with boxes on readable images",
+            min_labels,
+        )  # fmt: skip
     return manifest
 
 
@@ -135,22 +137,18 @@ def _read_csv(csv_path: Path, manifest: DetectionManifest) -> list[DetectionItem
     splits: dict[str, str] = {}
     boxes: dict[str, list[Box]] = {}
     had_boxes: set[str] = set()
-    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-        for line_no, row in enumerate(csv.reader(handle), start=1):
-            row = [cell.strip() for cell in row]
-            if not any(row):
-                continue
-            ml_use, key, box = _parse_row(row, f"{csv_path}:{line_no}")
-            splits.setdefault(key, ML_USE.get(ml_use) or split_for(key))
-            boxes.setdefault(key, [])
-            if box is None:
-                continue
-            had_boxes.add(key)
-            problem = box_problem(box)
-            if problem:
-                manifest.skip(problem, f"{csv_path.name}:{line_no} {key}")
-            else:
-                boxes[key].append(box)
+    for line_no, row in csv_rows(csv_path):
+        ml_use, key, box = _parse_row(row, f"{csv_path}:{line_no}")
+        splits.setdefault(key, ML_USE.get(ml_use) or split_for(key))
+        boxes.setdefault(key, [])
+        if box is None:
+            continue
+        had_boxes.add(key)
+        problem = box_problem(box)
+        if problem:
+            manifest.skip(problem, f"{csv_path.name}:{line_no} {key}")
+        else:
+            boxes[key].append(box)
     items = []
     for key, split in splits.items():
         if key in had_boxes and not boxes[key]:
@@ -158,17 +156,14 @@ def _read_csv(csv_path: Path, manifest: DetectionManifest) -> list[DetectionItem
             # detector that they are background.
             manifest.skip(NO_GOOD_BOX, key)
             continue
-        items.append(DetectionItem(_resolve(key, csv_path), split, key, tuple(boxes[key])))
+        path = resolve_path(key, csv_path.parent)
+        items.append(DetectionItem(path, split, key, tuple(boxes[key])))
     return items
 
 
 def _parse_row(row: list[str], where: str) -> tuple[str, str, Box | None]:
     """(ML_USE, path, box or None for a negative row); a malformed row is the user's error."""
-    ml_use = row[0].upper()
-    if ml_use in ML_USE or ml_use == UNASSIGNED:
-        row = row[1:]
-    else:
-        ml_use = UNASSIGNED
+    ml_use, row = take_ml_use(row)
     if not row or not row[0]:
         raise UserError(f"{where}: expected {CSV_FORM} but the path is missing")
     key, rest = row[0], row[1:]
@@ -218,46 +213,6 @@ def box_problem(box: Box) -> str | None:
     return None
 
 
-def _resolve(key: str, csv_path: Path) -> Path:
-    file = Path(key).expanduser()
-    return file if file.is_absolute() else csv_path.parent / file
-
-
-def _keep_readable(items: list[DetectionItem], manifest: DetectionManifest, workers: int) -> None:
-    # PIL releases the GIL while decoding, so threads check images in parallel.
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = list(pool.map(problem_with, items))
-    for item, problem in zip(items, problems, strict=True):
-        if problem is None:
-            manifest.items.append(item)
-        else:
-            manifest.skip(problem, str(item.path))
-    manifest.labels = sorted({label for item in manifest.items for label in item.labels})
-
-
-def _check_usable(manifest: DetectionManifest, path: str | Path, min_labels: int) -> None:
-    if len(manifest.labels) < min_labels:
-        found = ", ".join(manifest.labels) or "none"
-        raise UserError(
-            f"dataset.path={str(path)!r} has {len(manifest.labels)} usable label(s) ({found}); "
-            f"a detector needs at least {min_labels} label(s) with boxes on readable images"
-        )
-    train_labels = {label for item in manifest.split(TRAIN) for label in item.labels}
-    missing = [label for label in manifest.labels if label not in train_labels]
-    if missing:
-        raise UserError(
-            f"label(s) {', '.join(missing)} have no TRAIN box in dataset.path={str(path)!r}; "
-            "add boxes for them or mark some rows TRAIN"
-        )
-    boxes = manifest.box_counts()
-    for split in (VALIDATE, TEST):
-        if not boxes[split]:
-            raise UserError(
-                f"dataset.path={str(path)!r} has no {split} box (mAP needs some); add more "
-                f"images or mark some rows {split} in the CSV"
-            )
-
-
 def describe(manifest: DetectionManifest) -> str:
     counts, boxes = manifest.counts(), manifest.box_counts()
     negatives = sum(1 for item in manifest.items if not item.boxes)
@@ -267,10 +222,4 @@ def describe(manifest: DetectionManifest) -> str:
         f"(train {counts[TRAIN]}/{boxes[TRAIN]}, validate {counts[VALIDATE]}/{boxes[VALIDATE]}, "
         f"test {counts[TEST]}/{boxes[TEST]} images/boxes)"
     )
-    if manifest.skipped:
-        parts = ", ".join(
-            f"{n} {why} (e.g. {manifest.skipped_examples[why]})"
-            for why, n in sorted(manifest.skipped.items())
-        )
-        text += f"; skipped {sum(manifest.skipped.values())}: {parts}"
-    return text
+    return text + manifest.skipped_summary()

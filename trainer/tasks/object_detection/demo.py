@@ -10,13 +10,12 @@ Generated on first use rather than shipped; the same seed always draws the same 
 from __future__ import annotations
 
 import csv
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from trainer.data.demo import generate_once
 
 LABELS = ("circle", "square", "triangle")
 VERSION = "detection_shapes_v1"
@@ -27,18 +26,9 @@ Pixels = tuple[float, float, float, float]
 def ensure_demo_detection_dataset(home: str | Path, images: int = 300, size: int = 128) -> Path:
     """Return the demo detection CSV under ``home``, generating the dataset once if absent."""
     target = Path(home).expanduser() / "datasets" / f"{VERSION}_{images}x{size}"
-    if (target / CSV_NAME).is_file():
-        return target / CSV_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Written aside and renamed, so an interrupted generation never leaves a half dataset.
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:
-        write_detection_shapes(staging, images, size, seed=0)
-        os.replace(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / CSV_NAME).is_file():  # another process won the race otherwise
-            raise
+    generate_once(
+        target, target / CSV_NAME, lambda folder: write_detection_shapes(folder, images, size, 0)
+    )
     return target / CSV_NAME
 
 
@@ -53,11 +43,7 @@ def write_detection_shapes(folder: Path, images: int, size: int, seed: int) -> P
         count = 0 if index % 7 == 3 else int(rng.integers(1, 4))
         image, objects = draw_scene(size, count, rng)
         image.save(folder / name)
-        if not objects:
-            rows.append([ml_use, name])
-        for label, (x0, y0, x1, y1) in objects:
-            corners = [f"{v / size:.6f}" for v in (x0, y0, x1, y1)]
-            rows.append([ml_use, name, label, *corners[:2], "", "", *corners[2:], "", ""])
+        rows += image_rows(ml_use, name, objects, size)
     csv_path = folder / CSV_NAME
     with csv_path.open("w", newline="") as handle:
         csv.writer(handle).writerows(rows)
@@ -66,6 +52,20 @@ def write_detection_shapes(folder: Path, images: int, size: int, seed: int) -> P
 
 def split_by_index(index: int) -> str:
     return {8: "VALIDATE", 9: "TEST"}.get(index % 10, "TRAIN")
+
+
+def image_rows(
+    ml_use: str, name: str, objects: list[tuple[str, Pixels]], size: int
+) -> list[list[str]]:
+    """AutoML's detection CSV rows of one image: one per box (two vertices, as fractions of
+    ``size``), or the path alone for an image without objects."""
+    if not objects:
+        return [[ml_use, name]]
+    rows = []
+    for label, (x0, y0, x1, y1) in objects:
+        corners = [f"{v / size:.6f}" for v in (x0, y0, x1, y1)]
+        rows.append([ml_use, name, label, *corners[:2], "", "", *corners[2:], "", ""])
+    return rows
 
 
 def draw_scene(

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from trainer.errors import UserError
+from trainer.tasks.object_detection import DEFAULT_MAX_BOUNDING_BOX_COUNT
 
 OUTPUT_PREFIX = "image_object_detection"
-DEFAULT_MAX_BOUNDING_BOX_COUNT = 100
 
 
 def check_detection_options(score_threshold: float, max_bounding_box_count: int) -> None:
@@ -102,3 +102,18 @@ def jsonl_line(record: dict[str, Any]) -> str:
 def output_name(index: int) -> str:
     """The N-th output file's name (1-based, as AutoML numbers them)."""
     return f"{OUTPUT_PREFIX}_{index}.jsonl"
+
+
+def detection_records(network: Any, labels: Sequence[str], threshold: float, max_boxes: int) -> Any:
+    """(pixels, IDs) -> records, for trainer/data/prediction.py: the network as it serves
+    (ServingDetector's rows) turned into AutoML's lines. Imports torch only when called."""
+    from trainer.tasks.object_detection.module import ServingDetector
+
+    serving = ServingDetector(network.eval())
+
+    def records(pixels: Any, ids: list[str]) -> list[dict[str, Any]]:
+        rows = serving(pixels).numpy()
+        pairs = zip(ids, rows, strict=True)
+        return [record_from_rows(i, r, labels, threshold, max_boxes) for i, r in pairs]
+
+    return records

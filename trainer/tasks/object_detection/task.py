@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trainer.data.manifest import TEST, TRAIN, VALIDATE
-from trainer.evaluate import Evaluation, named
-from trainer.tasks import Loaders
+from trainer.data.manifest import TEST
+from trainer.data.prediction import PredictionResult, predict_request, read_input_csv
+from trainer.store.evaluations import Evaluation
+from trainer.tasks import ExportPlan, Loaders, PredictRequest, split_loaders
+from trainer.tasks.object_detection import export
 from trainer.tasks.object_detection.data import (
     DetectionItem,
     DetectionManifest,
@@ -19,6 +21,7 @@ from trainer.tasks.object_detection.data import (
     read_detection_dataset,
 )
 from trainer.tasks.object_detection.demo import ensure_demo_detection_dataset
+from trainer.tasks.object_detection.evaluation import detection_evaluation
 from trainer.tasks.object_detection.images import (
     DetectionImages,
     detection_eval_transform,
@@ -31,8 +34,11 @@ from trainer.tasks.object_detection.module import (
     normalized_detections,
 )
 from trainer.tasks.object_detection.networks import build_detector
-
-GRID_IMAGES = 8
+from trainer.tasks.object_detection.predict import (
+    OUTPUT_PREFIX,
+    check_detection_options,
+    detection_records,
+)
 
 
 def detection_loader(
@@ -50,44 +56,9 @@ def detection_loader(
     )
 
 
-def detection_evaluation(
-    model_name: str,
-    predictions: list[dict[str, Any]],
-    truths: list[dict[str, Any]],
-    labels: list[str],
-    items: list[DetectionItem],
-) -> Evaluation:
-    from evaluation.detection import METRICS_KEY, detection_evaluations, mean_average_precision
-
-    resources = named(model_name, detection_evaluations(predictions, truths, labels))
-
-    def plots(folder):
-        from PIL import Image
-
-        from evaluation.detection_plots import detection_grid_png, detection_precision_recall_png
-
-        shown = items[:GRID_IMAGES]
-        images = []
-        for item in shown:
-            with Image.open(item.path) as image:
-                images.append(np.asarray(image.convert("RGB")))
-        count = len(shown)
-        return [
-            detection_precision_recall_png(resources, folder / "precision_recall.png"),
-            detection_grid_png(images, truths[:count], predictions[:count], labels,
-                               folder / "test_boxes.png"),
-        ]  # fmt: skip
-
-    overall = resources[0]
-    figures = {
-        "mAP": overall[METRICS_KEY]["boundingBoxMeanAveragePrecision"],
-        "mAP@0.5": mean_average_precision(overall, 0.5),
-        "boxes": float(overall[METRICS_KEY]["evaluatedBoundingBoxCount"]),
-    }
-    return Evaluation(resources, figures, plots)
-
-
 class ObjectDetection:
+    # -- training ----------------------------------------------------------------------------
+
     def read_manifest(self, cfg: dict[str, Any], for_training: bool = True) -> DetectionManifest:
         path = cfg["dataset"]["path"] or ensure_demo_detection_dataset(cfg["home"])
         return read_detection_dataset(path, for_training=for_training)
@@ -96,11 +67,8 @@ class ObjectDetection:
         return describe(manifest)
 
     def loaders(self, manifest: DetectionManifest, cfg: dict[str, Any], job: Any) -> Loaders:
-        labels = manifest.labels
-        return Loaders(
-            detection_loader(manifest.split(TRAIN), labels, cfg, train=True),
-            detection_loader(manifest.split(VALIDATE), labels, cfg, train=False),
-            detection_loader(manifest.split(TEST), labels, cfg, train=False),
+        return split_loaders(
+            manifest, lambda items, train: detection_loader(items, manifest.labels, cfg, train)
         )
 
     def network(self, cfg: dict[str, Any], labels: list[str], pretrained: bool) -> nn.Module:
@@ -125,6 +93,16 @@ class ObjectDetection:
             model_name, module.test_predictions, module.test_targets, labels, items
         )
 
+    def example_input(self, loader: DataLoader) -> Any:
+        images, _ = next(iter(loader))
+        return torch.stack(images[:2]).numpy()  # resized alike: they stack
+
+    def serving(self, network: nn.Module) -> nn.Module:
+        """One tensor in, one out, as MLflow's pyfunc serving needs."""
+        return ServingDetector(network)
+
+    # -- a stored model ----------------------------------------------------------------------
+
     def evaluate_items(
         self, network: nn.Module, cfg: dict[str, Any], items: list[DetectionItem],
         labels: list[str], model_name: str,
@@ -139,10 +117,24 @@ class ObjectDetection:
                     truths.append(normalized_detections(target, height, width))
         return detection_evaluation(model_name, predictions, truths, labels, items)
 
-    def example_input(self, loader: DataLoader) -> Any:
-        images, _ = next(iter(loader))
-        return torch.stack(images[:2]).numpy()  # resized alike: they stack
+    def read_prediction_input(self, path: Path, options: Any) -> list[str]:
+        check_detection_options(options.score_threshold, options.max_bounding_box_count)
+        return read_input_csv(path)
 
-    def serving(self, network: nn.Module) -> nn.Module:
-        """One tensor in, one out, as MLflow's pyfunc serving needs."""
-        return ServingDetector(network)
+    def predict(
+        self, network: nn.Module, cfg: dict[str, Any], labels: list[str], request: PredictRequest
+    ) -> PredictionResult:
+        options = request.options
+        records = detection_records(
+            network, labels, options.score_threshold, options.max_bounding_box_count
+        )
+        transform = detection_eval_transform(cfg["model"]["input_size"])
+        return predict_request(records, transform, OUTPUT_PREFIX, request)
+
+    def export_plan(
+        self, network: nn.Module, cfg: dict[str, Any], labels: list[str], items: list[Any]
+    ) -> ExportPlan:
+        return export.export_plan(network, cfg, labels, items)
+
+
+TASK = ObjectDetection()

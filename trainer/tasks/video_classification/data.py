@@ -27,7 +27,6 @@ here imports torch, so the config checks and the management CLI stay fast.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import math
 from collections import Counter
@@ -43,11 +42,14 @@ from trainer.data.manifest import (
     SPLITS,
     TEST,
     TRAIN,
-    UNASSIGNED,
     VALIDATE,
-    Splits,
+    ManifestBase,
     check_name,
+    check_trainable,
+    csv_rows,
+    resolve_path,
     split_for,
+    take_ml_use,
 )
 from trainer.errors import UserError
 
@@ -74,7 +76,7 @@ class Segment:
 
 
 @dataclass
-class VideoManifest(Splits):
+class VideoManifest(ManifestBase):
     segments: list[Segment]
     labels: list[str]
     durations: dict[str, float] = field(default_factory=dict)  # video key -> seconds
@@ -89,10 +91,6 @@ class VideoManifest(Splits):
     def videos(self, split: str | None = None) -> list[str]:
         """The keys of the videos with segments in ``split`` (all splits when None)."""
         return sorted({s.key for s in self.segments if split is None or s.split == split})
-
-    def skip(self, reason: str, example: str, count: int = 1) -> None:
-        self.skipped[reason] += count
-        self.skipped_examples.setdefault(reason, example)
 
     def fingerprint(self) -> str:
         """The datasetId: a digest of what was trained on (videos, segments, labels, splits)."""
@@ -139,12 +137,6 @@ def _validation_rank(key: str) -> float:
     return int(hashlib.sha1(f"validate\0{key}".encode()).hexdigest()[:12], 16) / 16**12
 
 
-def resolve_video_path(key: str, base: Path) -> Path:
-    """A path as a CSV spells it: absolute, home-relative, or relative to the CSV's folder."""
-    file = Path(key).expanduser()
-    return file if file.is_absolute() else base / file
-
-
 def read_video_dataset(
     path: str | Path, check_workers: int = 4, validation_fraction: float = VALIDATION_FRACTION
 ) -> VideoManifest:
@@ -162,37 +154,32 @@ def read_video_dataset(
         segments = carve_validation(segments, validation_fraction)
     manifest.segments = sorted(segments, key=lambda s: (s.key, s.start, s.end, s.label))
     manifest.labels = sorted({s.label for s in manifest.segments})
-    _check_usable(manifest, path)
+    check_trainable(
+        manifest, path, "segment", manifest.counts(), {s.label for s in manifest.split(TRAIN)},
+        "a classifier needs at least two labels with readable videos",
+    )  # fmt: skip
     return manifest
 
 
 def _read_rows(csv_path: Path, manifest: VideoManifest) -> list[_Row]:
     rows: list[_Row] = []
     seen: set[tuple] = set()
-    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-        for line_no, cells in enumerate(csv.reader(handle), start=1):
-            cells = [cell.strip() for cell in cells]
-            if not any(cells):
-                continue
-            where = f"{csv_path}:{line_no}"
-            try:
-                row = _parse_row(cells, csv_path.parent, where)
-            except ValueError as problem:
-                manifest.skip(BAD_ROW, f"{where}: {problem}")
-                continue
-            identity = (row.key, row.label, row.start, row.end)
-            if identity not in seen:  # a repeated row is the same segment, not two
-                seen.add(identity)
-                rows.append(row)
+    for line_no, cells in csv_rows(csv_path):
+        where = f"{csv_path}:{line_no}"
+        try:
+            row = _parse_row(cells, csv_path.parent, where)
+        except ValueError as problem:
+            manifest.skip(BAD_ROW, f"{where}: {problem}")
+            continue
+        identity = (row.key, row.label, row.start, row.end)
+        if identity not in seen:  # a repeated row is the same segment, not two
+            seen.add(identity)
+            rows.append(row)
     return rows
 
 
 def _parse_row(cells: list[str], base: Path, where: str) -> _Row:
-    ml_use = cells[0].upper()
-    if ml_use in ML_USE or ml_use == UNASSIGNED:
-        cells = cells[1:]
-    else:
-        ml_use = UNASSIGNED
+    ml_use, cells = take_ml_use(cells)
     if len(cells) < 2 or len(cells) > 4 or not cells[0] or not cells[1]:
         raise ValueError(
             f"expected [ML_USE,]path,label,start_seconds,end_seconds but got {','.join(cells)!r}"
@@ -204,7 +191,7 @@ def _parse_row(cells: list[str], base: Path, where: str) -> _Row:
         raise ValueError("start_seconds is inf; only the end may be")
     if start >= end:
         raise ValueError(f"start_seconds {start:g} is not before end_seconds {end:g}")
-    return _Row(resolve_video_path(key, base), key, label, start, end, ml_use, where)
+    return _Row(resolve_path(key, base), key, label, start, end, ml_use, where)
 
 
 def _clip_to_videos(rows: list[_Row], manifest: VideoManifest, workers: int) -> list[_Row]:
@@ -332,39 +319,6 @@ def carve_validation(segments: list[Segment], fraction: float) -> list[Segment]:
     ]
 
 
-def _check_usable(manifest: VideoManifest, path: str | Path) -> None:
-    if len(manifest.labels) < 2:
-        found = ", ".join(manifest.labels) or "none"
-        raise UserError(
-            f"dataset.path={str(path)!r} has {len(manifest.labels)} usable label(s) ({found}); "
-            f"a classifier needs at least two labels with readable videos{_skip_note(manifest)}"
-        )
-    train_labels = {s.label for s in manifest.split(TRAIN)}
-    missing = [label for label in manifest.labels if label not in train_labels]
-    if missing:
-        raise UserError(
-            f"label(s) {', '.join(missing)} have no TRAIN segment in dataset.path={str(path)!r}; "
-            "add videos for them or mark some rows TRAIN"
-        )
-    for split in (VALIDATE, TEST):
-        if not manifest.split(split):
-            raise UserError(
-                f"dataset.path={str(path)!r} has no {split} segments; add more videos or mark "
-                f"some rows {split} in the CSV"
-            )
-
-
-def _skip_note(manifest: VideoManifest) -> str:
-    return f" (skipped: {_skipped_text(manifest)})" if manifest.skipped else ""
-
-
-def _skipped_text(manifest: VideoManifest) -> str:
-    return ", ".join(
-        f"{n} {why} (e.g. {manifest.skipped_examples[why]})"
-        for why, n in sorted(manifest.skipped.items())
-    )
-
-
 def describe(manifest: VideoManifest) -> str:
     counts = manifest.counts()
     videos = {split: len(manifest.videos(split)) for split in SPLITS}
@@ -373,6 +327,4 @@ def describe(manifest: VideoManifest) -> str:
         f"{len(manifest.labels)} labels (train {counts[TRAIN]} in {videos[TRAIN]} videos, "
         f"validate {counts[VALIDATE]} in {videos[VALIDATE]}, test {counts[TEST]} in {videos[TEST]})"
     )
-    if manifest.skipped:
-        text += f"; skipped {sum(manifest.skipped.values())} segments: {_skipped_text(manifest)}"
-    return text
+    return text + manifest.skipped_summary("segments")

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import csv
 import itertools
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import av
 import numpy as np
+
+from trainer.data.demo import generate_once
 
 LABELS = ("left", "right", "up", "down")
 VERSION = "moving_v1"
@@ -38,18 +37,11 @@ def ensure_demo_videos(
 ) -> Path:
     """Return the demo dataset's CSV under ``home``, generating the videos once if absent."""
     target = Path(home).expanduser() / "datasets" / f"{VERSION}_{per_label}x{size}_{fps}fps"
-    if (target / CSV_NAME).is_file():
-        return target / CSV_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Written aside and renamed, so an interrupted generation never leaves a half dataset.
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:
-        write_moving_videos(staging, per_label, size, fps, seconds, seed=0)
-        os.replace(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / CSV_NAME).is_file():  # another process won the race otherwise
-            raise
+    generate_once(
+        target,
+        target / CSV_NAME,
+        lambda folder: write_moving_videos(folder, per_label, size, fps, seconds, seed=0),
+    )
     return target / CSV_NAME
 
 

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from trainer.data.manifest import resolve_path
 from trainer.errors import UserError
 from trainer.tasks.video_classification.clips import (
     ClipSpec,
@@ -65,7 +66,6 @@ from trainer.tasks.video_classification.data import (
     VideoUnreadable,
     parse_seconds,
     probe_video,
-    resolve_video_path,
     seek_seconds,
     stream_offset,
 )
@@ -205,7 +205,7 @@ def plan_row(
 def _video_source(path: str, base: Path) -> str:
     if "://" in path:
         return path  # FFmpeg opens http(s) and file URLs itself
-    return str(resolve_video_path(path, base))
+    return str(resolve_path(path, base))
 
 
 def _probe(source: str, shown: str) -> tuple[float, float]:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trainer.data.manifest import TEST, TRAIN, VALIDATE
-from trainer.evaluate import Evaluation, classification_evaluation, score_batches
-from trainer.tasks import Loaders
+from trainer.data.prediction import PredictionResult
+from trainer.store.evaluations import Evaluation
+from trainer.tasks import ExportPlan, Loaders, PredictRequest, split_loaders
+from trainer.tasks.image_classification.evaluation import classification_evaluation, score_batches
+from trainer.tasks.video_classification import export
 from trainer.tasks.video_classification.clips import ClipSpec, VideoClips, make_clip_loader
 from trainer.tasks.video_classification.data import (
     Segment,
@@ -21,6 +24,11 @@ from trainer.tasks.video_classification.data import (
 from trainer.tasks.video_classification.demo import ensure_demo_videos
 from trainer.tasks.video_classification.module import VideoClassifier
 from trainer.tasks.video_classification.networks import build_video_backbone
+from trainer.tasks.video_classification.predict import (
+    PredictOptions,
+    predict_videos,
+    read_prediction_csv,
+)
 
 DEMO_VIDEOS_PER_LABEL = 24
 
@@ -49,6 +57,8 @@ def clip_loader(
 
 
 class VideoClassification:
+    # -- training ----------------------------------------------------------------------------
+
     def read_manifest(self, cfg: dict[str, Any], for_training: bool = True) -> VideoManifest:
         # A video dataset is always checked as for training: its splits are by video.
         path = cfg["dataset"]["path"] or ensure_demo_videos(cfg["home"], DEMO_VIDEOS_PER_LABEL)
@@ -58,11 +68,8 @@ class VideoClassification:
         return describe(manifest)
 
     def loaders(self, manifest: VideoManifest, cfg: dict[str, Any], job: Any) -> Loaders:
-        labels = manifest.labels
-        return Loaders(
-            clip_loader(manifest.split(TRAIN), labels, cfg, train=True),
-            clip_loader(manifest.split(VALIDATE), labels, cfg, train=False),
-            clip_loader(manifest.split(TEST), labels, cfg, train=False),
+        return split_loaders(
+            manifest, lambda segments, train: clip_loader(segments, manifest.labels, cfg, train)
         )
 
     def network(self, cfg: dict[str, Any], labels: list[str], pretrained: bool) -> nn.Module:
@@ -82,6 +89,15 @@ class VideoClassification:
         targets = torch.cat(module.test_targets).numpy()
         return classification_evaluation(model_name, scores, targets, labels)
 
+    def example_input(self, loader: DataLoader) -> Any:
+        batch = next((b for b in loader if b is not None), None)
+        return None if batch is None else batch[0][:2].float().numpy()
+
+    def serving(self, network: nn.Module) -> nn.Module:
+        return network
+
+    # -- a stored model ----------------------------------------------------------------------
+
     def evaluate_items(
         self, network: nn.Module, cfg: dict[str, Any], items: list[Segment],
         labels: list[str], model_name: str,
@@ -92,9 +108,37 @@ class VideoClassification:
         )
         return classification_evaluation(model_name, scores, targets, labels)
 
-    def example_input(self, loader: DataLoader) -> Any:
-        batch = next((b for b in loader if b is not None), None)
-        return None if batch is None else batch[0][:2].float().numpy()
+    def read_prediction_input(self, path: Path, options: Any) -> list[Any]:
+        return read_prediction_csv(path)
 
-    def serving(self, network: nn.Module) -> nn.Module:
-        return network
+    def predict(
+        self, network: nn.Module, cfg: dict[str, Any], labels: list[str], request: PredictRequest
+    ) -> PredictionResult:
+        flags = request.options
+        options = PredictOptions(
+            segment_classification=flags.segment_classification,
+            shot_classification=flags.shot_classification,
+            one_second_interval_classification=flags.one_second_interval_classification,
+            score_threshold=flags.score_threshold,
+        )
+
+        def probabilities(clips: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return network(clips).float().softmax(dim=1)
+
+        result = predict_videos(
+            request.rows, request.base, probabilities, labels, clip_spec(cfg), request.folder,
+            options, flags.workers, request.progress,
+        )  # fmt: skip
+        files = [result.csv_path, *result.json_files]
+        return PredictionResult(
+            request.folder, result.predicted, result.failed, files, [], result.seconds
+        )
+
+    def export_plan(
+        self, network: nn.Module, cfg: dict[str, Any], labels: list[str], items: list[Any]
+    ) -> ExportPlan:
+        return export.export_plan(network, clip_spec(cfg), items)
+
+
+TASK = VideoClassification()

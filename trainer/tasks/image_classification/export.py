@@ -1,0 +1,81 @@
+"""How an image classifier is exported: NCHW float images in, logits out, any batch size; the
+export must give the trained network's logits to within 1e-4 on real TEST images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from trainer.data.images import eval_transform
+from trainer.data.manifest import Item
+from trainer.tasks import ExportPlan, Verification
+
+TOLERANCE = 1e-4  # float32 logits
+RESIZE_RULE = (
+    "resize the whole image to input_size (bilinear, antialiased; no crop), scale to [0, 1], "
+    "then normalize each channel: (x - mean) / std"
+)
+
+
+def logit_comparison(
+    tolerance: float | None,
+) -> Callable[[list[list[np.ndarray]], list[list[np.ndarray]]], Verification]:
+    """Judge exported logits: the same top-1 for every input, and (with a tolerance) every
+    logit within it."""
+
+    def compare(expected: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> Verification:
+        difference, disagreements = 0.0, 0
+        for (want,), (have,) in zip(expected, got, strict=True):
+            if have.shape != want.shape:
+                return Verification({}, f"exported outputs have shape {have.shape}, "
+                                        f"expected {want.shape}")  # fmt: skip
+            difference = max(difference, float(np.abs(have - want).max()))
+            disagreements += int((have.argmax(axis=1) != want.argmax(axis=1)).sum())
+        figures: dict[str, Any] = {"maxAbsDifference": difference, "top1Disagreements":
+                                   disagreements}  # fmt: skip
+        if tolerance is not None:
+            figures["tolerance"] = tolerance
+            if not difference < tolerance:
+                return Verification(figures, f"exported outputs differ from the trained "
+                                    f"model's by up to {difference:.2e} (tolerance "
+                                    f"{tolerance:.0e})")  # fmt: skip
+        if disagreements:
+            return Verification(figures, f"the exported model's top label differs from the "
+                                f"trained model's on {disagreements} TEST inputs")  # fmt: skip
+        return Verification(figures)
+
+    return compare
+
+
+def read_rgb(path: Any) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def export_plan(
+    network: nn.Module, cfg: dict[str, Any], labels: Sequence[str], items: Sequence[Item]
+) -> ExportPlan:
+    size, mean, std = cfg["model"]["input_size"], cfg["data"]["mean"], cfg["data"]["std"]
+    transform = eval_transform(size, mean, std)
+    images = [transform(read_rgb(item.path)) for item in items]
+    return ExportPlan(
+        network=network.eval(),
+        example=torch.zeros(2, 3, *size),  # batch 2: a batch of 1 would freeze the size
+        input_name="image",
+        output_names=["logits"],
+        inputs=[torch.stack(images).numpy()] if images else [],
+        compare=logit_comparison(TOLERANCE),
+        metadata={
+            "input_size": list(size),
+            "layout": "NCHW, float32, RGB; the batch size is free",
+            "mean": list(mean),
+            "std": list(std),
+            "resize": RESIZE_RULE,
+            "output": "logits, one per line of labels.txt in that order; softmax gives scores",
+        },
+    )

@@ -1,0 +1,41 @@
+"""Image classification's batch-prediction records: AutoML's JSONL line per image,
+``image_classification_N.jsonl``, the labels scoring at least the threshold, best first."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from trainer.data.prediction import Records
+
+RESULTS_PREFIX = "image_classification"
+
+
+def classification_record(
+    image_id: str, scores: np.ndarray, labels: Sequence[str], threshold: float
+) -> dict[str, Any]:
+    """AutoML's JSONL line: the labels scoring at least ``threshold``, best first."""
+    order = np.argsort(-scores, kind="stable")
+    return {
+        "ID": image_id,
+        "annotations": [
+            {
+                "annotationSpecId": str(index),
+                "displayName": labels[index],
+                "classification": {"score": float(scores[index])},
+            }
+            for index in order
+            if scores[index] >= threshold
+        ],
+    }
+
+
+def classification_records(network: Any, labels: Sequence[str], threshold: float) -> Records:
+    def records(pixels: Any, ids: list[str]) -> list[dict[str, Any]]:
+        scores = network(pixels).float().softmax(dim=1).numpy()
+        pairs = zip(ids, scores, strict=True)
+        return [classification_record(i, row, labels, threshold) for i, row in pairs]
+
+    return records

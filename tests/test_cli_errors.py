@@ -69,6 +69,9 @@ def test_dataset_with_one_label(tmp_path: Path, trainer_home: Path) -> None:
         _image(tmp_path / "data" / "only_cats" / f"{index}.png")
     result = run_trainer(f"dataset.path={tmp_path / 'data'}", cwd=tmp_path, home=trainer_home)
     assert_one_line_error(result, "1 usable label", "at least two labels")
+    # Refused before an operation opened: no run directory holds one, no store was created.
+    assert not list(tmp_path.glob("runs/**/operation.json"))
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_dataset_with_invalid_label(tmp_path: Path, trainer_home: Path) -> None:

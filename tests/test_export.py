@@ -39,6 +39,10 @@ def stored(trained: Trained, model: dict, monkeypatch: pytest.MonkeyPatch):
 
 def check_package(package: Path, model: dict, files: set[str]) -> dict:
     assert {p.name for p in package.iterdir()} == files | {"labels.txt", "metadata.json"}
+    # A package is meant to be shared: its files get ordinary permissions, not mkstemp's 0600.
+    from trainer.store.resources import UMASK
+
+    assert (package / "metadata.json").stat().st_mode & 0o777 == 0o666 & ~UMASK
     meta = read_json(package / "metadata.json")
     assert meta["modelId"] == model["name"].split("/")[1]
     assert meta["verification"]["inputs"] > 0 and meta["verification"]["split"] == TEST

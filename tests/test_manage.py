@@ -251,10 +251,19 @@ def test_delete_refuses_a_model_in_use_then_removes_everything(
     cli("operations", "cancel", name, cwd=tmp_path)
     wait_for(lambda: operation_of(tmp_path, name)["done"], timeout=60)
 
+    # A run tag is a value from the store: one naming another folder must not get it deleted.
+    decoy = tmp_path / "decoy"
+    (decoy / "checkpoints").mkdir(parents=True)
+    (decoy / "checkpoints" / "keep.ckpt").write_bytes(b"someone else's")
+    client = mlflow_client(tmp_path)
+    experiment = client.get_experiment_by_name("vision-trainer").experiment_id
+    client.create_run(experiment, tags={"model_id": model_id, "run_dir": str(decoy)})
+
     deleted = cli("models", "delete", f"models/{model_id}", cwd=tmp_path)
     assert deleted.returncode == 0, deleted.stderr
     assert "ICN" in one_line_error(cli("models", "get", model_id, cwd=tmp_path))
     assert not (base_dir / "checkpoints").exists()
+    assert (decoy / "checkpoints" / "keep.ckpt").read_bytes() == b"someone else's"
     assert not any(p.name == "best.ckpt" for p in (tmp_path / "mlartifacts").rglob("*"))
     names = [m["name"] for m in cli_json("models", "list", cwd=tmp_path)["model"]]
     assert model["name"] not in names
@@ -327,12 +336,19 @@ def test_through_a_tracking_server(
     uri = f"mlflow.tracking_uri={mlflow_server}"
     work = tmp_path / "workstation"
     work.mkdir()
+    # Credentials in the URI (given here on the command line; MLFLOW_TRACKING_URI's value is
+    # resolved into the same config key) reach the server, and no file, log line or artifact.
+    secret_uri = mlflow_server.replace("http://", "http://alice:s3cret@")
     trained = run_trainer(
-        *FAST, f"dataset.path={tiny_shapes}", "budget.train_budget_milli_node_hours=4", uri,
-        cwd=work, home=trainer_home,
+        *FAST, f"dataset.path={tiny_shapes}", "budget.train_budget_milli_node_hours=4",
+        f"mlflow.tracking_uri={secret_uri}", cwd=work, home=trainer_home,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]
     model = json.loads(trained.stdout)
+    assert "s3cret" not in trained.stderr + trained.stdout
+    written = [*work.rglob("*"), *(tmp_path / "server-artifacts").rglob("*")]
+    leaks = [p for p in written if p.is_file() and b"s3cret" in p.read_bytes()]
+    assert not leaks and any(p.name == "config.json" for p in written)
 
     # Another machine sees only the server: a folder with nothing of the training in it.
     elsewhere = tmp_path / "laptop"

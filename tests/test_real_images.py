@@ -32,7 +32,7 @@ def test_real_digits_train_far_above_chance(tmp_path: Path, trainer_home: Path) 
         "early_stopping.patience=3",
         "early_stopping.patience_before_first_gain=3",
         "budget.min_milli_node_hours=1",
-        "budget.train_budget_milli_node_hours=15",
+        "budget.train_budget_milli_node_hours=10",
         "display_name=digits",
         cwd=tmp_path,
         home=trainer_home,
@@ -41,5 +41,5 @@ def test_real_digits_train_far_above_chance(tmp_path: Path, trainer_home: Path) 
     (run_dir,) = run_dirs(tmp_path)
     metrics = read_json(run_dir / "metrics.json")
     model = read_json(run_dir / "model.json")
-    assert int(model["imageClassificationModelMetadata"]["trainCostMilliNodeHours"]) <= 15
+    assert int(model["imageClassificationModelMetadata"]["trainCostMilliNodeHours"]) <= 10
     assert metrics["test_accuracy"] >= 0.6, metrics  # chance is 0.1

@@ -91,6 +91,9 @@ def test_sigkill_then_resume_continues_the_operation(
     assert state["spent_seconds"] > 0
     saved_step = checkpoint_step(run_dir / "checkpoints" / "last.ckpt")
     assert saved_step > 0
+    # A state file edited to give the spent budget back: the store's record still counts.
+    edited = {**state, "spent_seconds": 0.0}
+    (run_dir / "state.json").write_text(json.dumps(edited))
 
     # Early stopping may be switched back on when resuming; it ends the test sooner.
     result = resume(run_dir, tmp_path, trainer_home, "budget.disable_early_stopping=false")
@@ -268,28 +271,33 @@ def test_refuses_another_model_type_or_task(
         assert "is a object_detection model, not image_classification" in line
     finally:
         client.set_registered_model_tag(model_id, "task", "image_classification")
+    # A stored model type becomes a Hydra override only if the task offers it.
+    client.set_registered_model_tag(model_id, "modelType", "../../../tmp/x")
+    try:
+        line = refusal(further(base_model, trainer_home, tiny_shapes))
+        assert "which task image_classification does not offer" in line
+    finally:
+        client.set_registered_model_tag(model_id, "modelType", "mobile-low-latency-1")
 
 
 def test_refuses_a_missing_or_unreadable_checkpoint(
     base_model, trainer_home: Path, tiny_shapes: Path
 ) -> None:
+    """A damaged local checkpoint falls back to the store's copy (tested through the digest in
+    test_hostile_inputs.py); damaged in both places, training further is refused."""
     cwd, base_dir, base = base_model
     best = base_dir / "checkpoints" / "best.ckpt"
-    saved = best.read_bytes()
     artifacts = list((cwd / "mlartifacts").rglob("best.ckpt"))
     assert artifacts  # the checkpoint travels with the model in MLflow
+    saved = {path: path.read_bytes() for path in [best, *artifacts]}
     try:
-        best.write_bytes(b"not a checkpoint")
+        for path in saved:
+            path.write_bytes(b"not a checkpoint")
         (base_dir / "checkpoints" / "best.prev.ckpt").unlink(missing_ok=True)
         assert "missing or unreadable" in refusal(further(base_model, trainer_home, tiny_shapes))
-        best.unlink()
-        for artifact in artifacts:
-            artifact.rename(artifact.with_suffix(".moved"))
-        assert "missing or unreadable" in refusal(further(base_model, trainer_home, tiny_shapes))
     finally:
-        best.write_bytes(saved)
-        for artifact in artifacts:
-            artifact.with_suffix(".moved").rename(artifact)
+        for path, content in saved.items():
+            path.write_bytes(content)
 
 
 def test_ctrl_c_twice_exits_at_once_leaving_a_good_checkpoint(

@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer import CONF_DIR
 from trainer.errors import UserError
-from trainer.job.settings import validate
+from trainer.job.settings import model_types, validate
+from trainer.store.resources import redact
 
 
 # An absolute path: run as `-m trainer`, Hydra would look for a Python module named conf.
@@ -24,6 +25,7 @@ def train_job(cfg: DictConfig) -> float:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = list(HydraConfig.get().overrides.task)
+    _redact_hydra_files(run_dir)
     try:
         if not resolved["resume_operation"]:
             # A resumed operation is checked with its own config and bounds, in _continuation.
@@ -39,8 +41,17 @@ def train_job(cfg: DictConfig) -> float:
         return run_training(resolved, run_dir, start)
     except UserError as error:
         # SystemExit passes through Hydra's error reporting, which would print a traceback.
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact(error)}", file=sys.stderr)
         raise SystemExit(error.exit_code) from None
+
+
+def _redact_hydra_files(run_dir: Path) -> None:
+    """Hydra keeps the command line's overrides in the run directory (.hydra/*.yaml); a
+    tracking URI given there may hold user:password@, which no file of ours keeps."""
+    for path in (run_dir / ".hydra").glob("*.yaml"):
+        text = path.read_text()
+        if redact(text) != text:
+            path.write_text(redact(text))
 
 
 def _detach(cfg: dict[str, Any], overrides: list[str], run_dir: Path) -> float:
@@ -81,7 +92,9 @@ def _continuation(cfg: dict[str, Any], overrides: list[str], run_dir: Path):
     store = Store(cfg["mlflow"]["tracking_uri"], cfg["mlflow"]["experiment_name"])
     if cfg["resume_operation"]:
         run_dir, state = continuation.for_resume(store, cfg["resume_operation"])
-        cfg = continuation.resume_config(state.config, overrides)
+        resumed = continuation.resume_config(state.config, overrides)
+        # The saved config's tracking URI is redacted: the store is the one found it in.
+        cfg = {**resumed, "mlflow": {**resumed["mlflow"], **cfg["mlflow"]}}
         validate(cfg)
         start = continuation.StartFrom(
             checkpoints=continuation.resume_candidates(run_dir),
@@ -92,8 +105,15 @@ def _continuation(cfg: dict[str, Any], overrides: list[str], run_dir: Path):
         return cfg, run_dir, start
     tags = continuation.base_model_tags(store, cfg["base_model_id"])
     if "model_type" not in continuation.explicit_keys(overrides):
-        # Training further keeps the base model's type unless the user names one.
-        composed = hydra.compose("config", [*overrides, f"model_type={tags.get('modelType')}"])
+        # Training further keeps the base model's type unless the user names one. The type
+        # comes from the store: it becomes an override only if it is one of the task's types.
+        model_type = str(tags.get("modelType"))
+        if model_type not in model_types(cfg["task"]["name"]):
+            raise UserError(
+                f"base model {cfg['base_model_id']} has model type {model_type[:60]!r}, "
+                f"which task {cfg['task']['name']} does not offer"
+            )
+        composed = hydra.compose("config", [*overrides, f"model_type={model_type}"])
         cfg = OmegaConf.to_container(composed, resolve=True)
         validate(cfg)
     return cfg, run_dir, continuation.from_base_model(cfg, store, tags)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from trainer.errors import UserError
+from trainer.store.resources import redact
 from trainer.tasks import add_predict_options, task_name_of_model
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -97,9 +98,15 @@ def run(argv: list[str]) -> int:
         catalog = Catalog(args.tracking_uri, EXPERIMENT)
         handler = HANDLERS[(args.resource, getattr(args, "verb", None))]
         handler(catalog, args)
+        sys.stdout.flush()
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact(error)}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:
+        # The reader went away (`... --json | head`): end quietly, as Unix tools do. Python's
+        # own flush of stdout at exit would fail again, so stdout points at /dev/null now.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

@@ -11,15 +11,17 @@ run's MLflow artifacts instead.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.store.resources import expired_on
+from trainer.job.checkpoints import load_checkpoint
+from trainer.job.settings import current_home
+from trainer.store.resources import check_id, expired_on, file_sha256, stored_labels
 from trainer.tasks import task_of
 
 DOWNLOADS = Path(".model-cache")  # artifacts fetched from a remote store, per model ID
@@ -45,10 +47,12 @@ class TrainedModel:
 def trained_model(catalog: Any, model_id: str, purpose: str) -> TrainedModel:
     """The Model resource, config, labels and best checkpoint of a stored, unexpired model.
 
-    ``purpose`` names what the model is wanted for, in the error an expired model gives.
+    ``purpose`` names what the model is wanted for, in the error an expired model gives. What
+    the store holds is checked as user input is: the ID, the labels, the checkpoint against the
+    digest recorded with the model; the config's home is this process's own.
     """
     model, tags = catalog.model_and_tags(model_id)
-    model_id = model["name"].split("/")[1]
+    model_id = check_id(model["name"].split("/")[-1], "the stored model ID")
     expire = expired_on(tags)
     if expire:
         raise UserError(
@@ -57,25 +61,59 @@ def trained_model(catalog: Any, model_id: str, purpose: str) -> TrainedModel:
         )
     run_dir = Path(tags.get("run_dir", ""))
     scratch = DOWNLOADS / model_id
+
+    def fetch(artifact: str) -> Path:
+        return Path(catalog.client.download_artifacts(tags["run_id"], artifact, str(scratch)))
+
     config_path = run_dir / "state.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())["config"]
-    else:
-        fetched = catalog.client.download_artifacts(tags["run_id"], "config.json", str(scratch))
-        config = json.loads(Path(fetched).read_text())
-    checkpoint = run_dir / "checkpoints" / "best.ckpt"
-    if not checkpoint.is_file():
-        checkpoint = Path(
-            catalog.client.download_artifacts(tags["run_id"], "checkpoints/best.ckpt", str(scratch))
+    try:
+        if config_path.is_file():
+            config = json.loads(config_path.read_text())["config"]
+        else:
+            config = json.loads(fetch("config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"the config of model {model_id} cannot be read ({error})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise UserError(f"the config stored with model {model_id} is not a training config")
+    # Demo datasets are regenerated under this process's home, never a path the store names.
+    config = {**config, "home": current_home()}
+    checkpoint = _verified_checkpoint(
+        run_dir / "checkpoints" / "best.ckpt",
+        lambda: fetch("checkpoints/best.ckpt"),
+        tags.get("checkpoint_sha256"),
+        model_id,
+    )
+    labels = stored_labels(tags.get("labels", ""))
+    return TrainedModel(model, config, labels, checkpoint, tags["run_id"])
+
+
+def _verified_checkpoint(
+    local: Path, fetch: Callable[[], Path], sha256: str | None, model_id: str
+) -> Path:
+    """The local checkpoint, else the store's copy, whichever has the recorded digest (models
+    recorded before digests were kept have none: either file is taken as it is)."""
+    if local.is_file() and (not sha256 or file_sha256(local) == sha256):
+        return local
+    fetched = fetch()
+    if sha256 and file_sha256(fetched) != sha256:
+        raise UserError(
+            f"the checkpoint of model {model_id} is not the one recorded with it (its SHA-256 "
+            "differs); it was changed after training and is refused"
         )
-    return TrainedModel(model, config, json.loads(tags["labels"]), checkpoint, tags["run_id"])
+    return fetched
 
 
 def load_network(trained: TrainedModel) -> nn.Module:
     """The trained network alone, in eval mode, on the CPU."""
     task = task_of(trained.config)
     network = task.network(trained.config, trained.labels, pretrained=False)
-    checkpoint = torch.load(trained.checkpoint, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = load_checkpoint(trained.checkpoint)
+    except Exception as error:  # a damaged or hostile file raises anything from pickle to zip
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UserError(
+            f"the checkpoint of model {trained.model_id} does not load as weights ({first})"
+        ) from None
     prefix = "backbone."
     weights = {
         key.removeprefix(prefix): value

@@ -464,7 +464,9 @@ def prepare_cache(
             manifest, mode, max_gb, input_size, crop_scale, home, remaining_seconds,
             should_stop, source,
         )  # fmt: skip
-    except OSError as error:  # an unwritable home, a full disk: train without the cache
+    # An unwritable home, a full disk, or an image that changed since the dataset check (one
+    # that no longer decodes, or claims too many pixels): train without the cache.
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         log.warning("image cache: not used, %s: %s", type(error).__name__, error)
         return CacheOutcome(None, None, time.monotonic() - started, str(error))
 

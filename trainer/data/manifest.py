@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +26,13 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from trainer.errors import UserError
+from trainer.store.resources import check_name
 
 TRAIN, VALIDATE, TEST = "TRAIN", "VALIDATE", "TEST"
 SPLITS = (TRAIN, VALIDATE, TEST)
 ML_USE = {"TRAIN": TRAIN, "VALIDATE": VALIDATE, "VALIDATION": VALIDATE, "TEST": TEST}
 UNASSIGNED = "UNASSIGNED"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_]{1,32}$")
 
 
 # -- what every manifest shares ----------------------------------------------------------------
@@ -75,14 +74,6 @@ class ManifestBase:
         )
 
 
-def check_name(kind: str, value: str) -> str:
-    if not NAME_PATTERN.match(value):
-        raise UserError(
-            f"{kind} {value!r} is invalid: use 1 to 32 ASCII letters, digits or underscores"
-        )
-    return value
-
-
 def split_for(key: str) -> str:
     """80/10/10 by a stable hash of the item's path, for UNASSIGNED items."""
     bucket = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 100
@@ -93,12 +84,22 @@ def split_for(key: str) -> str:
 
 def csv_rows(csv_path: Path) -> Iterator[tuple[int, list[str]]]:
     """The non-blank rows of a dataset CSV, cells stripped, with their line numbers (a BOM from
-    spreadsheet exports is not part of the first cell)."""
-    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-        for line_no, row in enumerate(csv.reader(handle), start=1):
-            cells = [cell.strip() for cell in row]
-            if any(cells):
-                yield line_no, cells
+    spreadsheet exports is not part of the first cell). A file that is not UTF-8 text or not
+    CSV (a field past csv's size limit, a NUL byte) is the user's error, in one line."""
+    line_no = 0
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            for line_no, row in enumerate(csv.reader(handle), start=1):
+                cells = [cell.strip() for cell in row]
+                if any(cells):
+                    yield line_no, cells
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{csv_path} is not UTF-8 text (byte {error.start} of its line {line_no + 1}); "
+            "save it as UTF-8"
+        ) from None
+    except csv.Error as error:
+        raise UserError(f"{csv_path}:{line_no + 1}: not a readable CSV row ({error})") from None
 
 
 def take_ml_use(cells: list[str]) -> tuple[str, list[str]]:
@@ -115,8 +116,22 @@ def resolve_path(key: str, base: Path) -> Path:
     return file if file.is_absolute() else base / file
 
 
+NOT_UTF8 = "name not UTF-8"
+TOO_LARGE = "too large"  # more pixels than PIL's decompression-bomb limit
+CHECK_CHUNK = 64  # files checked between two looks at whether to stop
+
+
+class CheckStopped(Exception):
+    """Checking a dataset's files was asked to stop (its ``should_stop`` said so)."""
+
+    def __init__(self, checked: int, total: int) -> None:
+        super().__init__(f"stopped after checking {checked} of {total} files")
+        self.checked, self.total = checked, total
+
+
 def problem_with(item: Any) -> str | None:
-    """Why an item's image cannot be used (``missing``, ``empty``, ``broken``), or None."""
+    """Why an item's image cannot be used (``missing``, ``empty``, ``broken``, ``too large``),
+    or None."""
     try:
         if item.path.stat().st_size == 0:
             return "empty"
@@ -124,16 +139,39 @@ def problem_with(item: Any) -> str | None:
             image.load()  # decode fully: a truncated file passes Image.verify()
     except FileNotFoundError:
         return "missing"
+    except Image.DecompressionBombError:  # not an OSError: its header claims too many pixels
+        return TOO_LARGE
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return "broken"
     return None
 
 
-def keep_readable(manifest: ManifestBase, candidates: list[Any], workers: int) -> None:
+def checked_in_chunks(
+    check: Callable[[Any], Any],
+    candidates: list[Any],
+    workers: int,
+    should_stop: Callable[[], bool],
+) -> list[Any]:
+    """``check`` of every candidate, in threads, looking at ``should_stop`` between chunks (a
+    large dataset's check is billed work: it must stop when the budget cannot take more)."""
+    results: list[Any] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for start in range(0, len(candidates), CHECK_CHUNK):
+            if should_stop():
+                raise CheckStopped(start, len(candidates))
+            results += pool.map(check, candidates[start : start + CHECK_CHUNK])
+    return results
+
+
+def keep_readable(
+    manifest: ManifestBase,
+    candidates: list[Any],
+    workers: int,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
     """Add the candidates whose image decodes to ``manifest.items``; skip and count the rest."""
     # PIL releases the GIL while decoding, so threads check images in parallel.
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = list(pool.map(problem_with, candidates))
+    problems = checked_in_chunks(problem_with, candidates, workers, should_stop)
     for item, problem in zip(candidates, problems, strict=True):
         if problem is None:
             manifest.items.append(item)
@@ -199,16 +237,25 @@ class Manifest(ManifestBase):
         return digest.hexdigest()[:24]
 
 
-def read_dataset(path: str | Path, check_workers: int = 8, for_training: bool = True) -> Manifest:
+def read_dataset(
+    path: str | Path,
+    check_workers: int = 8,
+    for_training: bool = True,
+    check_files: bool = True,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Manifest:
     """The readable items of a dataset; for training, also checked to be trainable (labels,
-    splits); for evaluation, any labelled images will do."""
+    splits); for evaluation, any labelled images will do. ``check_files=False`` reads the
+    listing alone (every file taken as readable): the quick check before an operation opens."""
     root = Path(path).expanduser()
     if not root.exists():
         raise UserError(f"dataset.path={str(path)!r} does not exist; give a folder or a CSV file")
     manifest = Manifest(items=[], labels=[])
-    keep_readable(
-        manifest, _read_csv(root) if root.is_file() else _read_folder(root), check_workers
-    )
+    candidates = _read_csv(root) if root.is_file() else _read_folder(root, manifest)
+    if check_files:
+        keep_readable(manifest, candidates, check_workers, should_stop)
+    else:
+        manifest.items = candidates
     manifest.labels = sorted({item.label for item in manifest.items})
     if for_training:
         check_trainable(
@@ -218,15 +265,27 @@ def read_dataset(path: str | Path, check_workers: int = 8, for_training: bool = 
     return manifest
 
 
-def _read_folder(root: Path) -> list[Item]:
+def _read_folder(root: Path, manifest: Manifest) -> list[Item]:
     items = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         label = check_name("label", label_dir.name)
         for file in sorted(label_dir.rglob("*")):
-            if file.suffix.lower() in IMAGE_SUFFIXES:
-                key = file.relative_to(root).as_posix()
-                items.append(Item(file, label, split_for(key), key))
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            key = file.relative_to(root).as_posix()
+            if not _is_text(key):  # bytes a file system allows but no text spells
+                manifest.skip(NOT_UTF8, ascii(key))
+                continue
+            items.append(Item(file, label, split_for(key), key))
     return items
+
+
+def _is_text(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _read_csv(csv_path: Path) -> list[Item]:

@@ -29,11 +29,21 @@ ERRORS_PREFIX = "errors"
 BATCH_SIZE = 32
 
 
-def read_input_csv(path: Path) -> list[str]:
-    """The image paths of a batch-prediction CSV, as given (quotes removed)."""
+def input_text(path: Path) -> str:
+    """A batch-prediction input file's text; a missing or non-UTF-8 file is the user's error."""
     if not path.is_file():
         raise UserError(f"--input {path}: no such file")
-    text = path.read_text(encoding="utf-8-sig")  # a BOM from spreadsheet exports is not a path
+    try:
+        return path.read_text(encoding="utf-8-sig")  # a spreadsheet's BOM is not part of a path
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"--input {path} is not UTF-8 text (byte {error.start}); save it as UTF-8"
+        ) from None
+
+
+def read_input_csv(path: Path) -> list[str]:
+    """The image paths of a batch-prediction CSV, as given (quotes removed)."""
+    text = input_text(path)
     rows = []
     try:
         for number, row in enumerate(csv.reader(io.StringIO(text), strict=True), start=1):
@@ -83,6 +93,15 @@ class ShardedJsonl:
             os.fsync(self._out.fileno())
             self._out.close()
             self._out = None
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """A CSV cell that a spreadsheet shows as text: one starting like a formula (an input path
+    such as ``=HYPERLINK(...)``) gets a leading apostrophe, OWASP's advice for CSV injection."""
+    return f"'{cell}" if cell.startswith(FORMULA_STARTS) else cell
 
 
 def error_record(image_id: str, code: int, message: str) -> dict[str, Any]:

@@ -29,6 +29,8 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from trainer.store.resources import file_sha256, fsync_directory, redact
+
 log = logging.getLogger("trainer")
 
 LAST, BEST = "last.ckpt", "best.ckpt"
@@ -72,18 +74,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if path.exists():
                 os.replace(path, previous(path))
             os.replace(temp, path)
+            fsync_directory(path.parent)
         finally:
             temp.unlink(missing_ok=True)
 
 
-def load_first_good(candidates: list[Path]) -> tuple[Path, dict[str, Any]] | None:
-    """The first candidate that loads, warning about each one that does not."""
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents without running code it may carry: torch's weights-only
+    unpickler builds tensors and plain containers and refuses anything else. Checkpoints come
+    back from the store, which others may write to; a pickle is a program."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_first_good(
+    candidates: list[Path], sha256: str | None = None
+) -> tuple[Path, dict[str, Any]] | None:
+    """The first candidate that loads (and, given the digest recorded with a model, is that
+    model's checkpoint), warning about each one that does not."""
     for path in candidates:
         if not path.is_file():
             continue
+        if sha256 and file_sha256(path) != sha256:
+            log.warning("checkpoint %s is not the one recorded with the model (its SHA-256 "
+                        "differs); trying the next one", path)  # fmt: skip
+            continue
         try:
-            return path, torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:  # a damaged file raises anything from pickle to zipfile
+            return path, load_checkpoint(path)
+        except Exception as error:  # a damaged or hostile file raises anything from pickle to zip
             log.warning("checkpoint %s does not load (%s); trying the previous one", path, error)
     return None
 
@@ -174,10 +191,19 @@ class CancelWatch(Callback):
         self.every_seconds = every_seconds
         self.stop = stop
         self._last_poll = time.monotonic()
+        self._warned = False
 
     def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
         if time.monotonic() - self._last_poll < self.every_seconds:
             return
         self._last_poll = time.monotonic()
-        if self.cancelled():
+        try:
+            cancelled = self.cancelled()
+        except Exception as error:  # the store unreachable a moment: ask again next time
+            if not self._warned:
+                log.warning("could not ask the store for a cancel request (%s); will retry",
+                            redact(error))  # fmt: skip
+                self._warned = True
+            return
+        if cancelled:
             self.stop.cancel()

@@ -3,8 +3,8 @@ operation (resuming). Both are checked before any training; a refusal is a UserE
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,9 +13,15 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from trainer.errors import UserError
-from trainer.job.run_state import RunState
+from trainer.job.run_state import RunState, hold_run_dir
 from trainer.store.catalog import bare_id
-from trainer.store.resources import expired_on, parse_time
+from trainer.store.resources import (
+    SPENT_SECONDS,
+    check_id,
+    expired_on,
+    parse_time,
+    stored_labels,
+)
 
 log = logging.getLogger("trainer")
 
@@ -48,6 +54,10 @@ class StartFrom:
     state: RunState | None = None  # set when resuming an operation
     base_model_id: str = ""
     strip_callback_state: bool = False  # a new model restarts early stopping and best-tracking
+    # The base model's checkpoint from the store, when no local one is good: called once the
+    # budget's meter runs, since downloading is the operation's work too.
+    fetch: Callable[[], Path | None] | None = None
+    checkpoint_sha256: str | None = None  # recorded with the base model: only that file will do
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -105,22 +115,28 @@ def check_base_model(cfg: dict[str, Any], tags: dict[str, str]) -> None:
 
 def from_base_model(cfg: dict[str, Any], store: Any, tags: dict[str, str]) -> StartFrom:
     check_base_model(cfg, tags)
+    model_id = check_id(tags["model_id"], "the base model's stored ID")
     run_dir = Path(tags.get("run_dir", ""))
     checkpoints = [
         run_dir / "checkpoints" / "best.ckpt",
         run_dir / "checkpoints" / "best.prev.ckpt",
     ]
-    if not any(path.is_file() for path in checkpoints) and "run_id" in tags:
-        # A model on a remote tracking server: its checkpoint is an artifact of its run.
-        downloaded = store.download(
-            tags["run_id"], "checkpoints/best.ckpt", Path(".base_models") / tags["model_id"]
-        )
-        checkpoints = [downloaded] if downloaded else []
+
+    def fetch() -> Path | None:
+        # A model on a remote tracking server, or a local file gone bad: the checkpoint is also
+        # an artifact of the model's run.
+        if "run_id" not in tags:
+            return None
+        folder = Path(".base_models") / model_id
+        return store.download(tags["run_id"], "checkpoints/best.ckpt", folder)
+
     return StartFrom(
         checkpoints=checkpoints,
-        labels=json.loads(tags["labels"]),
-        base_model_id=tags["model_id"],
+        labels=stored_labels(tags.get("labels", "")),
+        base_model_id=model_id,
         strip_callback_state=True,
+        fetch=fetch,
+        checkpoint_sha256=tags.get("checkpoint_sha256") or None,
     )
 
 
@@ -174,7 +190,14 @@ def for_resume(store: Any, operation_id: str) -> tuple[Path, RunState]:
             "check the ID and mlflow.tracking_uri"
         )
     run_dir = Path(run.data.tags.get("run_dir", ""))
+    if not (run_dir / "state.json").is_file():
+        raise UserError(
+            f"operation {name}'s run directory {run_dir} is not on this machine (or has no "
+            "state.json); resume it where it ran"
+        )
+    hold_run_dir(run_dir)  # before reading its state: a second resume is refused here
     state = RunState.load(run_dir)
+    state.at_least(run.data.tags.get(SPENT_SECONDS))
     if state.status in ("SUCCEEDED", "CANCELLED"):
         raise UserError(
             f"operation {name} has {state.status.lower()}; only interrupted ones can be resumed"

@@ -9,9 +9,9 @@ from typing import Any
 
 from budgets import BudgetOutOfBounds, check_budget
 from trainer import CONF_DIR
-from trainer.data.manifest import check_name
 from trainer.data.settings import cache_mode
 from trainer.errors import UserError
+from trainer.store.resources import check_name
 
 GROUPS_CHECKED = ("task", "model_type")
 
@@ -88,6 +88,13 @@ def check_overrides(argv: list[str]) -> None:
 def model_types(task: str) -> list[str]:
     """The model types a task offers: its files in conf/task_model/<task>/."""
     return sorted(p.stem for p in (CONF_DIR / "task_model" / task).glob("*.yaml"))
+
+
+def current_home() -> str:
+    """The home this process works in: config.yaml's ``home``, resolved as a training would."""
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.load(CONF_DIR / "config.yaml")["home"])
 
 
 def default_task() -> str:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
+import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from budgets import BudgetMeter
 from budgets.callback import BudgetStopping
 from trainer.data.device_augment import resolve_precision
+from trainer.data.manifest import CheckStopped
 from trainer.errors import UserError
 from trainer.job.checkpoints import (
     AtomicCheckpointIO,
@@ -38,15 +41,26 @@ from trainer.job.continuation import StartFrom
 from trainer.job.convergence import convergence_callbacks
 from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV
 from trainer.job.progress import ProgressReport
-from trainer.job.run_state import CANCELLED, FAILED, INTERRUPTED, RUNNING, SUCCEEDED, RunState
+from trainer.job.run_state import (
+    CANCELLED,
+    FAILED,
+    INTERRUPTED,
+    RUNNING,
+    SUCCEEDED,
+    RunState,
+    hold_run_dir,
+)
 from trainer.job.settings import validate
 from trainer.job.work_history import WorkHistory, save_reserves
 from trainer.store.evaluations import record_evaluation
 from trainer.store.resources import (
     Operation,
+    file_sha256,
     model_metadata,
     model_resource,
     new_id,
+    redact,
+    redacted_config,
     utc_now,
     write_json_atomic,
 )
@@ -83,15 +97,95 @@ class Job:
     store: Store
     stop: StopRequest
     run_dir: Path
+    _flushing: threading.Lock = field(default_factory=threading.Lock)
+    _publishing: threading.Lock = field(default_factory=threading.Lock)
 
     def flush(self, trainer: pl.Trainer | None = None) -> None:
-        """Put the cost spent so far on record (operation.json, state.json)."""
-        self.operation.progress(self.meter.fraction_spent())
-        self.state.spent_seconds = self.meter.elapsed_seconds()
-        if trainer is not None:
-            self.state.global_step = trainer.global_step
-        self.state.save(self.run_dir)
-        self.store.publish_operation(self.state.run_id, self.operation.resource, self.state.status)
+        """Put the cost spent so far on record: the run directory's files, then the store."""
+        self.save(trainer)
+        self.publish()
+
+    def save(self, trainer: pl.Trainer | None = None) -> None:
+        """The cost so far into operation.json and state.json: quick local writes, the record
+        a resume reads."""
+        with self._flushing:
+            self.operation.progress(self.meter.fraction_spent())
+            if trainer is not None:
+                self.state.global_step = trainer.global_step
+            self.state.spent_seconds = self.meter.elapsed_seconds()
+            self.state.save(self.run_dir)
+
+    def publish(self) -> None:
+        """The operation and its cost into the store, for other machines (it may be slow)."""
+        with self._publishing:
+            operation = json.loads(json.dumps(self.operation.resource))  # a consistent copy
+            self.store.publish_operation(
+                self.state.run_id, operation, self.state.status,
+                spent_seconds=self.state.spent_seconds,
+            )  # fmt: skip
+
+    def enter(self, phase: str) -> None:
+        """Say what the operation is doing now (state.json's ``phase``), and put it on record."""
+        self.state.phase = phase
+        self.flush()
+
+
+class CostFlusher:
+    """Puts the job's cost on record every ``seconds``, whatever the main thread is doing:
+    checking the dataset, building the cache, testing or recording (the training loop's own
+    flushes cover only its steps). After a kill -9 the cost on record is at most that old.
+
+    Two threads: one writes the run directory's files on a fixed schedule, the other publishes
+    to the store, whose writes can take longer than the schedule allows on a busy machine. The
+    schedule is every half of ``seconds``: a thread runs only when the main one lets go of the
+    GIL, and some of torch's and MLflow's C++ calls hold it for most of a second (seen in
+    benchmarks/chaos.py as kills during recording that lost 1.4 to 1.7 s of cost at a 1 s
+    schedule).
+    """
+
+    def __init__(self, job: Job, seconds: float) -> None:
+        self.job, self.seconds = job, float(seconds) / 2
+        self._stopped = threading.Event()
+        self._publish_wanted = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._save, name="cost-saver", daemon=True),
+            threading.Thread(target=self._publish, name="cost-publisher", daemon=True),
+        ]
+        self._warned = False
+
+    def __enter__(self) -> CostFlusher:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stopped.set()
+        self._publish_wanted.set()
+        for thread in self._threads:
+            thread.join()
+
+    def _save(self) -> None:
+        next_at = time.monotonic() + self.seconds
+        while not self._stopped.wait(max(0.0, next_at - time.monotonic())):
+            next_at = max(next_at + self.seconds, time.monotonic())  # a fixed schedule
+            self._guarded(self.job.save)
+            self._publish_wanted.set()
+
+    def _publish(self) -> None:
+        while True:
+            self._publish_wanted.wait()
+            if self._stopped.is_set():
+                return
+            self._publish_wanted.clear()
+            self._guarded(self.job.publish)
+
+    def _guarded(self, work: Any) -> None:
+        try:
+            work()
+        except Exception as error:  # a full disk or a store that is down must not end training
+            if not self._warned:
+                log.warning("could not put the cost on record (%s); retrying", redact(error))
+                self._warned = True
 
 
 def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = None) -> float:
@@ -105,9 +199,16 @@ def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = N
             f"the operation has spent {meter.cost_milli_node_hours()} of {settings.budget} "
             "milli-node-hours; resume it with a larger budget.train_budget_milli_node_hours"
         )
-    meter.start()
+    hold_run_dir(run_dir)  # one process per operation: a second resume is refused
+    meter.start()  # from here on, everything is the operation's work and billed
+    started_at = time.time()
+    if cfg["dataset"]["path"]:
+        # A dataset that cannot train is refused in one line before any operation is opened:
+        # its listing tells (labels, splits), without decoding a file.
+        task_of(cfg).read_manifest(cfg, check_files=False)
     store = Store(cfg["mlflow"]["tracking_uri"], cfg["mlflow"]["experiment_name"])
     operation, state = _open_operation(cfg, settings.display_name, start, store, run_dir)
+    state.piece_started = started_at
     job = Job(
         cfg, settings.budget, settings.nodes, meter, start, state, operation, store,
         StopRequest(), run_dir,
@@ -117,7 +218,8 @@ def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = N
     job.stop.install()
     job.flush()
     try:
-        return _train(job)
+        with CostFlusher(job, cfg["checkpoint"]["cost_flush_seconds"]):
+            return _train(job)
     except TrainingInterrupted as interruption:
         state.global_step = interruption.global_step
         if interruption.cancelled:
@@ -131,7 +233,7 @@ def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = N
         raise SystemExit(interruption.exit_code) from None
     except BaseException as error:
         code = 2 if isinstance(error, UserError) else INTERNAL
-        _end_unfinished(job, FAILED, code, f"{type(error).__name__}: {error}")
+        _end_unfinished(job, FAILED, code, redact(f"{type(error).__name__}: {error}"))
         raise
     finally:
         # After a stop request the process is on its way out: keep the handler, so that a
@@ -145,9 +247,10 @@ def _open_operation(
 ) -> tuple[Operation, RunState]:
     if start.state is not None:  # the same operation, model ID and MLflow run, going on
         state = start.state
-        state.status, state.config = RUNNING, cfg
+        state.status, state.config = RUNNING, redacted_config(cfg)
+        state.pid, state.host = os.getpid(), socket.gethostname()  # this process now
         store.reopen_run(state.run_id)
-        return Operation.reopen(run_dir / "operation.json"), state
+        return Operation.reopen(run_dir / "operation.json", state.operation), state
     task = cfg["task"]
     operation_id = os.environ.pop(OPERATION_ID_ENV, None) or new_id(task["id_prefix"])
     operation = Operation(operation_id, run_dir / "operation.json")
@@ -159,27 +262,38 @@ def _open_operation(
         "task": task["name"],
         "run_dir": str(run_dir.resolve()),
     }
-    run_id = store.start_run(display_name, tags, cfg)
+    # Files and the store keep the config without the tracking URI's credentials, if any.
+    saved = redacted_config(cfg)
+    run_id = store.start_run(display_name, tags, saved)
     state = RunState(
-        operation.name, model_id, run_id, cfg, utc_now(), base_model_id=start.base_model_id
+        operation.name, model_id, run_id, saved, utc_now(), base_model_id=start.base_model_id
     )
     return operation, state
 
 
 def _end_unfinished(job: Job, status: str, code: int, message: str) -> None:
-    job.state.status = status
-    cost = job.meter.cost_milli_node_hours()
-    job.operation.fail(code, f"{message} (cost so far {cost} milli-node-hours)")
-    job.flush()
-    job.store.set_tags(job.state.run_id, {"trainCostMilliNodeHours": str(cost), "state": status})
-    job.store.end_run(job.state.run_id, "FAILED" if status == FAILED else "KILLED")
+    """Record how the operation ended. If that fails too (a full disk, the store down), the
+    original error still stands: this one is logged, not raised in its place."""
+    try:
+        job.state.status = status
+        cost = job.meter.cost_milli_node_hours()
+        job.operation.fail(code, f"{message} (cost so far {cost} milli-node-hours)")
+        job.flush()
+        tags = {"trainCostMilliNodeHours": str(cost), "state": status}
+        job.store.set_tags(job.state.run_id, tags)
+        job.store.end_run(job.state.run_id, "FAILED" if status == FAILED else "KILLED")
+    except Exception as failure:
+        log.error("could not record that the operation ended %s: %s: %s", status,
+                  type(failure).__name__, redact(str(failure)))  # fmt: skip
 
 
 def _train(job: Job) -> float:
     cfg, state, run_dir = job.cfg, job.state, job.run_dir
     task, model_cfg = cfg["task"], cfg["model"]
     kind = task_of(cfg)
-    manifest = kind.read_manifest(cfg)
+    history = WorkHistory(cfg["home"], f"{task['name']}/{model_cfg['type']}")
+    reserves = save_reserves(cfg["budget"], history)
+    manifest = _checked_manifest(job, kind, reserves.recording)
     log.info("dataset: %s", kind.describe(manifest))
     _check_labels(job.start, manifest.labels)
     state.labels = manifest.labels
@@ -189,6 +303,7 @@ def _train(job: Job) -> float:
     # is known, in this function's copy only: the operation's config keeps `auto`.
     precision = resolve_precision(cfg["trainer"]["precision"], str(cfg["trainer"]["accelerator"]))
     cfg = {**cfg, "trainer": {**cfg["trainer"], "precision": precision}}
+    job.enter("preparing data")  # the decoded-image cache is built here
     loaders = kind.loaders(manifest, cfg, job)
     train_loader, val_loader, test_loader = loaders.train, loaders.val, loaders.test
     start_checkpoint = _start_checkpoint(job)
@@ -196,8 +311,6 @@ def _train(job: Job) -> float:
     network = kind.network(cfg, manifest.labels, bool(model_cfg["pretrained"]))
     module = kind.module(network, manifest.labels, cfg)
 
-    history = WorkHistory(cfg["home"], f"{task['name']}/{model_cfg['type']}")
-    reserves = save_reserves(cfg["budget"], history)
     budget = BudgetStopping(
         job.meter, len(test_loader), reserves.recording, checkpoint_seconds=reserves.checkpoint
     )
@@ -252,7 +365,9 @@ def _train(job: Job) -> float:
     )
     if job.stop.reason:  # interrupted during set-up
         raise TrainingInterrupted(job.stop.reason, 0)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=start_checkpoint)
+    job.enter("training")
+    # weights_only: the checkpoint may come from the store (see checkpoints.load_checkpoint).
+    trainer.fit(module, train_loader, val_loader, ckpt_path=start_checkpoint, weights_only=True)
     job.stop.training_over = True  # testing and recording take seconds: a signal waits for them
     if budget.steps_done == 0:
         raise UserError(
@@ -266,8 +381,12 @@ def _train(job: Job) -> float:
 
     # The final model is the best one by the validation metric.
     best_path = checkpoints.best_model_path or checkpoints.last_model_path
-    test_results = trainer.test(module, test_loader, ckpt_path=best_path, verbose=False)[0]
+    job.enter("testing")
+    test_results = trainer.test(
+        module, test_loader, ckpt_path=best_path, verbose=False, weights_only=True
+    )[0]
     tested = time.monotonic()  # from here to the recorded model: what the save reserve keeps
+    job.enter("recording")
     # Examples per second of this node's prediction, decoding included, from the TEST pass.
     node_qps = len(test_loader.dataset) / max(module.test_seconds, 1e-9) / job.nodes
     evaluation = kind.evaluation(module, manifest, manifest.labels, f"models/{state.model_id}")
@@ -302,8 +421,13 @@ def _train(job: Job) -> float:
     example = kind.example_input(test_loader)
     started = time.monotonic()
     store = job.store
-    logged = store.log_network(state.run_id, kind.serving(module.backbone.eval()), example)
+    serving, model_format = serving_network(
+        kind.serving(module.backbone.eval().cpu()), example, cfg["mlflow"].get("model_format")
+    )
+    logged = store.log_network(state.run_id, serving, example, model_format)
     store.log_files(state.run_id, [Path(best_path)], "checkpoints")
+    # Whoever trains further from this model, or loads it, checks that its checkpoint is this one.
+    checkpoint_sha256 = file_sha256(Path(best_path))
     # The cost is measured once the network is logged; what follows is a few small writes.
     model = resource(job.meter.cost_milli_node_hours())
     extra_tags = {
@@ -313,6 +437,7 @@ def _train(job: Job) -> float:
         "run_id": state.run_id,
         "operation": job.operation.name,
         "state": SUCCEEDED,
+        "checkpoint_sha256": checkpoint_sha256,
     }
     store.register(state.run_id, logged, model, task["metadata_key"], extra_tags)
     write_json_atomic(run_dir / "model.json", model)
@@ -332,6 +457,51 @@ def _train(job: Job) -> float:
     return best_score
 
 
+def _checked_manifest(job: Job, kind: Any, reserve_seconds: float) -> Any:
+    """The dataset with its files checked, as billed work: the check stops when the budget
+    could not also cover ending the operation, or when a stop is requested."""
+    job.enter("checking the dataset")
+    # The check looks at should_stop before each chunk of files: the time between two looks is
+    # a chunk's, and the next one must fit too, with the reserve for ending the operation.
+    last_look, longest_chunk = time.monotonic(), 0.0
+
+    def should_stop() -> bool:
+        nonlocal last_look, longest_chunk
+        now = time.monotonic()
+        longest_chunk, last_look = max(longest_chunk, now - last_look), now
+        fits = job.meter.fits(reserve_seconds + 2 * longest_chunk)
+        return job.stop.reason is not None or not fits
+
+    try:
+        return kind.read_manifest(job.cfg, should_stop=should_stop)
+    except CheckStopped as stopped:
+        if job.stop.reason is not None:
+            raise TrainingInterrupted(job.stop.reason, 0) from None
+        raise UserError(
+            f"budget.train_budget_milli_node_hours={job.budget} ran out while checking the "
+            f"dataset's files ({stopped.checked} of {stopped.total} checked); raise it"
+        ) from None
+
+
+def serving_network(network: Any, example: Any, wanted: str | None) -> tuple[Any, str]:
+    """The network as MLflow logs it, and MLflow's serialization format for it.
+
+    ``pt2`` (torch.export, the default) is the format MLflow loads without unpickling anything,
+    even with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false; writing it takes a few seconds more
+    (3.6 s for MobileNetV3-Small on this 2-core machine, benchmarks/ in the note). ``torchscript``
+    loads with torch.jit.load, with no module of this project and no Python pickle of one. A
+    task whose network torch.export cannot follow (a detector's NMS) serves a scripted module.
+    """
+    import torch
+
+    if isinstance(network, torch.jit.ScriptModule):
+        return network, "torchscript"
+    if (wanted or "pt2") == "pt2" and example is not None:
+        return network, "pt2"
+    with torch.no_grad():
+        return torch.jit.trace(network, torch.as_tensor(example)), "torchscript"
+
+
 def _check_labels(start: StartFrom, labels: list[str]) -> None:
     if start.labels is None or start.labels == labels:
         return
@@ -348,12 +518,18 @@ def _start_checkpoint(job: Job) -> str | None:
     """The checkpoint ``fit`` restores: weights, optimizer, scheduler and step counters."""
     if not job.start.checkpoints and not job.start.base_model_id:
         return None  # a new model from scratch
-    found = load_first_good(job.start.checkpoints)
+    sha256 = job.start.checkpoint_sha256
+    found = load_first_good(job.start.checkpoints, sha256)
+    tried = [str(p) for p in job.start.checkpoints]
+    if found is None and job.start.fetch is not None:
+        fetched = job.start.fetch()
+        tried.append("the model's artifact in the store")
+        found = load_first_good([fetched], sha256) if fetched else None
     if found is None:
         if not job.start.base_model_id:
             log.warning("no readable checkpoint of this operation: training restarts at step 0")
             return None
-        tried = ", ".join(str(p) for p in job.start.checkpoints) or "none logged"
+        tried = ", ".join(tried)
         raise UserError(
             f"the checkpoint of base model {job.start.base_model_id} is missing or unreadable "
             f"(tried {tried}); train a new model instead"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,20 @@ class WorkHistory:
         self.key = key
 
     def recent(self, work: str) -> list[float]:
+        """The remembered durations that are durations: finite numbers above 0 (the file is in
+        the home, where anything may have changed it)."""
         entry = self._read().get(self.key, {})
         values = entry.get(work, []) if isinstance(entry, dict) else []
-        return [float(s) for s in values if isinstance(s, (int, float)) and s > 0]
+        if not isinstance(values, list):
+            return []
+        return [
+            float(s)
+            for s in values
+            if isinstance(s, (int, float))
+            and not isinstance(s, bool)
+            and math.isfinite(s)
+            and s > 0
+        ]
 
     def record(self, **seconds: float | None) -> None:
         """``record(recording=1.8, checkpoint=0.3)``; a None is not recorded."""
@@ -62,6 +74,11 @@ class WorkHistory:
         return data if isinstance(data, dict) else {}
 
 
+def _is_duration(value: object) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and math.isfinite(value) and value > 0  # type: ignore[arg-type]
+
+
 @dataclass
 class SaveReserves:
     """Seconds the budget keeps for recording the model and for an epoch boundary's checkpoints."""
@@ -77,9 +94,12 @@ def save_reserves(budget_cfg: dict[str, Any], history: WorkHistory) -> SaveReser
         return SaveReserves(float(configured), float(configured))
     first = float(budget_cfg["save_reserve_first_seconds"])
     factor = float(budget_cfg["save_reserve_factor"])
+    # A tiny figure in the file (edited, or from a much faster disk) must not shrink a reserve
+    # to nothing: the budget would then be crossed by the work it stands for.
+    floor = float(budget_cfg.get("save_reserve_floor_seconds", 1.0))
 
     def reserve(work: str) -> float:
         recent = history.recent(work)
-        return factor * max(recent) if recent else first
+        return max(floor, factor * max(recent)) if recent else first
 
     return SaveReserves(reserve(RECORDING), reserve(CHECKPOINT))

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from trainer.errors import UserError
-from trainer.store.reader import RunRecord, open_reader
+from trainer.store.reader import RunRecord, local_artifact_root, open_reader
 from trainer.store.resources import parse_time, utc_now
 
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED")
@@ -76,11 +76,16 @@ class Catalog:
                     f"model {model_id} is in use by the running operation "
                     f"{run.tags.get('operation')}; cancel it first"
                 )
+        root = local_artifact_root(self.tracking_uri)
         for run in (r for r in runs if r.tags.get("model_id") == model_id):  # evaluations too
-            _remove_local(run.artifact_uri)
-            if run.tags.get("run_dir"):
-                shutil.rmtree(Path(run.tags["run_dir"]) / "checkpoints", ignore_errors=True)
-                (Path(run.tags["run_dir"]) / "start.ckpt").unlink(missing_ok=True)
+            # Run tags and artifact URIs are values from the store: only what is provably this
+            # model's is removed (its artifacts under the store's own folder, the checkpoints of
+            # a run directory whose state names the model).
+            _remove_local(run.artifact_uri, root)
+            run_dir = Path(run.tags.get("run_dir") or "/nonexistent")
+            if _run_dir_of(run_dir, model_id):
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+                (run_dir / "start.ckpt").unlink(missing_ok=True)
             self.client.delete_run(run.run_id)
         self.client.delete_registered_model(model_id)
         return model_id
@@ -161,8 +166,20 @@ def _active(runs: list[RunRecord]) -> list[RunRecord]:
     ]
 
 
-def _remove_local(artifact_uri: str) -> None:
-    """Remove a run's artifacts when they are local files; a server removes its own."""
+def _remove_local(artifact_uri: str, root: Path | None) -> None:
+    """Remove a run's artifacts when they are local files under the store's artifact folder;
+    a server removes its own, and a path elsewhere is not ours to delete."""
     parsed = urlparse(artifact_uri)
-    if parsed.scheme in ("", "file"):
-        shutil.rmtree(unquote(parsed.path), ignore_errors=True)
+    if root is None or parsed.scheme not in ("", "file"):
+        return
+    path = Path(unquote(parsed.path)).resolve()
+    if path != root and path.is_relative_to(root):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _run_dir_of(run_dir: Path, model_id: str) -> bool:
+    """Whether ``run_dir`` is the run directory of ``model_id`` (its state.json says so)."""
+    try:
+        return json.loads((run_dir / "state.json").read_text()).get("model_id") == model_id
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -8,7 +8,9 @@ to MLflow's SQLite tables directly, or to its documented REST API for a tracking
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import sqlite3
 import urllib.error
 import urllib.parse
@@ -37,6 +39,14 @@ class StoreReader(Protocol):
     def registered_model(self, name: str) -> RegisteredModel | None: ...
     def runs(self) -> list[RunRecord]: ...
     def run_tag(self, run_id: str, key: str) -> str | None: ...
+
+
+def local_artifact_root(tracking_uri: str) -> Path | None:
+    """Where a local SQLite store keeps its runs' artifacts: ``mlartifacts/`` beside the
+    database (see store.py); None for a tracking server, which keeps its own."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
 
 
 def open_reader(tracking_uri: str, experiment: str) -> StoreReader:
@@ -100,17 +110,24 @@ class SqliteReader:
 
 
 class RestReader:
+    """MLflow's REST API, authenticated as MLflow's own client does (MLFLOW_TRACKING_TOKEN, or
+    MLFLOW_TRACKING_USERNAME and _PASSWORD, or the URI's user:password@), every page read."""
+
+    PAGE = 1000
+
     def __init__(self, base_url: str, experiment: str) -> None:
-        self.base_url, self.experiment = base_url, experiment
+        parts = urllib.parse.urlsplit(base_url)
+        self.headers = {"Content-Type": "application/json", **_auth_header(parts)}
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else ""
+        self.base_url = urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/")
+        self.experiment = experiment
 
     def _call(self, path: str, body: dict[str, Any] | None = None, **query: Any) -> dict:
         url = f"{self.base_url}/api/2.0/mlflow/{path}"
         if query:
             url += "?" + urllib.parse.urlencode(query)
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            url, data=data, headers={"Content-Type": "application/json"}
-        )
+        request = urllib.request.Request(url, data=data, headers=self.headers)
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return json.loads(response.read() or b"{}")
@@ -119,14 +136,30 @@ class RestReader:
                 return {}
             raise
 
+    def _pages(self, path: str, key: str, body: dict[str, Any] | None = None) -> list[dict]:
+        """Every result of a search endpoint, following ``next_page_token``."""
+        found: list[dict] = []
+        token = None
+        while True:
+            if body is None:  # a GET search: paging in the query
+                query = {"max_results": self.PAGE, **({"page_token": token} if token else {})}
+                page = self._call(path, **query)
+            else:
+                page = self._call(path, {**body, "max_results": self.PAGE,
+                                         **({"page_token": token} if token else {})})  # fmt: skip
+            found += page.get(key, [])
+            token = page.get("next_page_token")
+            if not token:
+                return found
+
     @staticmethod
     def _model(found: dict[str, Any]) -> RegisteredModel:
         tags = {tag["key"]: tag.get("value", "") for tag in found.get("tags", [])}
         return RegisteredModel(found["name"], found.get("description", ""), tags)
 
     def registered_models(self) -> list[RegisteredModel]:
-        found = self._call("registered-models/search", max_results=1000)
-        return [self._model(m) for m in found.get("registered_models", [])]
+        found = self._pages("registered-models/search", "registered_models")
+        return [self._model(m) for m in found]
 
     def registered_model(self, name: str) -> RegisteredModel | None:
         found = self._call("registered-models/get", name=name)
@@ -141,9 +174,24 @@ class RestReader:
         experiment = self._call("experiments/get-by-name", experiment_name=self.experiment)
         if "experiment" not in experiment:
             return []
-        body = {"experiment_ids": [experiment["experiment"]["experiment_id"]], "max_results": 1000}
+        body = {"experiment_ids": [experiment["experiment"]["experiment_id"]]}
         runs = []
-        for run in self._call("runs/search", body).get("runs", []):
+        for run in self._pages("runs/search", "runs", body):
             tags = {t["key"]: t.get("value", "") for t in run.get("data", {}).get("tags", [])}
             runs.append(RunRecord(run["info"]["run_id"], run["info"]["artifact_uri"], tags))
         return runs
+
+
+def _auth_header(parts: urllib.parse.SplitResult) -> dict[str, str]:
+    """The Authorization header MLflow's client would send to this server, if any."""
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or urllib.parse.unquote(parts.username or "")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD") or urllib.parse.unquote(
+        parts.password or ""
+    )
+    if not user and not password:
+        return {}
+    credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {credentials}"}

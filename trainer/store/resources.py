@@ -5,18 +5,101 @@ Field names follow AutoML v1; int64 fields are strings, as in that API.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import secrets
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from trainer.errors import UserError
+
+ID_PATTERN = re.compile(r"^[A-Z]{3}[1-9][0-9]{18}$")
+SPENT_SECONDS = "spent_seconds"  # run tag: a training's cost on record, in seconds
+CREDENTIALS = re.compile(r"://[^/@\s]*@")  # a URL's user:password@
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_]{1,32}$")  # AutoML's rule for labels and display names
+
 
 def new_id(prefix: str) -> str:
     """An AutoML-style ID: the task's prefix and 19 random digits."""
     return f"{prefix}{secrets.randbelow(9 * 10**18) + 10**18}"
+
+
+def check_name(kind: str, value: str) -> str:
+    if not NAME_PATTERN.match(value):
+        raise UserError(
+            f"{kind} {value!r} is invalid: use 1 to 32 ASCII letters, digits or underscores"
+        )
+    return value
+
+
+def check_id(value: Any, what: str = "ID") -> str:
+    """An ID read from a user or from the store, as ``new_id`` makes them: it names folders and
+    becomes part of queries, so anything else is refused."""
+    if not isinstance(value, str) or not ID_PATTERN.match(value):
+        raise UserError(f"{what} {str(value)[:80]!r} is not an ID such as ICN1234567890123456789")
+    return value
+
+
+def stored_labels(text: str) -> list[str]:
+    """A model's labels as its ``labels`` tag holds them (a JSON list), checked as a dataset's
+    labels are: they name output files and folders."""
+    try:
+        labels = json.loads(text)
+    except ValueError:
+        labels = None
+    if (
+        not isinstance(labels, list)
+        or not labels
+        or not all(isinstance(label, str) and NAME_PATTERN.match(label) for label in labels)
+    ):
+        raise UserError(f"the model's stored labels {text[:80]!r} are not a list of label names")
+    return labels
+
+
+def redact(text: Any) -> str:
+    """``text`` with the ``user:password@`` of every URL in it removed: what files, logs and
+    error lines may show of a tracking URI such as MLFLOW_TRACKING_URI."""
+    return CREDENTIALS.sub("://", str(text))
+
+
+def redacted_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config as files and the store keep it: its tracking URI redacted."""
+    mlflow_cfg = cfg.get("mlflow")
+    if not isinstance(mlflow_cfg, dict) or "tracking_uri" not in mlflow_cfg:
+        return cfg
+    return {**cfg, "mlflow": {**mlflow_cfg, "tracking_uri": redact(mlflow_cfg["tracking_uri"])}}
+
+
+def fsync_directory(folder: Path) -> None:
+    """Make a rename in ``folder`` durable: a crash right after it must not undo it."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file, read in chunks (checkpoints run to hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+# Read once, at import: setting the umask to read it is not safe while other threads create files.
+UMASK = _read_umask()
 
 
 def utc_now() -> str:
@@ -35,7 +118,8 @@ def expired_on(tags: dict[str, str]) -> str | None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file beside ``path`` and rename, so a reader never sees half a file."""
+    """Write to a temporary file beside ``path`` and rename, so a reader never sees half a file;
+    the file gets the permissions an ordinary write would (mkstemp's are private)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -43,8 +127,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
             json.dump(data, out, indent=2)
             out.write("\n")
             out.flush()
+            os.fchmod(out.fileno(), 0o666 & ~UMASK)
             os.fsync(out.fileno())
         os.replace(temp, path)
+        fsync_directory(path.parent)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
@@ -132,12 +218,21 @@ class Operation:
         self._write()
 
     @classmethod
-    def reopen(cls, path: Path) -> Operation:
-        """An interrupted operation, running again: not done, its error cleared."""
+    def reopen(cls, path: Path, name: str) -> Operation:
+        """An interrupted operation, running again: not done, its error cleared. A file that is
+        not this operation's resource (damaged, edited) is written afresh under ``name``."""
+        try:
+            resource = json.loads(path.read_text())
+            valid = isinstance(resource, dict) and resource.get("name") == name
+            valid = valid and isinstance(resource.get("metadata"), dict)
+        except (OSError, ValueError):
+            valid = False
+        if not valid:
+            return cls(name.removeprefix("operations/"), path)
         operation = cls.__new__(cls)
         operation.path = path
-        operation.resource = json.loads(path.read_text())
-        operation.name = operation.resource["name"]
+        operation.resource = resource
+        operation.name = name
         operation.resource["done"] = False
         operation.resource.pop("error", None)
         operation.resource["metadata"]["updateTime"] = utc_now()

@@ -16,7 +16,8 @@ import mlflow
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
-from trainer.store.reader import StoreReader, open_reader
+from trainer.store.reader import StoreReader, local_artifact_root, open_reader
+from trainer.store.resources import SPENT_SECONDS
 
 # Listing requirements explicitly saves MLflow ~8 s of inferring them on every log_model call.
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1"]
@@ -42,10 +43,8 @@ def _artifact_location(tracking_uri: str) -> str | None:
     MLflow's default is ``./mlruns``, and a ``./mlruns`` folder makes a later `mlflow ui` in the
     same folder switch to the deprecated file store and show nothing (DESIGN.md).
     """
-    if not tracking_uri.startswith("sqlite:///"):
-        return None  # a tracking server decides where artifacts go
-    database = Path(tracking_uri.removeprefix("sqlite:///"))
-    return (database.resolve().parent / "mlartifacts").as_uri()
+    root = local_artifact_root(tracking_uri)
+    return root.as_uri() if root else None  # a tracking server decides where artifacts go
 
 
 @contextmanager
@@ -108,20 +107,27 @@ class Store:
             if file.is_file():
                 self.client.log_artifact(run_id, str(file), artifact_path)
 
-    def log_network(self, run_id: str, network: Any, input_example: Any) -> Any:
-        """Log the network so that `mlflow models serve` can serve it; return its ModelInfo."""
+    def log_network(
+        self, run_id: str, network: Any, input_example: Any, model_format: str = "pt2"
+    ) -> Any:
+        """Log the network so that `mlflow models serve` can serve it; return its ModelInfo.
+
+        ``pt2``: torch.export's program, which MLflow loads without unpickling; ``torchscript``:
+        a scripted or traced module (MLflow writes it with torch.jit.save under its "pickle"
+        label, but loading it runs no Python pickle of this project's classes).
+        """
         import mlflow.pytorch  # imported here: the flavour pulls in more than the store needs
 
-        # We log pickles on purpose (pt2 export is slow and freezes shapes); skip the warning.
+        # MLflow warns about its pickle label on every TorchScript save; the docstring says why
+        # that is not a pickle of our modules.
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(
                 network,
                 name="model",
                 input_example=input_example,
                 pip_requirements=PIP_REQUIREMENTS,
-                serialization_format="pickle",
+                serialization_format="pt2" if model_format == "pt2" else "pickle",
             )
         return info
 
@@ -133,9 +139,18 @@ class Store:
         metadata_key: str,
         extra_tags: dict[str, str],
     ) -> None:
-        """Register the logged network under the model's ID, its metadata as tags."""
+        """Register the logged network under the model's ID, its metadata as tags.
+
+        A resumed operation killed after registering, before it could say so, registers again:
+        its own earlier entry (the same run) is replaced; anyone else's is left alone.
+        """
         tags = {**metadata_tags(model, metadata_key), **extra_tags}
         model_id = tags["model_id"]
+        earlier = self.registered_tags(model_id)
+        if earlier is not None:
+            if earlier.get("run_id") != run_id:
+                raise RuntimeError(f"model ID {model_id} is registered by another run")
+            self.client.delete_registered_model(model_id)
         self.client.create_registered_model(model_id, tags=tags, description=json.dumps(model))
         self.client.create_model_version(
             model_id,
@@ -173,16 +188,23 @@ class Store:
         except (MlflowException, OSError):
             return None
 
-    def publish_operation(self, run_id: str, operation: dict[str, Any], state: str) -> None:
-        """Mirror the Operation resource into the run, for readers on other machines."""
-        self.set_tags(
-            run_id,
-            {
-                "operation_json": json.dumps(operation),
-                "state": state,
-                "update_time": operation["metadata"]["updateTime"],
-            },
-        )
+    def publish_operation(
+        self,
+        run_id: str,
+        operation: dict[str, Any],
+        state: str,
+        spent_seconds: float | None = None,
+    ) -> None:
+        """Mirror the Operation resource into the run, for readers on other machines; a
+        training's seconds spent so far too, the cost the store has on record for it."""
+        tags = {
+            "operation_json": json.dumps(operation),
+            "state": state,
+            "update_time": operation["metadata"]["updateTime"],
+        }
+        if spent_seconds is not None:
+            tags[SPENT_SECONDS] = repr(float(spent_seconds))
+        self.set_tags(run_id, tags)
 
     def cancel_requested(self, run_id: str) -> bool:
         # Polled every few seconds while training: one tag, not the whole run with its metrics.

@@ -96,9 +96,15 @@ class Task(Protocol):
 
     # -- training ----------------------------------------------------------------------------
 
-    def read_manifest(self, cfg: dict[str, Any], for_training: bool = True) -> Any:
+    def read_manifest(
+        self, cfg: dict[str, Any], for_training: bool = True, check_files: bool = True,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Any:  # fmt: skip
         """The dataset of ``cfg`` (the generated demo one when no path is given): an object
-        with ``labels``, ``items``, ``split(name)``, ``fingerprint()``."""
+        with ``labels``, ``items``, ``split(name)``, ``fingerprint()``. ``check_files=False``
+        reads the listing alone, every file taken as readable (the quick check before an
+        operation opens); checking the files looks at ``should_stop`` as it goes and raises
+        trainer.data.manifest.CheckStopped when it says so."""
 
     def describe(self, manifest: Any) -> str:
         """One line on the dataset: counts per split, what was skipped and why."""

@@ -11,10 +11,18 @@ from torchvision import models
 from trainer.errors import UserError
 
 
+def classifiers() -> list[str]:
+    """torchvision's image classifiers: the only builders a config (or a stored one) may name."""
+    return models.list_models(module=models)
+
+
 def build_backbone(constructor: str, num_classes: int, pretrained: bool) -> nn.Module:
-    builder = getattr(models, constructor, None)
-    if builder is None or not callable(builder):
-        raise UserError(f"model.constructor={constructor!r} is not a torchvision.models builder")
+    if constructor not in classifiers():
+        raise UserError(
+            f"model.constructor={str(constructor)[:80]!r} is not a torchvision image "
+            "classifier; use one of torchvision.models.list_models(module=torchvision.models)"
+        )
+    builder = models.get_model_builder(constructor)
     if pretrained:
         model = builder(weights=local_weights(constructor))
         _replace_head(model, num_classes)

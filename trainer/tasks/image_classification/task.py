@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,14 @@ log = logging.getLogger("trainer")
 class ImageClassification:
     # -- training ----------------------------------------------------------------------------
 
-    def read_manifest(self, cfg: dict[str, Any], for_training: bool = True) -> datasets.Manifest:
+    def read_manifest(
+        self, cfg: dict[str, Any], for_training: bool = True, check_files: bool = True,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> datasets.Manifest:  # fmt: skip
         path = cfg["dataset"]["path"] or ensure_demo_dataset(cfg["home"])
-        return datasets.read_dataset(path, for_training=for_training)
+        return datasets.read_dataset(
+            path, for_training=for_training, check_files=check_files, should_stop=should_stop
+        )
 
     def describe(self, manifest: datasets.Manifest) -> str:
         return datasets.describe(manifest)

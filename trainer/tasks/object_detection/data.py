@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,6 @@ from trainer.data.manifest import (
     TRAIN,
     VALIDATE,
     ManifestBase,
-    check_name,
     check_trainable,
     csv_rows,
     keep_readable,
@@ -35,6 +35,7 @@ from trainer.data.manifest import (
     take_ml_use,
 )
 from trainer.errors import UserError
+from trainer.store.resources import check_name
 
 MIN_EDGE = 0.01  # AutoML's smallest box edge, as a fraction of the image
 # Skip reasons for boxes (images use trainer/data/manifest.py's: missing, empty, broken).
@@ -95,17 +96,27 @@ class DetectionManifest(ManifestBase):
 
 
 def read_detection_dataset(
-    path: str | Path, check_workers: int = 8, for_training: bool = True, min_labels: int = 2
+    path: str | Path,
+    check_workers: int = 8,
+    for_training: bool = True,
+    min_labels: int = 2,
+    check_files: bool = True,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> DetectionManifest:
     """The manifest of a detection CSV (or of a folder holding exactly one CSV); for training,
-    also checked to be trainable (labels, boxes in every split), as trainer/data/manifest.py does.
+    also checked to be trainable (labels, boxes in every split), as trainer/data/manifest.py does;
+    ``check_files=False`` reads the CSV alone (every image taken as readable).
 
     ``min_labels`` follows DESIGN.md's "fewer than two labels is an error"; a one-label detector
     is meaningful (objects against background), so a caller may lower it to 1.
     """
     csv_path = _csv_file(path)
     manifest = DetectionManifest(items=[], labels=[])
-    keep_readable(manifest, _read_csv(csv_path, manifest), check_workers)
+    candidates = _read_csv(csv_path, manifest)
+    if check_files:
+        keep_readable(manifest, candidates, check_workers, should_stop)
+    else:
+        manifest.items = candidates
     manifest.labels = sorted({label for item in manifest.items for label in item.labels})
     if for_training:
         check_trainable(

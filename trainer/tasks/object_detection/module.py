@@ -137,8 +137,13 @@ class ServingDetector(nn.Module):
         images = images.float()  # served JSON arrives as float64
         height, width = images.shape[-2:]
         rows = torch.full((len(images), self.max_detections, 6), -1.0)
-        with torch.autocast(device_type=images.device.type, enabled=False):  # see detect()
-            outputs = self.detector(list(images))
+        if torch.jit.is_scripting():
+            # Scripted for MLflow: served on the CPU in float32, no autocast to turn off; a
+            # scripted detector returns (losses, detections).
+            outputs = self.detector(list(images))[1]
+        else:
+            with torch.autocast(device_type=images.device.type, enabled=False):  # see detect()
+                outputs = self.detector(list(images))
         for index, output in enumerate(outputs):
             found = normalized_detections(output, height, width)
             order = found["scores"].argsort(descending=True)[: self.max_detections]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +60,14 @@ def detection_loader(
 class ObjectDetection:
     # -- training ----------------------------------------------------------------------------
 
-    def read_manifest(self, cfg: dict[str, Any], for_training: bool = True) -> DetectionManifest:
+    def read_manifest(
+        self, cfg: dict[str, Any], for_training: bool = True, check_files: bool = True,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> DetectionManifest:  # fmt: skip
         path = cfg["dataset"]["path"] or ensure_demo_detection_dataset(cfg["home"])
-        return read_detection_dataset(path, for_training=for_training)
+        return read_detection_dataset(
+            path, for_training=for_training, check_files=check_files, should_stop=should_stop
+        )
 
     def describe(self, manifest: DetectionManifest) -> str:
         return describe(manifest)
@@ -98,8 +104,9 @@ class ObjectDetection:
         return torch.stack(images[:2]).numpy()  # resized alike: they stack
 
     def serving(self, network: nn.Module) -> nn.Module:
-        """One tensor in, one out, as MLflow's pyfunc serving needs."""
-        return ServingDetector(network)
+        """One tensor in, one out, as MLflow's pyfunc serving needs; scripted, since
+        torch.export cannot follow the detector's data-dependent NMS (pt2 is not possible)."""
+        return torch.jit.script(ServingDetector(network))
 
     # -- a stored model ----------------------------------------------------------------------
 

@@ -30,12 +30,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
 import av
+from PIL import Image
 
 from trainer.data.manifest import (
     ML_USE,
@@ -44,14 +45,15 @@ from trainer.data.manifest import (
     TRAIN,
     VALIDATE,
     ManifestBase,
-    check_name,
     check_trainable,
+    checked_in_chunks,
     csv_rows,
     resolve_path,
     split_for,
     take_ml_use,
 )
 from trainer.errors import UserError
+from trainer.store.resources import check_name
 
 VALIDATION_FRACTION = 0.125
 FALLBACK_FPS = 25.0  # when a stream records no frame rate at all
@@ -59,10 +61,17 @@ FALLBACK_FPS = 25.0  # when a stream records no frame rate at all
 TIME_EPSILON = 1e-4
 # Reasons a row is skipped, as reported.
 BAD_ROW, MISSING, UNREADABLE, PAST_END = "bad_row", "missing_video", "unreadable_video", "past_end"
+TOO_LARGE = "too_large_video"
+MAX_FRAME_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # the limit PIL sets on an image
 
 
 class VideoUnreadable(Exception):
     """A video that cannot be opened or decoded; the message says why."""
+
+
+class VideoTooLarge(VideoUnreadable):
+    """A video whose frames have more pixels than an image may (PIL's decompression-bomb limit):
+    decoding a clip of them would take more memory than a machine has."""
 
 
 @dataclass(frozen=True)
@@ -138,9 +147,14 @@ def _validation_rank(key: str) -> float:
 
 
 def read_video_dataset(
-    path: str | Path, check_workers: int = 4, validation_fraction: float = VALIDATION_FRACTION
+    path: str | Path,
+    check_workers: int = 4,
+    validation_fraction: float = VALIDATION_FRACTION,
+    check_files: bool = True,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> VideoManifest:
-    """Read, check and split a video CSV; UserError when it cannot train a classifier."""
+    """Read, check and split a video CSV; UserError when it cannot train a classifier.
+    ``check_files=False`` reads the CSV alone, every video taken as readable to its stated end."""
     csv_path = Path(path).expanduser()
     if not csv_path.is_file():
         raise UserError(
@@ -149,7 +163,9 @@ def read_video_dataset(
         )
     manifest = VideoManifest(segments=[], labels=[])
     rows = _read_rows(csv_path, manifest)
-    segments = _assign_splits(_clip_to_videos(rows, manifest, check_workers))
+    if check_files:
+        rows = _clip_to_videos(rows, manifest, check_workers, should_stop)
+    segments = _assign_splits(rows)
     if not any(s.split == VALIDATE for s in segments):
         segments = carve_validation(segments, validation_fraction)
     manifest.segments = sorted(segments, key=lambda s: (s.key, s.start, s.end, s.label))
@@ -194,13 +210,15 @@ def _parse_row(cells: list[str], base: Path, where: str) -> _Row:
     return _Row(resolve_path(key, base), key, label, start, end, ml_use, where)
 
 
-def _clip_to_videos(rows: list[_Row], manifest: VideoManifest, workers: int) -> list[_Row]:
+def _clip_to_videos(
+    rows: list[_Row], manifest: VideoManifest, workers: int, should_stop: Callable[[], bool]
+) -> list[_Row]:
     """Drop rows of unreadable videos and past their end; clip ends to the video's duration."""
     keys = sorted({row.key for row in rows})
     files = {row.key: row.path for row in rows}
     # PyAV releases the GIL while demuxing and decoding, so threads probe videos in parallel.
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        probes = dict(zip(keys, pool.map(lambda k: _probe(files[k]), keys), strict=True))
+    found = checked_in_chunks(lambda k: _probe(files[k]), keys, workers, should_stop)
+    probes = dict(zip(keys, found, strict=True))
     kept = []
     for row in rows:
         duration = probes[row.key]
@@ -222,6 +240,8 @@ def _probe(file: Path) -> float | str:
         return MISSING
     try:
         return video_duration(file)
+    except VideoTooLarge:
+        return TOO_LARGE
     except VideoUnreadable:
         return UNREADABLE
 
@@ -242,6 +262,9 @@ def probe_video(file: str | Path) -> VideoInfo:
             if not container.streams.video:
                 raise VideoUnreadable(f"{file} has no video stream")
             stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if width * height > MAX_FRAME_PIXELS:
+                raise VideoTooLarge(f"{file}: frames of {width}x{height} pixels are too large")
             next(container.decode(stream))
             return VideoInfo(_stream_seconds(container, stream), stream_fps(stream))
     except (av.FFmpegError, StopIteration, OSError, ValueError) as problem:

@@ -54,6 +54,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainer.data.manifest import resolve_path
+from trainer.data.prediction import input_text, spreadsheet_safe
 from trainer.errors import UserError
 from trainer.tasks.video_classification.clips import (
     ClipSpec,
@@ -72,6 +73,7 @@ from trainer.tasks.video_classification.data import (
 
 SEGMENT, SHOT, ONE_SECOND = "segment", "shot", "1s_interval"
 CSV_NAME = "video_classification.csv"
+MAX_ONE_SECOND_WINDOWS = 3 * 3600  # a row of a three-hour video, at most
 ProbabilityFn = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
 
 
@@ -136,19 +138,22 @@ class VideoPredictionResult:
 def read_prediction_csv(path: Path) -> list[PredictionRow]:
     """The rows of a batch-prediction CSV; a malformed row becomes a row with a problem, so the
     output still matches the input line for line."""
-    if not path.is_file():
-        raise UserError(f"--input {path}: no such file")
     rows = []
-    reader = csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig")))
-    for cells in reader:
-        cells = [cell.strip() for cell in cells]
-        if not any(cells):
-            continue
-        padded = cells + [""] * (3 - len(cells))
-        problem = ""
-        if len(cells) > 3 or not cells[0]:
-            problem = f"expected path,start_seconds,end_seconds, got {','.join(cells)!r}"
-        rows.append(PredictionRow(padded[0], padded[1], padded[2], problem))
+    reader = csv.reader(io.StringIO(input_text(path)))
+    try:
+        for cells in reader:
+            cells = [cell.strip() for cell in cells]
+            if not any(cells):
+                continue
+            padded = cells + [""] * (3 - len(cells))
+            problem = ""
+            if len(cells) > 3 or not cells[0]:
+                problem = f"expected path,start_seconds,end_seconds, got {','.join(cells)!r}"
+            rows.append(PredictionRow(padded[0], padded[1], padded[2], problem))
+    except csv.Error as error:
+        raise UserError(
+            f"--input {path}, line {reader.line_num}: not a CSV row ({error})"
+        ) from None
     if not rows:
         raise UserError(f"--input {path} lists no videos")
     return rows
@@ -224,6 +229,13 @@ def _kind_windows(
     if kind == SEGMENT:
         return [(start, end)]
     if kind == ONE_SECOND:
+        count = math.ceil(round(end - start, 6))
+        if count > MAX_ONE_SECOND_WINDOWS:  # a header may claim days: the list is bounded first
+            raise _RowError(
+                "INVALID_ARGUMENT",
+                f"{count} one-second windows from {start:g}s to {end:g}s, more than "
+                f"{MAX_ONE_SECOND_WINDOWS} a row; split the row into shorter segments",
+            )
         return one_second_windows(start, end)
     try:
         return detect_shots(source, start, end, options.shot_threshold, options.min_shot_seconds)
@@ -501,7 +513,8 @@ class _RowWriter:
             self.ok += 1
         else:
             self.first_error = self.first_error or status
-        self._csv.writerow([row.path, row.start, row.end, name, status])
+        cells = [row.path, row.start, row.end, name, status]
+        self._csv.writerow([spreadsheet_safe(cell) for cell in cells])
         self.annotations[index] = []  # done with: a long job keeps only pending rows
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,13 @@ def clip_loader(
 class VideoClassification:
     # -- training ----------------------------------------------------------------------------
 
-    def read_manifest(self, cfg: dict[str, Any], for_training: bool = True) -> VideoManifest:
+    def read_manifest(
+        self, cfg: dict[str, Any], for_training: bool = True, check_files: bool = True,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> VideoManifest:  # fmt: skip
         # A video dataset is always checked as for training: its splits are by video.
         path = cfg["dataset"]["path"] or ensure_demo_videos(cfg["home"], DEMO_VIDEOS_PER_LABEL)
-        return read_video_dataset(path)
+        return read_video_dataset(path, check_files=check_files, should_stop=should_stop)
 
     def describe(self, manifest: VideoManifest) -> str:
         return describe(manifest)

@@ -1,0 +1,484 @@
+"""Hostile and odd inputs, as an attacker or a careless user would make them: each is skipped and
+reported, or refused with exit code 2 and one line, never a crash, and never costs more than the
+budget."""
+
+from __future__ import annotations
+
+import csv
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import FAST, read_json, run_dirs, run_trainer
+from tests.test_manage import one_line_error
+from trainer.data.manifest import NOT_UTF8, TOO_LARGE, read_dataset
+from trainer.errors import UserError
+from trainer.tasks.image_classification.demo import write_shapes
+
+# -- files that claim more than they hold ---------------------------------------------------------
+
+
+def write_bomb_png(path: Path, width: int = 20_000, height: int = 20_000) -> None:
+    """A valid 1x1 PNG whose header claims ``width`` x ``height`` pixels: PIL refuses to open
+    it (DecompressionBombError, which is not an OSError) before reading any pixel."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
+    path.write_bytes(bytes(data))
+
+
+def non_utf8_name(folder: Path, stem: bytes = b"caf\xe9") -> Path:
+    """A file name that is bytes no text spells (Latin-1, as an old camera writes it)."""
+    return folder / os.fsdecode(stem + b".png")
+
+
+@pytest.fixture
+def hostile_images(tmp_path: Path) -> Path:
+    folder = tmp_path / "shapes"
+    write_shapes(folder, per_label=12, size=32, seed=3)
+    write_bomb_png(folder / "circle" / "bomb.png")
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(non_utf8_name(folder / "square"))
+    return folder
+
+
+def test_a_decompression_bomb_and_a_non_utf8_name_are_skipped_and_reported(
+    hostile_images: Path,
+) -> None:
+    manifest = read_dataset(hostile_images)
+    assert manifest.skipped == {TOO_LARGE: 1, NOT_UTF8: 1}
+    assert manifest.skipped_examples[TOO_LARGE].endswith("bomb.png")
+    assert "caf" in manifest.skipped_examples[NOT_UTF8]
+    assert len(manifest.items) == 6 * 12
+
+
+def test_a_training_on_hostile_images_reports_them_and_keeps_its_budget(
+    hostile_images: Path, tmp_path: Path, trainer_home: Path
+) -> None:
+    result = run_trainer(
+        *FAST, f"dataset.path={hostile_images}", "budget.train_budget_milli_node_hours=4",
+        "budget.disable_early_stopping=true", cwd=tmp_path, home=trainer_home,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 too large" in result.stderr and "1 name not UTF-8" in result.stderr
+    (run_dir,) = run_dirs(tmp_path)
+    meta = read_json(run_dir / "model.json")["imageClassificationModelMetadata"]
+    assert int(meta["trainCostMilliNodeHours"]) <= 4
+
+
+# -- CSVs that are not what they claim --------------------------------------------------------
+
+
+def test_a_csv_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    table = tmp_path / "latin1.csv"
+    table.write_bytes("TRAIN,caf\u00e9.png,cat\n".encode("latin-1"))
+    with pytest.raises(UserError, match="is not UTF-8 text .* save it as UTF-8"):
+        read_dataset(table)
+
+
+def test_a_field_past_the_csv_limit_is_one_line(tmp_path: Path) -> None:
+    table = tmp_path / "long.csv"
+    table.write_text(f"TRAIN,{'a' * (csv.field_size_limit() + 10)}.png,cat\n")
+    with pytest.raises(UserError, match="not a readable CSV row"):
+        read_dataset(table)
+
+
+def test_a_training_refuses_a_non_utf8_csv_in_one_line(tmp_path: Path, trainer_home) -> None:
+    table = tmp_path / "latin1.csv"
+    table.write_bytes("TRAIN,caf\u00e9.png,cat\n".encode("latin-1"))
+    result = run_trainer(*FAST, f"dataset.path={table}", cwd=tmp_path, home=trainer_home)
+    assert "not UTF-8 text" in one_line_error(result)
+    assert not run_dirs(tmp_path) and not (tmp_path / "mlflow.db").exists()  # nothing opened
+
+
+def test_a_prediction_csv_cell_cannot_start_a_spreadsheet_formula() -> None:
+    from trainer.data.prediction import spreadsheet_safe
+
+    assert spreadsheet_safe('=HYPERLINK("http://x")') == '\'=HYPERLINK("http://x")'
+    assert spreadsheet_safe("+1") == "'+1" and spreadsheet_safe("@SUM(A1)") == "'@SUM(A1)"
+    assert spreadsheet_safe("videos/a.mp4") == "videos/a.mp4"
+
+
+def test_video_prediction_writes_a_formula_path_as_text(tmp_path: Path) -> None:
+    import numpy as np
+
+    from trainer.tasks.video_classification.clips import ClipSpec
+    from trainer.tasks.video_classification.demo import write_video
+    from trainer.tasks.video_classification.predict import (
+        PredictOptions,
+        predict_videos,
+        read_prediction_csv,
+    )
+
+    write_video(tmp_path / "ok.mp4", [np.zeros((32, 32, 3), np.uint8)] * 10, fps=10)
+    (tmp_path / "in.csv").write_text("ok.mp4,0,inf\n\"=cmd|' /C calc'!A0\",0,1\n")
+    spec = ClipSpec(4, 1, (32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+    def uniform(clips):
+        import torch
+
+        return torch.full((len(clips), 2), 0.5)
+
+    result = predict_videos(
+        read_prediction_csv(tmp_path / "in.csv"), tmp_path, uniform, ["a", "b"], spec,
+        tmp_path / "out", PredictOptions(), workers=0,
+    )  # fmt: skip
+    rows = list(csv.reader(result.csv_path.open()))
+    assert rows[1][0] == "'=cmd|' /C calc'!A0" and rows[1][4].startswith("NOT_FOUND")
+
+
+# -- videos that claim more than they hold ----------------------------------------------------
+
+
+def test_one_second_windows_of_a_video_claiming_days_are_refused_for_its_row() -> None:
+    from trainer.tasks.video_classification.predict import (
+        MAX_ONE_SECOND_WINDOWS,
+        ONE_SECOND,
+        PredictOptions,
+        _kind_windows,
+        _RowError,
+    )
+
+    days = 3 * 86_400.0
+    with pytest.raises(_RowError, match=f"more than {MAX_ONE_SECOND_WINDOWS} a row"):
+        _kind_windows(ONE_SECOND, "unused.mp4", 0.0, days, PredictOptions())
+    assert len(_kind_windows(ONE_SECOND, "unused.mp4", 0.0, 3.0, PredictOptions())) == 3
+
+
+def test_a_video_of_absurd_resolution_is_skipped_as_too_large(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from trainer.tasks.video_classification import data as video_data
+    from trainer.tasks.video_classification.demo import write_video
+
+    frames = [np.full((64, 96, 3), value, np.uint8) for value in range(0, 250, 25)]
+    for name in ("a", "b", "c", "d"):
+        write_video(tmp_path / f"{name}.mp4", frames, fps=10)
+    (tmp_path / "videos.csv").write_text(
+        "TRAIN,a.mp4,left,0,1\nTRAIN,b.mp4,right,0,1\nVALIDATE,c.mp4,left,0,1\n"
+        "TEST,d.mp4,right,0,1\nTEST,d.mp4,left,0,0.5\n"
+    )
+    # A limit below these frames' 64 x 96 pixels stands for frames past PIL's pixel limit,
+    # which would take gigabytes to write here.
+    monkeypatch.setattr(video_data, "MAX_FRAME_PIXELS", 64 * 96 - 1)
+    with pytest.raises(UserError, match=f"0 usable label.*5 {video_data.TOO_LARGE}"):
+        video_data.read_video_dataset(tmp_path / "videos.csv")
+    with pytest.raises(video_data.VideoTooLarge, match="frames of 96x64 pixels are too large"):
+        video_data.probe_video(tmp_path / "a.mp4")
+
+
+# -- values read back ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spent", ["-Infinity", "NaN", "-1.0", "Infinity", "true", '"12"'])
+def test_state_with_a_cost_that_is_not_a_cost_is_refused(tmp_path: Path, spent: str) -> None:
+    from trainer.job.run_state import RunState
+
+    state = RunState(
+        "operations/ICN1234567890123456789", "ICN1234567890123456780", "a" * 32, {}, "t"
+    )
+    state.save(tmp_path)
+    text = (tmp_path / "state.json").read_text()
+    (tmp_path / "state.json").write_text(
+        text.replace('"spent_seconds": 0.0', f'"spent_seconds": {spent}')
+    )
+    with pytest.raises(UserError, match="spent_seconds .* cannot be resumed"):
+        RunState.load(tmp_path)
+
+
+def test_state_with_ids_that_are_not_ids_is_refused(tmp_path: Path) -> None:
+    from trainer.job.run_state import RunState
+
+    RunState("operations/../../etc", "ICN1234567890123456780", "a" * 32, {}, "t").save(tmp_path)
+    with pytest.raises(UserError, match="is not an ID"):
+        RunState.load(tmp_path)
+
+
+def test_the_cost_on_record_in_the_store_is_billed_at_least() -> None:
+    from trainer.job.run_state import RunState
+
+    state = RunState("operations/ICN1234567890123456789", "ICN1234567890123456780", "a" * 32,
+                     {}, "t", spent_seconds=3.0)  # fmt: skip
+    state.at_least("41.5")
+    assert state.spent_seconds == 41.5
+    for hostile in ("-inf", "nan", "-5", None, "many"):
+        state.at_least(hostile)
+        assert state.spent_seconds == 41.5
+
+
+def test_saving_times_that_are_not_durations_do_not_shrink_the_reserves(tmp_path: Path) -> None:
+    import json
+
+    from trainer.job.work_history import FILE_NAME, WorkHistory, save_reserves
+
+    (tmp_path / FILE_NAME).write_text(
+        json.dumps({"t/m": {"recording": [1e-9, -3, "NaN", True], "checkpoint": [1e-6]}})
+    )
+    history = WorkHistory(tmp_path, "t/m")
+    assert history.recent("recording") == [1e-9] and history.recent("checkpoint") == [1e-6]
+    budget = {"save_reserve_seconds": "auto", "save_reserve_first_seconds": 20.0,
+              "save_reserve_factor": 2.0, "save_reserve_floor_seconds": 1.0}  # fmt: skip
+    reserves = save_reserves(budget, history)
+    assert reserves.recording == reserves.checkpoint == 1.0
+    (tmp_path / FILE_NAME).write_text('{"t/m": {"recording": [1e999, NaN]}}')
+    assert history.recent("recording") == []
+    assert save_reserves(budget, history).recording == 20.0
+
+
+def test_stored_labels_and_ids_are_checked_as_user_input() -> None:
+    from trainer.store.resources import check_id, stored_labels
+
+    assert stored_labels('["cat", "dog"]') == ["cat", "dog"]
+    for hostile in ('["../../etc"]', "[]", '{"a": 1}', "not json", '["a", 3]'):
+        with pytest.raises(UserError, match="stored labels"):
+            stored_labels(hostile)
+    assert check_id("IOD1234567890123456789") == "IOD1234567890123456789"
+    for hostile in ("../ICN1", "ICN12", "icn1234567890123456789", "ICN1234567890123456789/x", 7):
+        with pytest.raises(UserError, match="is not an ID"):
+            check_id(hostile)
+
+
+def test_the_classifier_builder_is_taken_from_an_allow_list() -> None:
+    from trainer.tasks.image_classification.networks import build_backbone
+
+    for hostile in ("get_weight", "list_models", "detection", "__class__"):
+        with pytest.raises(UserError, match="is not a torchvision image classifier"):
+            build_backbone(hostile, 3, pretrained=False)
+
+
+# -- credentials ----------------------------------------------------------------------------------
+
+
+def test_credentials_are_redacted_from_uris_and_messages() -> None:
+    from trainer.store.resources import redact, redacted_config
+
+    uri = "https://alice:s3cret@mlflow.example.com:5000/path"
+    assert redact(uri) == "https://mlflow.example.com:5000/path"
+    assert redact(f"cannot reach {uri} (timeout)") == (
+        "cannot reach https://mlflow.example.com:5000/path (timeout)"
+    )
+    assert redact("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+    cfg = {"mlflow": {"tracking_uri": uri, "experiment_name": "x"}, "seed": 1}
+    assert "s3cret" not in str(redacted_config(cfg)) and cfg["mlflow"]["tracking_uri"] == uri
+
+
+def test_a_failing_cancel_poll_does_not_end_a_training(caplog) -> None:
+    from trainer.job.checkpoints import CancelWatch, StopRequest
+
+    def unreachable() -> bool:
+        raise ConnectionError("https://alice:s3cret@mlflow.example.com is down")
+
+    stop = StopRequest()
+    watch = CancelWatch(unreachable, 0.0, stop)
+    for _ in range(3):
+        watch.on_train_batch_end(None)
+    assert stop.reason is None
+    warnings = [r.getMessage() for r in caplog.records if "cancel request" in r.getMessage()]
+    assert len(warnings) == 1 and "s3cret" not in warnings[0]
+
+
+def test_the_rest_reader_authenticates_and_reads_every_page() -> None:
+    """Against a stand-in for MLflow's REST API, in a thread: real HTTP, two pages of runs."""
+    import base64
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from trainer.store.reader import RestReader
+
+    seen: list[str] = []
+
+    class Fake(BaseHTTPRequestHandler):
+        def _reply(self, body: dict) -> None:
+            seen.append(self.headers.get("Authorization", ""))
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            self._reply({"experiment": {"experiment_id": "1"}})
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            page = int(body.get("page_token") or 0)
+            runs = [{"info": {"run_id": f"r{page}{i}", "artifact_uri": ""}, "data": {}}
+                    for i in range(3)]  # fmt: skip
+            self._reply({"runs": runs, **({"next_page_token": "1"} if page == 0 else {})})
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Fake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        reader = RestReader(f"http://alice:s3cret@127.0.0.1:{port}", "vision-trainer")
+        assert [run.run_id for run in reader.runs()] == ["r00", "r01", "r02", "r10", "r11", "r12"]
+    finally:
+        server.shutdown()
+    expected = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+    assert seen and all(header == expected for header in seen)
+    assert "s3cret" not in reader.base_url
+
+
+def test_a_cli_verb_piped_into_head_ends_quietly(tmp_path: Path) -> None:
+    """`... --json | head`: the reader is gone before the verb writes."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": "sqlite:///m.db"}
+    command = [sys.executable, "-m", "trainer", "operations", "list", "--json"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               cwd=tmp_path, env=env, text=True)  # fmt: skip
+    process.stdout.close()  # as head does once it has its lines
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
+
+
+# -- checkpoints from the store -------------------------------------------------------------------
+
+
+class SideEffect:
+    """Unpickled, it creates a file: a stand-in for any code a pickle can run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def write_hostile_checkpoint(path: Path, marker: Path) -> str:
+    """A checkpoint-shaped file whose pickle runs code; returns its SHA-256."""
+    import torch
+
+    from trainer.store.resources import file_sha256
+
+    torch.save({"state_dict": {}, "global_step": 1, "payload": SideEffect(marker)}, path)
+    return file_sha256(path)
+
+
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_everywhere(
+    mobile_models, tmp_path: Path, trainer_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever can write the store's artifacts and tags (a shared server) replaces a model's
+    checkpoint, and its recorded digest, with a pickle that runs code. Training further, and
+    loading the model for predict, evaluate or export, refuse it, and the code never runs."""
+    from tests.test_resume import mlflow_client, refusal
+    from trainer.job.checkpoints import load_first_good
+    from trainer.store.catalog import Catalog
+    from trainer.stored_model import load_network, trained_model
+
+    cwd, model = mobile_models.cwd, mobile_models.models["mobile-low-latency-1"]
+    model_id = model["name"].split("/")[1]
+    best = mobile_models.run_dirs["mobile-low-latency-1"] / "checkpoints" / "best.ckpt"
+    marker = tmp_path / "code_ran"
+    saved = best.read_bytes()
+    client = mlflow_client(cwd)
+    real_digest = client.get_registered_model(model_id).tags["checkpoint_sha256"]
+    try:
+        hostile = write_hostile_checkpoint(best, marker)
+        client.set_registered_model_tag(model_id, "checkpoint_sha256", hostile)
+        further = run_trainer(*FAST, f"base_model_id={model_id}", cwd=cwd, home=trainer_home)
+        assert "missing or unreadable" in refusal(further)
+        assert "Unsupported global" in further.stderr  # torch's weights-only unpickler said no
+
+        monkeypatch.chdir(cwd)
+        stored = trained_model(Catalog("sqlite:///mlflow.db", "vision-trainer"), model_id, "x")
+        with pytest.raises(UserError, match="does not load as weights"):
+            load_network(stored)
+        assert load_first_good([best]) is None  # resuming skips it the same way
+    finally:
+        best.write_bytes(saved)
+        client.set_registered_model_tag(model_id, "checkpoint_sha256", real_digest)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_changed_after_training_is_refused(
+    mobile_models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The digest recorded with the model: a checkpoint changed since (here and in the store)
+    is not that model's."""
+    from trainer.store.catalog import Catalog
+    from trainer.stored_model import trained_model
+
+    cwd, model = mobile_models.cwd, mobile_models.models["mobile-versatile-1"]
+    best = mobile_models.run_dirs["mobile-versatile-1"] / "checkpoints" / "best.ckpt"
+    artifacts = list((cwd / "mlartifacts").rglob("best.ckpt"))
+    saved = {path: path.read_bytes() for path in [best, *artifacts]}
+    monkeypatch.chdir(cwd)
+    try:
+        for path in saved:
+            path.write_bytes(saved[path] + b"\0")
+        with pytest.raises(UserError, match="is not the one recorded with it"):
+            trained_model(Catalog("sqlite:///mlflow.db", "vision-trainer"), model["name"], "x")
+    finally:
+        for path, content in saved.items():
+            path.write_bytes(content)
+
+
+def test_artifacts_are_removed_only_under_the_stores_own_folder(tmp_path: Path) -> None:
+    from trainer.store.catalog import _remove_local
+
+    root = tmp_path / "mlartifacts"
+    (root / "run1").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _remove_local(elsewhere.as_uri(), root)
+    _remove_local((root / ".." / "elsewhere").as_uri(), root)
+    _remove_local(root.as_uri(), root)
+    assert elsewhere.is_dir() and root.is_dir()
+    _remove_local((root / "run1").as_uri(), root)
+    assert not (root / "run1").exists()
+
+
+def test_a_failure_that_cannot_be_recorded_still_reports_the_original_error(caplog) -> None:
+    """A full disk or a store that is down while recording how an operation ended: the
+    original error stands, the recording failure is logged."""
+    from types import SimpleNamespace
+
+    from trainer.job.train import _end_unfinished
+
+    class Down:
+        def __getattr__(self, name):
+            def fail(*args, **kwargs):
+                raise OSError("No space left on device")
+
+            return fail
+
+    job = SimpleNamespace(
+        state=SimpleNamespace(status="RUNNING", run_id="r"), operation=Down(), store=Down(),
+        meter=SimpleNamespace(cost_milli_node_hours=lambda: 3), flush=Down().flush,
+    )  # fmt: skip
+    _end_unfinished(job, "FAILED", 13, "ValueError: the original")  # does not raise
+    assert any("could not record that the operation ended FAILED" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+
+
+def test_an_operation_file_that_is_not_the_operation_is_written_afresh(tmp_path: Path) -> None:
+    from trainer.store.resources import Operation
+
+    name = "operations/ICN1234567890123456789"
+    path = tmp_path / "operation.json"
+    for hostile in ("not json", '["a"]', '{"name": "operations/ICN9999999999999999999"}'):
+        path.write_text(hostile)
+        operation = Operation.reopen(path, name)
+        assert operation.name == name and read_json(path)["name"] == name
+        assert read_json(path)["done"] is False
+    Operation(name.removeprefix("operations/"), path).fail(10, "interrupted")
+    reopened = Operation.reopen(path, name)
+    assert "error" not in reopened.resource and reopened.resource["done"] is False

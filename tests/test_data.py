@@ -82,8 +82,10 @@ def test_broken_empty_and_missing_images_are_skipped_and_counted(tmp_path: Path)
     assert "skipped 3" in describe(manifest)
 
     csv = tmp_path / "with_missing.csv"
-    lines = [f"{item.path},{item.label}" for item in manifest.items]
-    csv.write_text("\n".join([*lines, f"{tmp_path}/gone.png,circle"]) + "\n")
+    # Each row keeps its split: hashed anew from the CSV's absolute paths (a temporary folder's),
+    # 30 rows would have no VALIDATE one in about 4% of runs.
+    lines = [f"{item.split},{item.path},{item.label}" for item in manifest.items]
+    csv.write_text("\n".join([*lines, f"TRAIN,{tmp_path}/gone.png,circle"]) + "\n")
     assert read_dataset(csv).skipped == Counter({"missing": 1})
 
 

@@ -128,7 +128,7 @@ def main() -> None:
             kills, largest_lost = kills + 1, max(largest_lost, lost)
         while run_dir is not None and not (run_dir / "model.json").is_file():
             state = read_state(run_dir)
-            operation = state["operation"].split("/")[1]
+            operation = state["operation"].rsplit("/", 1)[1]
             kill = rng.random() < 0.5
             _, stderr, lost = run_piece(
                 [f"resume_operation={operation}"], cwd, home, rng, kill, run_dir

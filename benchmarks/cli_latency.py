@@ -44,7 +44,7 @@ def build_store(cwd: Path) -> None:
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
-    original = client.get_registered_model(model["name"].split("/")[1])
+    original = client.get_registered_model(model["name"].rsplit("/", 1)[1])
     experiment = client.get_experiment_by_name("vision-trainer").experiment_id
     (run,) = client.search_runs([experiment])
     for index in range(1, MODELS):

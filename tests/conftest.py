@@ -12,6 +12,7 @@ import pytest
 from trainer.tasks.image_classification.demo import write_shapes
 
 REPO = Path(__file__).resolve().parent.parent
+LOCAL = "projects/local/locations/local"  # the parent of every resource name by default
 
 # Small and quick: 32-pixel inputs, early stopping after two flat epochs, bounds opened up.
 FAST = [
@@ -164,7 +165,7 @@ def detection_model(tmp_path_factory, trainer_home: Path, detection_csv: Path) -
         cwd, trainer_home, *DETECTION, f"dataset.path={detection_csv}",
         f"budget.train_budget_milli_node_hours={DETECTION_BUDGET}", "display_name=boxes",
     )  # fmt: skip
-    model_type = model["imageObjectDetectionModelMetadata"]["modelType"]
+    model_type = read_json(run_dir / "model_details.json")["modelType"]
     return Trained(cwd, {model_type: model}, {model_type: run_dir}, DETECTION_BUDGET)
 
 
@@ -184,5 +185,5 @@ def video_model(tmp_path_factory, trainer_home: Path, video_csv: Path) -> Traine
         cwd, trainer_home, *VIDEO, f"budget.train_budget_milli_node_hours={VIDEO_BUDGET}",
         "display_name=motion",
     )  # fmt: skip
-    model_type = model["videoClassificationModelMetadata"]["modelType"]
+    model_type = read_json(run_dir / "model_details.json")["modelType"]
     return Trained(cwd, {model_type: model}, {model_type: run_dir}, VIDEO_BUDGET)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tests.conftest import REPO, Trained, read_json
+from tests.test_automl_conformance import check_export_operation_parses
 from tests.test_manage import cli, cli_json, one_line_error
 from trainer.data.manifest import TEST
 
@@ -44,20 +45,21 @@ def check_package(package: Path, model: dict, files: set[str]) -> dict:
 
     assert (package / "metadata.json").stat().st_mode & 0o777 == 0o666 & ~UMASK
     meta = read_json(package / "metadata.json")
-    assert meta["modelId"] == model["name"].split("/")[1]
+    assert meta["modelId"] == model["name"].rsplit("/", 1)[1]
     assert meta["verification"]["inputs"] > 0 and meta["verification"]["split"] == TEST
     assert meta["latencyMs"]["median"] > 0 and meta["latencyMs"]["runs"] >= 50
     return meta
 
 
-def check_export_operation(cwd: Path, package: Path) -> None:
-    exports = [
+def check_export_operation(cwd: Path, package: Path, task: str) -> None:
+    """The export's operation names the package and is AutoML's ExportModel operation."""
+    (operation,) = [
         op
         for op in cli_json("operations", "list", cwd=cwd)["operations"]
-        if "exportModelDetails" in op["metadata"]
+        if op["metadata"].get("exportModelDetails", {}).get("outputInfo")
+        == {"gcsOutputDirectory": str(package)}
     ]
-    details = [op["metadata"]["exportModelDetails"]["outputInfo"] for op in exports]
-    assert {"outputDirectory": str(package)} in details
+    check_export_operation_parses(task, operation)
 
 
 def readme_snippet(name: str) -> str:
@@ -71,7 +73,8 @@ def run_snippet(name: str, folder: Path, *args: str) -> str:
     script = folder / name
     script.write_text(
         readme_snippet(name)
-        + "\nassert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'trainer')]\n"
+        + "\nimport sys\n"
+        + "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'trainer')]\n"
     )
     env = {"PATH": os.environ["PATH"]}  # no PYTHONPATH: nothing of the project on the path
     result = subprocess.run(
@@ -104,7 +107,7 @@ def test_the_cli_exports_a_verified_package(mobile_models, package) -> None:
     model = mobile_models.models["mobile-low-latency-1"]
     assert package.name.startswith(f"model-export-{model['displayName']}-")
     check_image_package(package, model, "mobile-low-latency-1", {"model.onnx"})
-    check_export_operation(mobile_models.cwd, package)
+    check_export_operation(mobile_models.cwd, package, "image_classification")
 
 
 @pytest.mark.parametrize(
@@ -248,7 +251,7 @@ def test_detection_exports_with_boxes_within_a_pixel(detection_model, detection_
     assert verification["detectionsCompared"] > 0
     assert verification["maxBoxDifferencePixels"] <= verification["pixelTolerance"] == 1.0
     assert meta["producedBy"].startswith("onnx opset")
-    check_export_operation(cwd, detection_package)
+    check_export_operation(cwd, detection_package, "object_detection")
 
 
 def test_detection_torchscript_export(detection_model, tmp_path: Path, monkeypatch) -> None:
@@ -310,7 +313,7 @@ def test_video_exports_with_the_same_top_label(video_model, video_package) -> No
     assert meta["frames_per_clip"] > 1 and meta["frame_stride"] >= 1
     assert meta["verification"]["top1Disagreements"] == 0
     assert meta["verification"]["maxAbsDifference"] < 1e-3
-    check_export_operation(cwd, video_package)
+    check_export_operation(cwd, video_package, "video_classification")
 
 
 def test_video_torchscript_export(video_model, tmp_path: Path, monkeypatch) -> None:

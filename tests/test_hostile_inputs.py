@@ -199,6 +199,9 @@ def test_state_with_ids_that_are_not_ids_is_refused(tmp_path: Path) -> None:
     from trainer.job.run_state import RunState
 
     RunState("operations/../../etc", "ICN1234567890123456780", "a" * 32, {}, "t").save(tmp_path)
+    with pytest.raises(UserError, match="is not an operation's name"):
+        RunState.load(tmp_path)
+    RunState("operations/ICN1", "ICN1234567890123456780", "a" * 32, {}, "t").save(tmp_path)
     with pytest.raises(UserError, match="is not an ID"):
         RunState.load(tmp_path)
 
@@ -384,7 +387,7 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused_everywhere(
     from trainer.stored_model import load_network, trained_model
 
     cwd, model = mobile_models.cwd, mobile_models.models["mobile-low-latency-1"]
-    model_id = model["name"].split("/")[1]
+    model_id = model["name"].rsplit("/", 1)[1]
     best = mobile_models.run_dirs["mobile-low-latency-1"] / "checkpoints" / "best.ckpt"
     marker = tmp_path / "code_ran"
     saved = best.read_bytes()
@@ -470,15 +473,15 @@ def test_a_failure_that_cannot_be_recorded_still_reports_the_original_error(capl
 
 
 def test_an_operation_file_that_is_not_the_operation_is_written_afresh(tmp_path: Path) -> None:
-    from trainer.store.resources import Operation
+    from trainer.store.automl import Operation, resource_id
 
-    name = "operations/ICN1234567890123456789"
+    name = "projects/local/locations/local/operations/ICN1234567890123456789"
     path = tmp_path / "operation.json"
     for hostile in ("not json", '["a"]', '{"name": "operations/ICN9999999999999999999"}'):
         path.write_text(hostile)
         operation = Operation.reopen(path, name)
         assert operation.name == name and read_json(path)["name"] == name
         assert read_json(path)["done"] is False
-    Operation(name.removeprefix("operations/"), path).fail(10, "interrupted")
+    Operation(resource_id(name), path).fail(10, "interrupted")
     reopened = Operation.reopen(path, name)
     assert "error" not in reopened.resource and reopened.resource["done"] is False

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_json
+from tests.conftest import LOCAL, read_json
+from tests.test_automl_conformance import check_batch_prediction_parses
 from tests.test_evaluation import is_png
 from tests.test_manage import cli, one_line_error
 from tests.test_resume import mlflow_client
@@ -78,7 +79,7 @@ def trained(mobile_models):
     """The session's mobile-versatile-1 model: only this module evaluates it again."""
     model_type = "mobile-versatile-1"
     model = mobile_models.models[model_type]
-    return mobile_models.cwd, mobile_models.run_dirs[model_type], model["name"].split("/")[1]
+    return mobile_models.cwd, mobile_models.run_dirs[model_type], model["name"].rsplit("/", 1)[1]
 
 
 def stored_evaluation(run_dir: Path) -> list[dict]:
@@ -98,7 +99,7 @@ def read_jsonl(paths: list[Path]) -> list[dict]:
 def test_training_records_an_evaluation_with_plots(trained) -> None:
     cwd, run_dir, model_id = trained
     evaluation = stored_evaluation(run_dir)
-    assert evaluation[0]["name"].startswith(f"models/{model_id}/modelEvaluations/")
+    assert evaluation[0]["name"].startswith(f"{LOCAL}/models/{model_id}/modelEvaluations/")
     assert [e["displayName"] for e in evaluation[1:]] == read_json(run_dir / "state.json")["labels"]
     folder = next(run_dir.glob("evaluations/*"))
     plots = ["precision_recall.png", "confusion_matrix.png", "worst_examples.png"]
@@ -154,14 +155,12 @@ def test_predicting_the_test_images_matches_the_stored_evaluation(
         ("broken.png", 3),
     ]
 
-    (operation_line,) = [
-        line for line in result.stderr.splitlines() if line.startswith("operations/")
-    ]
-    operation = json.loads(cli("operations", "get", operation_line, "--json", cwd=cwd).stdout)
-    assert operation["done"] is True and "error" not in operation
-    assert operation["metadata"]["batchPredictDetails"]["outputInfo"]["outputDirectory"] == str(
-        folder
+    # The operation is AutoML's BatchPredict, its failed inputs listed.
+    metadata, _ = check_batch_prediction_parses(
+        "image_classification", cwd, result, cwd / "batch.csv"
     )
+    failures = [(f.message.split(":")[0], f.code) for f in metadata.partial_failures]
+    assert failures == [("missing.png", 5), ("broken.png", 3)]
 
 
 def test_score_threshold_filters_annotations(trained, tiny_shapes: Path) -> None:

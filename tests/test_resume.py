@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FAST, REPO, read_json, run_dir_of, run_dirs, run_trainer
+from tests.conftest import FAST, LOCAL, REPO, read_json, run_dir_of, run_dirs, run_trainer
 
 META = "imageClassificationModelMetadata"
 
@@ -75,7 +75,7 @@ def interrupted_run(sig: int, cwd: Path, home: Path, data: Path) -> tuple[Path, 
 
 
 def resume(run_dir: Path, cwd: Path, home: Path, *extra: str) -> subprocess.CompletedProcess:
-    operation = read_json(run_dir / "operation.json")["name"].split("/")[1]
+    operation = read_json(run_dir / "operation.json")["name"].rsplit("/", 1)[1]
     return run_trainer(f"resume_operation={operation}", *extra, cwd=cwd, home=home)
 
 
@@ -100,7 +100,7 @@ def test_sigkill_then_resume_continues_the_operation(
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"global step {saved_step})" in result.stderr  # restored, not restarted from 0
     model = read_json(run_dir / "model.json")
-    assert model["name"] == f"models/{state['model_id']}"  # the same model ID
+    assert model["name"] == f"{LOCAL}/models/{state['model_id']}"  # the same model ID
     meta = model[META]
     spent_before = state["spent_seconds"] / 3.6
     assert spent_before < int(meta["trainCostMilliNodeHours"]) <= 15  # the pieces add up
@@ -110,7 +110,7 @@ def test_sigkill_then_resume_continues_the_operation(
     assert registered.tags["trainCostMilliNodeHours"] == meta["trainCostMilliNodeHours"]
 
 
-def test_sigterm_checkpoints_and_marks_the_operation_interrupted(
+def test_sigterm_interrupts_and_a_resume_continues_past_a_damaged_checkpoint(
     tmp_path: Path, trainer_home: Path, tiny_shapes: Path
 ) -> None:
     run_dir, stderr = interrupted_run(signal.SIGTERM, tmp_path, trainer_home, tiny_shapes)
@@ -133,26 +133,20 @@ def test_sigterm_checkpoints_and_marks_the_operation_interrupted(
     # Resuming with a changed learning rate applies it; a changed model type is refused.
     refused = resume(run_dir, tmp_path, trainer_home, "model_type=mobile-versatile-1")
     assert refused.returncode == 2 and "model_type may not change" in refused.stderr
+    # A damaged last checkpoint (a disk's fault, not a crash's: writes are atomic): the resume
+    # falls back to the one before it.
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    previous_step = checkpoint_step(run_dir / "checkpoints" / "last.prev.ckpt")
     result = resume(
         run_dir, tmp_path, trainer_home, "optimizer.lr=0.001", "budget.disable_early_stopping=false"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "optimizer.lr changed from 0.002 to 0.001" in result.stderr
-    assert read_json(run_dir / "operation.json")["done"] is True
-    assert "response" in read_json(run_dir / "operation.json")
-
-
-def test_damaged_last_checkpoint_falls_back_to_the_previous(
-    tmp_path: Path, trainer_home: Path, tiny_shapes: Path
-) -> None:
-    run_dir, _ = interrupted_run(signal.SIGTERM, tmp_path, trainer_home, tiny_shapes)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    last.write_bytes(last.read_bytes()[:1000])  # a damaged disk, not a crash: writes are atomic
-    previous_step = checkpoint_step(run_dir / "checkpoints" / "last.prev.ckpt")
-    result = resume(run_dir, tmp_path, trainer_home, "budget.disable_early_stopping=false")
-    assert result.returncode == 0, result.stderr[-3000:]
     assert "does not load" in result.stderr
     assert f"global step {previous_step})" in result.stderr
+    assert read_json(run_dir / "operation.json")["done"] is True
+    assert "response" in read_json(run_dir / "operation.json")
 
 
 # -- training further -----------------------------------------------------------------------
@@ -179,7 +173,7 @@ def test_training_further_continues_from_the_base_model(
     result = run_trainer(
         *FAST,
         f"dataset.path={tiny_shapes}",
-        f"base_model_id={base['name']}",  # the models/ prefix is accepted
+        f"base_model_id={base['name']}",  # the full name is accepted
         "budget.train_budget_milli_node_hours=4",
         "budget.disable_early_stopping=true",
         "display_name=further",
@@ -189,7 +183,7 @@ def test_training_further_continues_from_the_base_model(
     assert result.returncode == 0, result.stderr[-3000:]
     model = json.loads(result.stdout)
     assert model["name"] != base["name"]
-    assert model[META]["baseModelId"] == base["name"].split("/")[1]
+    assert model[META]["baseModelId"] == base["name"].rsplit("/", 1)[1]
     assert int(model[META]["trainCostMilliNodeHours"]) <= 4  # its own cost, not the base's
 
     base_run = read_json(base_dir / "state.json")["run_id"]
@@ -218,7 +212,7 @@ def refusal(result) -> str:
 def further(base_model, home: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
     cwd, _, base = base_model
     return run_trainer(
-        *FAST, f"dataset.path={data}", f"base_model_id={base['name'].split('/')[1]}", *extra,
+        *FAST, f"dataset.path={data}", f"base_model_id={base['name'].rsplit('/', 1)[1]}", *extra,
         cwd=cwd, home=home,
     )  # fmt: skip
 
@@ -233,7 +227,7 @@ def test_refuses_a_base_model_older_than_14_days(
     base_model, trainer_home: Path, tiny_shapes: Path
 ) -> None:
     cwd, _, base = base_model
-    model_id = base["name"].split("/")[1]
+    model_id = base["name"].rsplit("/", 1)[1]
     client = mlflow_client(cwd)
     real = client.get_registered_model(model_id).tags["create_time"]
     old = (datetime.now(timezone.utc) - timedelta(days=15)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -263,7 +257,7 @@ def test_refuses_another_model_type_or_task(
     line = refusal(further(base_model, trainer_home, tiny_shapes, "model_type=mobile-versatile-1"))
     assert "model_type=mobile-low-latency-1, not mobile-versatile-1" in line
     cwd, _, base = base_model
-    model_id = base["name"].split("/")[1]
+    model_id = base["name"].rsplit("/", 1)[1]
     client = mlflow_client(cwd)
     client.set_registered_model_tag(model_id, "task", "object_detection")
     try:

@@ -13,19 +13,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DETECTION, VIDEO, read_json, run_dirs, run_trainer, train
+from tests.conftest import DETECTION, LOCAL, VIDEO, read_json, run_dirs, run_trainer, train
+from tests.test_automl_conformance import check_batch_prediction_parses
 from tests.test_manage import cli
 from tests.test_resume import checkpoint_step, start_trainer, wait_for
 from trainer.data.manifest import TEST
 from trainer.tasks.video_classification.data import read_video_dataset
 
 DETECTION_META = "imageObjectDetectionModelMetadata"
-VIDEO_META = "videoClassificationModelMetadata"
 
 
-def check_model(model: dict, meta_key: str, prefix: str, budget: int) -> None:
-    assert model["name"].startswith(f"models/{prefix}")
-    meta = model[meta_key]
+def check_model(run_dir: Path, prefix: str, budget: int) -> None:
+    """The model's name and figures (model_details.json holds all of them, for every task)."""
+    model = read_json(run_dir / "model.json")
+    assert model["name"].startswith(f"{LOCAL}/models/{prefix}")
+    meta = read_json(run_dir / "model_details.json")
     assert meta["stopReason"] in ("MODEL_CONVERGED", "BUDGET_REACHED")
     assert 0 < int(meta["trainCostMilliNodeHours"]) <= budget
     assert meta["nodeQps"] > 0
@@ -36,14 +38,14 @@ def check_model(model: dict, meta_key: str, prefix: str, budget: int) -> None:
 
 def test_detection_trains_evaluates_and_is_listed(detection_model) -> None:
     cwd, run_dir, model, budget = detection_model.only()
-    check_model(model, DETECTION_META, "IOD", budget)
+    check_model(run_dir, "IOD", budget)
     assert "test_map_50" in read_json(run_dir / "metrics.json")
     (evaluation_file,) = run_dir.glob("evaluations/*/evaluation.json")
     overall = read_json(evaluation_file)[0]["imageObjectDetectionEvaluationMetrics"]
     assert overall["evaluatedBoundingBoxCount"] > 0
     assert (evaluation_file.parent / "test_boxes.png").is_file()
     listing = cli("models", "list", "--filter", "task=object_detection", cwd=cwd)
-    assert model["name"].split("/")[1] in listing.stdout
+    assert model["name"].rsplit("/", 1)[1] in listing.stdout
     evaluations = cli("models", "evaluations", model["name"], cwd=cwd)
     assert "mAP@0.5" in evaluations.stdout
 
@@ -68,6 +70,11 @@ def test_detection_batch_prediction(detection_model, detection_csv: Path) -> Non
             assert 0 <= low["x"] <= high["x"] <= 1 and 0 <= low["y"] <= high["y"] <= 1
     errors = [json.loads(line) for line in (folder / "errors_1.jsonl").read_text().splitlines()]
     assert errors[0]["ID"] == "missing.png" and errors[0]["errors"]["code"] == 5
+    metadata, result_metadata = check_batch_prediction_parses(
+        "object_detection", cwd, result, cwd / "boxes.csv"
+    )
+    assert [f.code for f in metadata.partial_failures] == [5]
+    assert result_metadata == {"max_bounding_box_count": "2"}
 
 
 @pytest.mark.slow  # the task-agnostic job's mechanism: test_resume.py covers it
@@ -88,7 +95,7 @@ def test_detection_resumes_after_sigterm(tmp_path: Path, trainer_home: Path, det
         process.kill()
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     saved = checkpoint_step(run_dir / "checkpoints" / "last.ckpt")
-    operation = read_json(run_dir / "operation.json")["name"].split("/")[1]
+    operation = read_json(run_dir / "operation.json")["name"].rsplit("/", 1)[1]
     assert operation.startswith("IOD")
     # Early stopping may be switched back on when resuming; it ends the test sooner.
     resumed = run_trainer(
@@ -106,7 +113,7 @@ def test_detection_resumes_after_sigterm(tmp_path: Path, trainer_home: Path, det
 
 def test_video_learns_far_above_chance(video_model, video_csv: Path) -> None:
     cwd, run_dir, model, budget = video_model.only()
-    check_model(model, VIDEO_META, "VCN", budget)
+    check_model(run_dir, "VCN", budget)
     accuracy = read_json(run_dir / "metrics.json")["test_accuracy"]
     assert accuracy >= 0.7  # four directions: chance is 0.25
     (evaluation_file,) = run_dir.glob("evaluations/*/evaluation.json")
@@ -134,6 +141,11 @@ def test_video_batch_prediction_of_each_kind(video_model, video_csv: Path) -> No
         [str(video), "0", "inf"], [str(video), "0.5", "1.5"], ["missing.mp4", "0", "1"],
     ]  # fmt: skip
     assert rows[0][4] == "OK" and rows[2][4].startswith("NOT_FOUND")
+    metadata, _ = check_batch_prediction_parses(
+        "video_classification", cwd, result, cwd / "clips.csv"
+    )
+    (failure,) = metadata.partial_failures
+    assert failure.code == 5 and failure.message.startswith("missing.mp4: ")
     annotations = json.loads((folder / rows[0][3]).read_text())
     kinds = {a["videoClassification"]["type"] for a in annotations}
     assert kinds == {"segment", "shot", "1s_interval"}
@@ -161,7 +173,7 @@ def test_video_training_is_cancelled_like_any_other(
     assert process.returncode == 1, stderr[-3000:]
     assert "cancelled at global step" in stderr
     operation = read_json(run_dir / "operation.json")
-    assert name.startswith("operations/VCN") and operation["error"]["code"] == 1
+    assert name.startswith(f"{LOCAL}/operations/VCN") and operation["error"]["code"] == 1
 
 
 # -- learning, at the sizes the tasks are meant for (slow) -----------------------------------

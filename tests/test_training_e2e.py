@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import FAST, MOBILE, read_json, run_dirs, run_trainer
 
+AUTOML_V1 = "type.googleapis.com/google.cloud.automl.v1"
 META = "imageClassificationModelMetadata"
 
 
@@ -29,7 +30,7 @@ def test_run_directory_holds_the_model_and_operation(trained) -> None:
     cwd, run_dir, result = trained
     model = read_json(run_dir / "model.json")
     meta = model[META]
-    assert model["name"].startswith("models/ICN")
+    assert model["name"].startswith("projects/local/locations/local/models/ICN")
     assert model["displayName"] == "tiny_v1"
     assert len(model["datasetId"]) == 24
     assert model["deploymentState"] == "UNDEPLOYED"
@@ -42,10 +43,10 @@ def test_run_directory_holds_the_model_and_operation(trained) -> None:
     assert meta["baseModelId"] == ""
 
     operation = read_json(run_dir / "operation.json")
-    assert operation["name"].startswith("operations/ICN")
+    assert operation["name"].startswith("projects/local/locations/local/operations/ICN")
     assert operation["done"] is True
-    assert operation["response"] == model
-    assert operation["metadata"]["progressPercentage"] == 100
+    assert operation["response"] == {"@type": f"{AUTOML_V1}.Model", **model}
+    assert operation["metadata"]["progressPercent"] == 100
 
     metrics = read_json(run_dir / "metrics.json")
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_loss"] > 0
@@ -63,7 +64,7 @@ def test_model_is_registered_in_mlflow_with_its_metadata(trained, monkeypatch) -
 
     cwd, run_dir, _ = trained
     model = read_json(run_dir / "model.json")
-    model_id = model["name"].split("/")[1]
+    model_id = model["name"].rsplit("/", 1)[1]
     mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     (registered,) = client.search_registered_models(f"name = '{model_id}'")

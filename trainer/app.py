@@ -15,6 +15,7 @@ from trainer import CONF_DIR
 from trainer.errors import UserError
 from trainer.job.settings import model_types, validate
 from trainer.store.resources import redact
+from trainer.tasks import task_configs
 
 
 # An absolute path: run as `-m trainer`, Hydra would look for a Python module named conf.
@@ -60,6 +61,7 @@ def _detach(cfg: dict[str, Any], overrides: list[str], run_dir: Path) -> float:
     import subprocess
 
     from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV
+    from trainer.store.automl import Parent
     from trainer.store.resources import new_id
 
     if HydraConfig.get().mode.name == "MULTIRUN":
@@ -79,8 +81,10 @@ def _detach(cfg: dict[str, Any], overrides: list[str], run_dir: Path) -> float:
             env=environment,
             start_new_session=True,  # survives this terminal closing, and its Ctrl-C
         )
-    print(f"operations/{operation_id}")
-    print(f"training models/{model_id} in the background; log: {log_file}", file=sys.stderr)
+    parent = Parent.of_config(cfg)
+    print(parent.name("operations", operation_id))
+    model_name = parent.name("models", model_id)
+    print(f"training {model_name} in the background; log: {log_file}", file=sys.stderr)
     return float("nan")
 
 
@@ -93,8 +97,10 @@ def _continuation(cfg: dict[str, Any], overrides: list[str], run_dir: Path):
     if cfg["resume_operation"]:
         run_dir, state = continuation.for_resume(store, cfg["resume_operation"])
         resumed = continuation.resume_config(state.config, overrides)
-        # The saved config's tracking URI is redacted: the store is the one found it in.
-        cfg = {**resumed, "mlflow": {**resumed["mlflow"], **cfg["mlflow"]}}
+        # The saved config's tracking URI is redacted: the store is the one found it in. Facts
+        # of the task that a config saved by an older version lacks come from today's conf.
+        task = {**task_configs()[resumed["task"]["name"]], **resumed["task"]}
+        cfg = {**resumed, "task": task, "mlflow": {**resumed["mlflow"], **cfg["mlflow"]}}
         validate(cfg)
         start = continuation.StartFrom(
             checkpoints=continuation.resume_candidates(run_dir),

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from trainer.errors import UserError
+from trainer.store.automl import progress_of, resource_id
 from trainer.store.resources import redact
 from trainer.tasks import add_predict_options, task_name_of_model
 
@@ -37,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--filter", default="", help="task=..., model_type=..., display_name=...")
     listing.add_argument("--json", action="store_true", help="the Model resources as JSON")
     get = models.add_parser("get", help="one model")
-    get.add_argument("id", help="a model ID, bare (ICN123) or models/ICN123")
+    get.add_argument(
+        "id", help="a model ID (ICN123) or name (projects/P/locations/L/models/ICN123)"
+    )
     get.add_argument("--json", action="store_true")
     delete = models.add_parser("delete", help="delete a model, its artifacts and checkpoints")
     delete.add_argument("id")
@@ -114,28 +117,25 @@ def run(argv: list[str]) -> int:
 
 
 def models_list(catalog: Any, args: argparse.Namespace) -> None:
-    from trainer.store.catalog import metadata_of
-
     terms = parse_filter(args.filter, ("task", "model_type", "display_name"))
 
-    def keep(model: dict[str, Any]) -> bool:
+    def keep(model: dict[str, Any], details: dict[str, Any]) -> bool:
         fields = {
             "task": task_name_of_model(model),
-            "model_type": metadata_of(model)["modelType"],
+            "model_type": details.get("modelType"),
             "display_name": model["displayName"],
         }
         return all(fields[key] == value for key, value in terms.items())
 
-    models = [m for m in catalog.models() if keep(m)]
-    if args.json:
-        print(json.dumps({"model": models}, indent=2))
+    models = [(model, details) for model, details in catalog.models() if keep(model, details)]
+    if args.json:  # AutoML's ListModelsResponse
+        print(json.dumps({"model": [model for model, _ in models]}, indent=2))
         return
     rows = []
-    for model in models:
-        meta = metadata_of(model)
+    for model, meta in models:
         rows.append(
             [
-                model["name"].split("/")[1],
+                resource_id(model["name"]),
                 model["displayName"],
                 task_name_of_model(model),
                 meta["modelType"],
@@ -151,14 +151,14 @@ def models_list(catalog: Any, args: argparse.Namespace) -> None:
 
 
 def models_get(catalog: Any, args: argparse.Namespace) -> None:
-    model = catalog.model(args.id)
-    if args.json:
+    from trainer.store.automl import details_of
+
+    model, tags = catalog.model_and_tags(args.id)
+    if args.json:  # the Model alone: its details are model_details.json's
         print(json.dumps(model, indent=2))
         return
-    from trainer.store.catalog import metadata_of
-
     flat = {k: v for k, v in model.items() if not k.endswith("ModelMetadata")}
-    print_fields({**flat, **metadata_of(model)})
+    print_fields({**flat, **details_of(model, tags)})
 
 
 def models_delete(catalog: Any, args: argparse.Namespace) -> None:
@@ -167,6 +167,7 @@ def models_delete(catalog: Any, args: argparse.Namespace) -> None:
 
 def models_evaluate(catalog: Any, args: argparse.Namespace) -> None:
     _quiet_logging()
+    catalog.usable_model(args.id, "evaluation")  # a wrong ID is refused before torch loads
     from trainer.evaluate import evaluate_stored  # torch: only for this verb
 
     folder, headline = evaluate_stored(catalog, args.id, args.dataset)
@@ -183,7 +184,7 @@ def models_evaluations(catalog: Any, args: argparse.Namespace) -> None:
     figures = [key for key in (summaries[0] if summaries else {}) if key not in standard]
     rows = [
         [
-            summary["name"].rsplit("/", 1)[1],
+            resource_id(summary["name"]),
             summary["createTime"][:19].replace("T", " "),
             summary["dataset"],
             summary["evaluatedExampleCount"],
@@ -204,17 +205,14 @@ def models_export(catalog: Any, args: argparse.Namespace) -> None:
     from pathlib import Path
 
     _quiet_logging()
+    catalog.usable_model(args.id, "export")  # a wrong ID is refused before torch loads
     from trainer.export import export_package  # torch: only for this verb
-    from trainer.store.resources import Operation, new_id
     from trainer.stored_model import trained_model
 
     trained = trained_model(catalog, args.id, "export")
     output = Path(args.output).resolve()
-    operation = Operation(
-        new_id(trained.model_id[:3]),
-        None,
-        ("exportModelDetails", {"outputInfo": {"outputDirectory": str(output)}}),
-    )
+    output_info = {"gcsOutputDirectory": str(output)}  # AutoML's name; a local folder here
+    operation = trained.new_operation(("exportModelDetails", {"outputInfo": output_info}))
     store = catalog.store
     tags = {"operation": operation.name, "model_id": trained.model_id, "kind": "export"}
     run_id = store.start_run(f"export_{trained.model['displayName']}", tags, vars(args))
@@ -226,10 +224,8 @@ def models_export(catalog: Any, args: argparse.Namespace) -> None:
         store.publish_operation(run_id, operation.resource, "FAILED")
         store.end_run(run_id, "FAILED")
         raise
-    operation.resource["metadata"]["exportModelDetails"]["outputInfo"]["outputDirectory"] = str(
-        package
-    )
-    operation.succeed({})
+    output_info["gcsOutputDirectory"] = str(package)
+    operation.succeed("", {})  # ExportModel's response is google.protobuf.Empty
     store.publish_operation(run_id, operation.resource, "SUCCEEDED")
     store.end_run(run_id)
     metadata = json.loads((package / "metadata.json").read_text())
@@ -253,6 +249,7 @@ def predict(catalog: Any, args: argparse.Namespace) -> None:
     import logging
 
     logging.getLogger("trainer").setLevel(logging.INFO)  # progress lines off a terminal
+    catalog.usable_model(args.id, "prediction")  # a wrong ID is refused before torch loads
     from trainer.data.prediction import default_workers
     from trainer.predict import run_batch_prediction  # torch: only here
 
@@ -287,15 +284,15 @@ def operations_list(catalog: Any, args: argparse.Namespace) -> None:
         operations = [op for op in operations if op["done"] == (terms["done"] == "true")]
     if "worksOn" in terms:
         names = catalog.operations_working_on(terms["worksOn"])
-        operations = [op for op in operations if op["name"] in names]
+        operations = [op for op in operations if resource_id(op["name"]) in names]
     if args.json:
         print(json.dumps({"operations": operations}, indent=2))
         return
     rows = [
         [
-            op["name"].split("/")[1],
+            resource_id(op["name"]),
             operation_state(op),
-            f"{op['metadata'].get('progressPercentage', 0)}%",
+            f"{progress_of(op)}%",
             op["metadata"]["createTime"][:19].replace("T", " "),
             op["metadata"]["updateTime"][:19].replace("T", " "),
         ]

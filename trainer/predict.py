@@ -16,14 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from trainer.data.prediction import PredictionResult
+from trainer.data.prediction import RPC_CODES, PredictionResult
 from trainer.errors import UserError
-from trainer.store.resources import Operation, new_id
 from trainer.stored_model import load_network, trained_model
 from trainer.tasks import PredictRequest, task_of
 
 log = logging.getLogger("trainer")
-INVALID_ARGUMENT, INTERNAL = 3, 13  # google.rpc.Code
+INVALID_ARGUMENT, INTERNAL = RPC_CODES["INVALID_ARGUMENT"], RPC_CODES["INTERNAL"]
 
 
 def output_folder(output: Path, display_name: str) -> Path:
@@ -47,11 +46,11 @@ def run_batch_prediction(catalog: Any, args: Any) -> PredictionResult:
         raise UserError(f"--input {input_csv}: no such file")
     rows = task.read_prediction_input(input_csv, args)  # a bad CSV or flag costs nothing
     folder = output_folder(Path(args.output).expanduser().resolve(), trained.model["displayName"])
-    details = {
-        "inputConfig": {"source": str(input_csv)},
-        "outputInfo": {"outputDirectory": str(folder)},
+    details = {  # AutoML's field names; the files are local here
+        "inputConfig": {"gcsSource": {"inputUris": [str(input_csv)]}},
+        "outputInfo": {"gcsOutputDirectory": str(folder)},
     }
-    operation = Operation(new_id(trained.model_id[:3]), None, ("batchPredictDetails", details))
+    operation = trained.new_operation(("batchPredictDetails", details))
     store = catalog.store
     tags = {"operation": operation.name, "model_id": trained.model_id, "kind": "predict"}
     run_id = store.start_run(f"predict_{trained.model['displayName']}", tags, vars(args))
@@ -70,15 +69,27 @@ def run_batch_prediction(catalog: Any, args: Any) -> PredictionResult:
         raise
     finally:
         progress.close()
-    operation.succeed({})
+    operation.partial_failures(partial_failures(result))
+    operation.succeed("BatchPredictResult", {"metadata": result.response_metadata})
     store.publish_operation(run_id, operation.resource, "SUCCEEDED")
     store.end_run(run_id)
     return result
 
 
+def partial_failures(result: PredictionResult) -> list[dict[str, Any]]:
+    """AutoML's ``partialFailures``: the first failed inputs, and a last record that counts the
+    rest, which only the output files list (there can be millions)."""
+    failures = list(result.partial_failures)
+    more = result.failed - len(failures)
+    if more > 0:
+        files = ", ".join(path.name for path in result.error_files or result.result_files[:1])
+        failures.append({"code": RPC_CODES["UNKNOWN"], "message": f"{more} more: see {files}"})
+    return failures
+
+
 class ProgressLine:
     """A live bar on a terminal, a line every few seconds elsewhere; the operation's
-    progressPercentage follows along."""
+    progressPercent follows along."""
 
     def __init__(self, operation: Any, publish: Callable[[], None], every: float = 5.0) -> None:
         self.operation, self.publish, self.every = operation, publish, every

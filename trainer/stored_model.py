@@ -21,8 +21,9 @@ from torch import nn
 from trainer.errors import UserError
 from trainer.job.checkpoints import load_checkpoint
 from trainer.job.settings import current_home
-from trainer.store.resources import check_id, expired_on, file_sha256, stored_labels
-from trainer.tasks import task_of
+from trainer.store.automl import Operation, Parent, resource_id
+from trainer.store.resources import check_id, file_sha256, new_id, stored_labels
+from trainer.tasks import task_configs, task_of
 
 DOWNLOADS = Path(".model-cache")  # artifacts fetched from a remote store, per model ID
 
@@ -37,7 +38,14 @@ class TrainedModel:
 
     @property
     def model_id(self) -> str:
-        return self.model["name"].split("/")[1]
+        return resource_id(self.model["name"])
+
+    def new_operation(self, details: tuple[str, dict[str, Any]]) -> Operation:
+        """An operation on this model (a batch prediction, an export): in the model's own
+        project and location, of its task's AutoML API."""
+        api = task_configs()[self.config["task"]["name"]]["automl_api"]
+        parent = Parent.of_name(self.model["name"])
+        return Operation(new_id(self.model_id[:3]), None, details, parent, api)
 
     def manifest(self) -> Any:
         """The dataset the model was trained on (its splits as in training)."""
@@ -51,14 +59,8 @@ def trained_model(catalog: Any, model_id: str, purpose: str) -> TrainedModel:
     the store holds is checked as user input is: the ID, the labels, the checkpoint against the
     digest recorded with the model; the config's home is this process's own.
     """
-    model, tags = catalog.model_and_tags(model_id)
-    model_id = check_id(model["name"].split("/")[-1], "the stored model ID")
-    expire = expired_on(tags)
-    if expire:
-        raise UserError(
-            f"model {model_id} expired on {expire}; it can be listed and deleted, "
-            f"not used for {purpose}"
-        )
+    model, tags = catalog.usable_model(model_id, purpose)
+    model_id = check_id(resource_id(model["name"]), "the stored model ID")
     run_dir = Path(tags.get("run_dir", ""))
     scratch = DOWNLOADS / model_id
 

@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -171,9 +171,36 @@ def batches(dataset: InputImages, workers: int) -> Iterator[list[Decoded]]:
 # -- the job -------------------------------------------------------------------------------
 
 
+# google.rpc.Code by name, for statuses written as "NOT_FOUND: ..." (AutoML Video's CSV).
+RPC_CODE_NAMES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+    "UNAUTHENTICATED",
+)  # fmt: skip
+RPC_CODES = {name: code for code, name in enumerate(RPC_CODE_NAMES)}
+# The operation lists this many failed inputs (AutoML's partialFailures), each message cut to
+# MAX_FAILURE_CHARS; the output files list all. The operation is also a run tag, which MLflow
+# caps at 8,000 characters.
+MAX_PARTIAL_FAILURES = 20
+MAX_FAILURE_CHARS = 200
+
+
+def add_failure(failures: list[dict[str, Any]], code: int, message: str) -> None:
+    """Keep a failed input for the operation's ``partialFailures`` (a ``google.rpc.Status``)."""
+    if len(failures) < MAX_PARTIAL_FAILURES:
+        failures.append({"code": code, "message": message[:MAX_FAILURE_CHARS]})
+
+
+def add_status(failures: list[dict[str, Any]], path: str, status: str) -> None:
+    """``add_failure`` for a status written as ``NOT_FOUND: message`` (AutoML Video's CSV)."""
+    name, _, message = status.partition(": ")
+    add_failure(failures, RPC_CODES.get(name, RPC_CODES["UNKNOWN"]), f"{path}: {message or status}")
+
+
 @dataclass
 class PredictionResult:
-    """What a task's prediction wrote, for the verb's summary line."""
+    """What a task's prediction wrote, for the verb's summary line and its operation."""
 
     folder: Path
     predicted: int
@@ -181,6 +208,10 @@ class PredictionResult:
     result_files: list[Path]
     error_files: list[Path]
     seconds: float
+    # The first failed inputs (add_failure), each a google.rpc.Status.
+    partial_failures: list[dict[str, Any]] = field(default_factory=list)
+    # AutoML's BatchPredictResult.metadata (detection: max_bounding_box_count).
+    response_metadata: dict[str, str] = field(default_factory=dict)
 
 
 Records = Callable[[Any, list[str]], list[dict[str, Any]]]  # (pixels, IDs) -> JSONL records
@@ -208,6 +239,7 @@ def predict_images(
     torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
     results = ShardedJsonl(folder, results_prefix, shard_size)
     errors = ShardedJsonl(folder, ERRORS_PREFIX, shard_size)
+    failures: list[dict[str, Any]] = []
     first_error = ""
     done = 0
     try:
@@ -221,6 +253,7 @@ def predict_images(
                 for item in batch:
                     if item.pixels is None:
                         errors.write(error_record(paths[item.index], item.code, item.message))
+                        add_failure(failures, item.code, f"{paths[item.index]}: {item.message}")
                         first_error = first_error or item.message
                 done += len(batch)
                 on_progress(done, len(paths))
@@ -235,7 +268,7 @@ def predict_images(
         )
     return PredictionResult(
         folder, results.lines, errors.lines, results.files, errors.files,
-        time.monotonic() - started,
+        time.monotonic() - started, failures,
     )  # fmt: skip
 
 

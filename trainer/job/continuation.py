@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from trainer.errors import UserError
 from trainer.job.run_state import RunState, hold_run_dir
-from trainer.store.catalog import bare_id
+from trainer.store.automl import bare_id
 from trainer.store.resources import (
     SPENT_SECONDS,
     check_id,
@@ -182,13 +182,16 @@ def resume_candidates(run_dir: Path) -> list[Path]:
 
 
 def for_resume(store: Any, operation_id: str) -> tuple[Path, RunState]:
-    name = f"operations/{bare_id(str(operation_id), 'operations')}"
-    run = store.run_of_operation(name)
+    try:
+        run = store.run_of_operation(bare_id(str(operation_id), "operations"))
+    except UserError:
+        run = None
     if run is None:
         raise UserError(
             f"resume_operation={operation_id!r} is not an operation in {store.tracking_uri}; "
             "check the ID and mlflow.tracking_uri"
         )
+    name = run.data.tags.get("operation", operation_id)
     run_dir = Path(run.data.tags.get("run_dir", ""))
     if not (run_dir / "state.json").is_file():
         raise UserError(

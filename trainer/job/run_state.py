@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
+from trainer.store.automl import is_resource_name, resource_id
 from trainer.store.resources import check_id, check_name, utc_now, write_json_atomic
 
 RUNNING, INTERRUPTED, SUCCEEDED, FAILED = "RUNNING", "INTERRUPTED", "SUCCEEDED", "FAILED"
@@ -80,7 +81,9 @@ class RunState:
         return state
 
     def _check(self) -> None:
-        check_id(self.operation.removeprefix("operations/"), "operation")
+        if not is_resource_name(self.operation, "operations"):
+            raise ValueError(f"operation {self.operation[:80]!r} is not an operation's name")
+        check_id(resource_id(self.operation), "operation")
         check_id(self.model_id, "model_id")
         if self.base_model_id:
             check_id(self.base_model_id, "base_model_id")

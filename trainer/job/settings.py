@@ -11,6 +11,7 @@ from budgets import BudgetOutOfBounds, check_budget
 from trainer import CONF_DIR
 from trainer.data.settings import cache_mode
 from trainer.errors import UserError
+from trainer.store.automl import Parent
 from trainer.store.resources import check_name
 
 GROUPS_CHECKED = ("task", "model_type")
@@ -47,6 +48,7 @@ def validate(cfg: dict[str, Any]) -> TrainSettings:
             "per label or an AutoML CSV, or leave it out to use the bundled demo dataset"
         )
     cache_mode(cfg["data"].get("cache", "off"))  # a typo is refused before any work
+    Parent.of_config(cfg)  # resource names: the project and location must fit in one
     reserve = cfg["budget"].get("save_reserve_seconds", 0)
     if str(reserve) != "auto" and not _non_negative_number(reserve):
         raise UserError(

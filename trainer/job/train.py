@@ -52,12 +52,18 @@ from trainer.job.run_state import (
 )
 from trainer.job.settings import validate
 from trainer.job.work_history import WorkHistory, save_reserves
-from trainer.store.evaluations import record_evaluation
-from trainer.store.resources import (
+from trainer.store.automl import (
     Operation,
-    file_sha256,
+    Parent,
+    add_months,
+    model_details,
     model_metadata,
     model_resource,
+    resource_id,
+)
+from trainer.store.evaluations import record_evaluation
+from trainer.store.resources import (
+    file_sha256,
     new_id,
     redact,
     redacted_config,
@@ -214,7 +220,8 @@ def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = N
         StopRequest(), run_dir,
     )  # fmt: skip
     verb = "resumed" if start.state else "started"
-    log.info("operation %s %s for models/%s in %s", operation.name, verb, state.model_id, run_dir)
+    model_name = Parent.of_name(operation.name).name("models", state.model_id)
+    log.info("operation %s %s for %s in %s", operation.name, verb, model_name, run_dir)
     job.stop.install()
     job.flush()
     try:
@@ -226,7 +233,7 @@ def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = N
             _end_unfinished(job, CANCELLED, CANCELLED_CODE, str(interruption))
             print(f"error: {interruption}; checkpoint and cost saved", file=sys.stderr)
         else:
-            hint = f"python -m trainer resume_operation={operation.name.split('/')[1]}"
+            hint = f"python -m trainer resume_operation={resource_id(operation.name)}"
             _end_unfinished(job, INTERRUPTED, ABORTED, f"{interruption}; continue with {hint}")
             print(f"error: {interruption}; checkpoint and cost saved; continue with {hint}",
                   file=sys.stderr, flush=True)  # fmt: skip
@@ -250,10 +257,12 @@ def _open_operation(
         state.status, state.config = RUNNING, redacted_config(cfg)
         state.pid, state.host = os.getpid(), socket.gethostname()  # this process now
         store.reopen_run(state.run_id)
-        return Operation.reopen(run_dir / "operation.json", state.operation), state
+        api = cfg["task"]["automl_api"]
+        return Operation.reopen(run_dir / "operation.json", state.operation, api), state
     task = cfg["task"]
     operation_id = os.environ.pop(OPERATION_ID_ENV, None) or new_id(task["id_prefix"])
-    operation = Operation(operation_id, run_dir / "operation.json")
+    path, parent = run_dir / "operation.json", Parent.of_config(cfg)
+    operation = Operation(operation_id, path, parent=parent, api=task["automl_api"])
     model_id = os.environ.pop(MODEL_ID_ENV, None) or new_id(task["id_prefix"])
     tags = {
         "operation": operation.name,
@@ -389,7 +398,8 @@ def _train(job: Job) -> float:
     job.enter("recording")
     # Examples per second of this node's prediction, decoding included, from the TEST pass.
     node_qps = len(test_loader.dataset) / max(module.test_seconds, 1e-9) / job.nodes
-    evaluation = kind.evaluation(module, manifest, manifest.labels, f"models/{state.model_id}")
+    model_name = Parent.of_name(job.operation.name).name("models", state.model_id)
+    evaluation = kind.evaluation(module, manifest, manifest.labels, model_name)
     folder = run_dir / "evaluations" / evaluation.evaluation_id
     record_evaluation(job.store, state.run_id, folder, evaluation, "the model's TEST split")
     test_metrics = {key: float(value) for key, value in kind.test_metrics(test_results).items()}
@@ -403,20 +413,17 @@ def _train(job: Job) -> float:
     write_json_atomic(run_dir / "metrics.json", metrics)
     log.info("TEST: %s", ", ".join(f"{key} {value:.4f}" for key, value in test_metrics.items()))
 
-    def resource(cost: int) -> dict[str, Any]:
-        metadata = model_metadata(
+    def resource(cost: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        figures = model_metadata(
             model_cfg["type"], job.budget, cost, stop_reason, node_qps, job.nodes,
             state.base_model_id,
         )  # fmt: skip
-        return model_resource(
-            state.model_id,
-            cfg["display_name"],
-            manifest.fingerprint(),
-            state.create_time,
-            task["metadata_key"],
-            metadata,
-            task["model_lifespan_months"],
-        )
+        model = model_resource(
+            model_name, cfg["display_name"], manifest.fingerprint(), state.create_time, task,
+            figures,
+        )  # fmt: skip
+        expire_time = add_months(state.create_time, task["model_lifespan_months"])
+        return model, model_details(model, task["name"], expire_time, figures)
 
     example = kind.example_input(test_loader)
     started = time.monotonic()
@@ -429,7 +436,7 @@ def _train(job: Job) -> float:
     # Whoever trains further from this model, or loads it, checks that its checkpoint is this one.
     checkpoint_sha256 = file_sha256(Path(best_path))
     # The cost is measured once the network is logged; what follows is a few small writes.
-    model = resource(job.meter.cost_milli_node_hours())
+    model, details = resource(job.meter.cost_milli_node_hours())
     extra_tags = {
         "task": task["name"],
         "labels": json.dumps(manifest.labels),
@@ -439,12 +446,14 @@ def _train(job: Job) -> float:
         "state": SUCCEEDED,
         "checkpoint_sha256": checkpoint_sha256,
     }
-    store.register(state.run_id, logged, model, task["metadata_key"], extra_tags)
+    store.register(state.run_id, logged, model, details, extra_tags)
     write_json_atomic(run_dir / "model.json", model)
+    write_json_atomic(run_dir / "model_details.json", details)
     state.status = SUCCEEDED
-    job.operation.succeed(model)
+    job.operation.succeed("Model", model)
     job.flush(trainer)
-    files = [run_dir / name for name in ("model.json", "metrics.json", "operation.json")]
+    names = ("model.json", "model_details.json", "metrics.json", "operation.json")
+    files = [run_dir / name for name in names]
     store.log_files(state.run_id, files)
     store.end_run(state.run_id)
     now = time.monotonic()

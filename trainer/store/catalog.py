@@ -16,21 +16,14 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from trainer.errors import UserError
+from trainer.store.automl import bare_id, details_of, resource_id
 from trainer.store.reader import RunRecord, local_artifact_root, open_reader
-from trainer.store.resources import parse_time, utc_now
+from trainer.store.resources import expired_on, parse_time, utc_now
 
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED")
 # A RUNNING operation that has not put its cost on record for this long is taken as dead
 # (killed without a chance to say so): it no longer blocks deleting its models.
 STALE_AFTER = timedelta(minutes=5)
-
-
-def bare_id(text: str, collection: str) -> str:
-    return text.removeprefix(f"{collection}/")
-
-
-def metadata_of(model: dict[str, Any]) -> dict[str, Any]:
-    return next(value for key, value in model.items() if key.endswith("ModelMetadata"))
 
 
 class Catalog:
@@ -50,25 +43,44 @@ class Catalog:
 
     # -- models ----------------------------------------------------------------------------
 
-    def models(self) -> list[dict[str, Any]]:
+    def models(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Every Model resource with its details (figures and expiry time), newest first."""
         found = [
-            json.loads(m.description) for m in self.reader.registered_models() if m.description
+            (model, details_of(model, m.tags))
+            for m in self.reader.registered_models()
+            if m.description
+            for model in [json.loads(m.description)]
         ]
-        return sorted(found, key=lambda model: model["createTime"], reverse=True)
+        return sorted(found, key=lambda pair: pair[0]["createTime"], reverse=True)
 
     def model(self, model_id: str) -> dict[str, Any]:
         return self.model_and_tags(model_id)[0]
 
     def model_and_tags(self, model_id: str) -> tuple[dict[str, Any], dict[str, str]]:
-        """The Model resource and its registry tags, read once."""
+        """The Model resource and its registry tags, read once. A full name must be the
+        model's own: the same ID under another project or location is another model."""
+        wanted = model_id
         model_id = bare_id(model_id, "models")
         found = self.reader.registered_model(model_id)
-        if found is None or not found.description:
-            raise UserError(f"model {model_id!r} is not in {self.tracking_uri}")
-        return json.loads(found.description), found.tags
+        model = json.loads(found.description) if found and found.description else None
+        if model is None or (wanted.startswith("projects/") and wanted != model["name"]):
+            raise UserError(f"model {wanted!r} is not in {self.tracking_uri}")
+        return model, found.tags
+
+    def usable_model(self, model_id: str, purpose: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """``model_and_tags`` of a model that has not expired. The verbs that load a network
+        ask this first, before importing torch: a wrong or expired ID is refused at once."""
+        model, tags = self.model_and_tags(model_id)
+        expire = expired_on(tags)
+        if expire:
+            raise UserError(
+                f"model {resource_id(model['name'])} expired on {expire}; it can be listed and "
+                f"deleted, not used for {purpose}"
+            )
+        return model, tags
 
     def delete_model(self, model_id: str) -> str:
-        model_id = self.model(model_id)["name"].split("/")[1]
+        model_id = resource_id(self.model(model_id)["name"])
         runs = self.reader.runs()
         for run in _active(runs):
             if model_id in (run.tags.get("model_id"), run.tags.get("base_model_id")):
@@ -92,7 +104,7 @@ class Catalog:
 
     def evaluations(self, model_id: str) -> list[dict[str, Any]]:
         """The summaries of a model's evaluations, newest first (from run tags only)."""
-        model_id = self.model(model_id)["name"].split("/")[1]
+        model_id = resource_id(self.model(model_id)["name"])
         found = [
             json.loads(run.tags["evaluation_summary"])
             for run in self._runs_of_model(model_id)
@@ -102,7 +114,7 @@ class Catalog:
 
     def evaluation_resources(self, model_id: str) -> list[dict[str, Any]]:
         """Every ModelEvaluation resource of a model (overall and per label), newest first."""
-        model_id = self.model(model_id)["name"].split("/")[1]
+        model_id = resource_id(self.model(model_id)["name"])
         resources: list[dict[str, Any]] = []
         for run in self._runs_of_model(model_id):
             if "evaluation_summary" in run.tags:
@@ -137,7 +149,11 @@ class Catalog:
     def operations_working_on(self, model_id: str) -> set[str]:
         model_id = bare_id(model_id, "models")
         runs = self.reader.runs()
-        return {r.tags.get("operation", "") for r in runs if r.tags.get("model_id") == model_id}
+        return {
+            resource_id(r.tags.get("operation", ""))
+            for r in runs
+            if r.tags.get("model_id") == model_id
+        }
 
     def cancel(self, operation_id: str) -> str:
         run = self._run_of(operation_id)
@@ -149,11 +165,18 @@ class Catalog:
         return name
 
     def _run_of(self, operation_id: str) -> RunRecord:
-        name = f"operations/{bare_id(operation_id, 'operations')}"
+        """The run of an operation given by ID or name (full, or ``operations/ID``)."""
+        wanted = bare_id(operation_id, "operations")
         for run in self.reader.runs():
-            if run.tags.get("operation") == name and "operation_json" in run.tags:
+            name = run.tags.get("operation", "")
+            full_name_differs = operation_id.startswith("projects/") and operation_id != name
+            if (
+                resource_id(name) == wanted
+                and "operation_json" in run.tags
+                and not full_name_differs
+            ):
                 return run
-        raise UserError(f"operation {name!r} is not in {self.tracking_uri}")
+        raise UserError(f"operation {operation_id!r} is not in {self.tracking_uri}")
 
 
 def _active(runs: list[RunRecord]) -> list[RunRecord]:

@@ -16,24 +16,26 @@ import mlflow
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
+from trainer.store.automl import FIGURES, resource_id
 from trainer.store.reader import StoreReader, local_artifact_root, open_reader
-from trainer.store.resources import SPENT_SECONDS
+from trainer.store.resources import SPENT_SECONDS, check_id
 
 # Listing requirements explicitly saves MLflow ~8 s of inferring them on every log_model call.
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1"]
 
 
-def metadata_tags(model: dict[str, Any], metadata_key: str) -> dict[str, str]:
-    """The Model resource flattened into tags, for the registry and the run."""
+def metadata_tags(model: dict[str, Any], details: dict[str, Any]) -> dict[str, str]:
+    """The Model and its details (model_details.json) flattened into tags, for the registry and
+    the run: every figure of the model is a tag, whatever its AutoML message has fields for."""
     tags = {
-        "model_id": model["name"].split("/", 1)[1],
+        "model_id": resource_id(model["name"]),
+        "model_name": model["name"],
         "display_name": model["displayName"],
         "dataset_id": model["datasetId"],
         "create_time": model["createTime"],
-        "expire_time": model["expireTime"],
-        "metadata_key": metadata_key,
+        "expire_time": details["expireTime"],
     }
-    tags.update({key: str(value) for key, value in model[metadata_key].items()})
+    tags.update({key: str(details[key]) for key in FIGURES})
     return tags
 
 
@@ -136,15 +138,15 @@ class Store:
         run_id: str,
         logged: Any,
         model: dict[str, Any],
-        metadata_key: str,
+        details: dict[str, Any],
         extra_tags: dict[str, str],
     ) -> None:
-        """Register the logged network under the model's ID, its metadata as tags.
+        """Register the logged network under the model's ID, its figures as tags.
 
         A resumed operation killed after registering, before it could say so, registers again:
         its own earlier entry (the same run) is replaced; anyone else's is left alone.
         """
-        tags = {**metadata_tags(model, metadata_key), **extra_tags}
+        tags = {**metadata_tags(model, details), **extra_tags}
         model_id = tags["model_id"]
         earlier = self.registered_tags(model_id)
         if earlier is not None:
@@ -170,9 +172,12 @@ class Store:
         except MlflowException:
             return None
 
-    def run_of_operation(self, operation_name: str) -> Any | None:
+    def run_of_operation(self, operation_id: str) -> Any | None:
+        """The run of an operation, whatever form its name has (``operations/ID`` before the
+        names were AutoML's full ones). ``operation_id`` is checked: it becomes part of a query."""
+        check_id(operation_id, "operation ID")
         runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.operation = '{operation_name}'"
+            [self.experiment_id], filter_string=f"tags.operation LIKE '%operations/{operation_id}'"
         )
         return runs[0] if runs else None
 

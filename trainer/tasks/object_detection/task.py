@@ -136,7 +136,10 @@ class ObjectDetection:
             network, labels, options.score_threshold, options.max_bounding_box_count
         )
         transform = detection_eval_transform(cfg["model"]["input_size"])
-        return predict_request(records, transform, OUTPUT_PREFIX, request)
+        result = predict_request(records, transform, OUTPUT_PREFIX, request)
+        # AutoML's detection BatchPredictResult says how many boxes an image could get.
+        result.response_metadata = {"max_bounding_box_count": str(options.max_bounding_box_count)}
+        return result
 
     def export_plan(
         self, network: nn.Module, cfg: dict[str, Any], labels: list[str], items: list[Any]

@@ -54,7 +54,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainer.data.manifest import resolve_path
-from trainer.data.prediction import input_text, spreadsheet_safe
+from trainer.data.prediction import add_status, input_text, spreadsheet_safe
 from trainer.errors import UserError
 from trainer.tasks.video_classification.clips import (
     ClipSpec,
@@ -130,6 +130,7 @@ class VideoPredictionResult:
     failed: int
     json_files: list[Path]
     seconds: float
+    partial_failures: list[dict[str, Any]]  # the first failed rows, as google.rpc.Status
 
 
 # -- input ----------------------------------------------------------------------------------
@@ -457,7 +458,7 @@ def predict_videos(
         )
     return VideoPredictionResult(
         folder, writer.csv_path, writer.ok, len(rows) - writer.ok, writer.json_files,
-        time.monotonic() - started,
+        time.monotonic() - started, writer.failures,
     )  # fmt: skip
 
 
@@ -480,6 +481,7 @@ class _RowWriter:
         self.next_row = 0
         self.ok = 0
         self.first_error = ""
+        self.failures: list[dict[str, Any]] = []
         self.json_files: list[Path] = []
         self.csv_path = folder / CSV_NAME
         self._out = self.csv_path.open("w", newline="", encoding="utf-8")
@@ -513,6 +515,7 @@ class _RowWriter:
             self.ok += 1
         else:
             self.first_error = self.first_error or status
+            add_status(self.failures, row.path, status)
         cells = [row.path, row.start, row.end, name, status]
         self._csv.writerow([spreadsheet_safe(cell) for cell in cells])
         self.annotations[index] = []  # done with: a long job keeps only pending rows

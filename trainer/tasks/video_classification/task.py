@@ -136,8 +136,9 @@ class VideoClassification:
         )  # fmt: skip
         files = [result.csv_path, *result.json_files]
         return PredictionResult(
-            request.folder, result.predicted, result.failed, files, [], result.seconds
-        )
+            request.folder, result.predicted, result.failed, files, [], result.seconds,
+            result.partial_failures,
+        )  # fmt: skip
 
     def export_plan(
         self, network: nn.Module, cfg: dict[str, Any], labels: list[str], items: list[Any]

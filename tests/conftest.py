@@ -84,6 +84,29 @@ def run_trainer(
     )
 
 
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_in_process(cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys, *args: str) -> Ran:
+    """A management verb run in this process: the same code as `python -m trainer ...` in
+    ``cwd``, without a new interpreter's 6 s of importing torch and Lightning (loaded here
+    already). For verbs whose process boundary is not what a test is about."""
+    from trainer.cli import run
+
+    monkeypatch.chdir(cwd)
+    # The verb's store is cwd's; what it sets in the environment is put back after the test.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{cwd / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    capsys.readouterr()
+    code = run(list(args))
+    out, err = capsys.readouterr()
+    return Ran(code, out, err)
+
+
 def run_dirs(cwd: Path) -> list[Path]:
     return sorted(p.parent for p in (cwd / "runs").rglob("operation.json"))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.conftest import read_json, run_dirs, run_trainer
@@ -22,6 +23,9 @@ def write_digits(folder: Path) -> None:
         Image.fromarray(grey).convert("RGB").save(label_dir / f"{index:04d}.png")
 
 
+# 40 s, the suite's longest single training: `make test-all` runs it. The fast suite's trainings
+# learn generated shapes (test_training_e2e.py: MODEL_CONVERGED) and videos (test_tasks_e2e.py).
+@pytest.mark.slow
 def test_real_digits_train_far_above_chance(tmp_path: Path, trainer_home: Path) -> None:
     write_digits(tmp_path / "digits")
     result = run_trainer(

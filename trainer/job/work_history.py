@@ -41,14 +41,7 @@ class WorkHistory:
         values = entry.get(work, []) if isinstance(entry, dict) else []
         if not isinstance(values, list):
             return []
-        return [
-            float(s)
-            for s in values
-            if isinstance(s, (int, float))
-            and not isinstance(s, bool)
-            and math.isfinite(s)
-            and s > 0
-        ]
+        return [float(s) for s in values if _is_duration(s)]
 
     def record(self, **seconds: float | None) -> None:
         """``record(recording=1.8, checkpoint=0.3)``; a None is not recorded."""

@@ -233,6 +233,8 @@ def test_logit_comparison_wants_the_same_top_label() -> None:
         in logit_comparison(None)([[logits]], [[swapped]]).problem
     )
     assert "tolerance" in logit_comparison(1e-4)([[logits]], [[logits + 1e-3]]).problem
+    # The tolerance follows the logits' scale: the same difference on logits 100 times larger.
+    assert logit_comparison(1e-4)([[logits * 100]], [[logits * 100 + 1e-3]]).problem is None
 
 
 @pytest.fixture(scope="module")

@@ -79,3 +79,17 @@ def test_dataset_with_invalid_label(tmp_path: Path, trainer_home: Path) -> None:
     _image(tmp_path / "data" / "bad label!" / "b.png")
     result = run_trainer(f"dataset.path={tmp_path / 'data'}", cwd=tmp_path, home=trainer_home)
     assert_one_line_error(result, "label 'bad label!'", "ASCII letters")
+
+
+def test_a_budget_below_the_reserves_is_refused_before_anything_is_billed(
+    tmp_path: Path, tiny_shapes: Path
+) -> None:
+    """3.6 s of budget against 4 s kept for recording and 4 s for checkpoints: no operation."""
+    result = run_trainer(
+        f"dataset.path={tiny_shapes}", "budget.min_milli_node_hours=1",
+        "budget.train_budget_milli_node_hours=1", "budget.save_reserve_seconds=4",
+        cwd=tmp_path, home=tmp_path / "home",
+    )  # fmt: skip
+    assert_one_line_error(result, "is too small", "use more than 3")
+    assert not list(tmp_path.glob("runs/**/operation.json"))
+    assert not (tmp_path / "mlflow.db").exists()

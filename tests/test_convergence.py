@@ -191,6 +191,24 @@ def test_auto_reserves_are_the_first_value_until_something_is_measured(tmp_path)
     assert (reserves.recording, reserves.checkpoint) == (3.0, 20.0)
 
 
+def test_a_type_not_measured_yet_learns_from_the_tasks_other_types(tmp_path) -> None:
+    measured = WorkHistory(tmp_path, "image_classification/mobile-low-latency-1")
+    measured.record(10e6, recording=1.5, checkpoint=0.2)
+    fresh = WorkHistory(tmp_path, "image_classification/mobile-versatile-1")
+    # Three times the bytes: three times the measured seconds, times the factor (2).
+    reserves = save_reserves(BUDGET, fresh, bytes_written=30e6)
+    assert reserves.recording == pytest.approx(9.0) and reserves.checkpoint == pytest.approx(1.2)
+    # A smaller network is not scaled down (the fixed part stays), the floor still holds.
+    reserves = save_reserves(BUDGET, fresh, bytes_written=1e6)
+    assert reserves.recording == pytest.approx(3.0) and reserves.checkpoint == pytest.approx(1.0)
+    # Never above the first value, which a task with no measurement at all keeps.
+    assert save_reserves(BUDGET, fresh, bytes_written=1e9).recording == 20.0
+    assert save_reserves(BUDGET, WorkHistory(tmp_path, "object_detection/x")).recording == 20.0
+    # Its own measurement, once there is one, is what counts.
+    fresh.record(30e6, recording=0.5, checkpoint=0.1)
+    assert save_reserves(BUDGET, fresh, bytes_written=30e6).recording == pytest.approx(1.0)
+
+
 def test_auto_reserves_follow_the_slowest_of_the_last_five(tmp_path) -> None:
     history = WorkHistory(tmp_path, "image_classification/cloud")
     for seconds in (9.0, 1.0, 2.0, 1.5, 1.0, 1.2):  # the 9 s one is the sixth from the end

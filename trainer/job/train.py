@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from budgets import BudgetMeter
 from budgets.callback import BudgetStopping
+from budgets.meter import milli_node_hours
 from trainer.data.device_augment import resolve_precision
 from trainer.data.manifest import CheckStopped
 from trainer.errors import UserError
@@ -205,6 +206,7 @@ def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = N
             f"the operation has spent {meter.cost_milli_node_hours()} of {settings.budget} "
             "milli-node-hours; resume it with a larger budget.train_budget_milli_node_hours"
         )
+    _refuse_a_budget_below_the_reserves(cfg, meter, settings.nodes)  # before anything is billed
     hold_run_dir(run_dir)  # one process per operation: a second resume is refused
     meter.start()  # from here on, everything is the operation's work and billed
     started_at = time.time()
@@ -319,6 +321,9 @@ def _train(job: Job) -> float:
 
     network = kind.network(cfg, manifest.labels, bool(model_cfg["pretrained"]))
     module = kind.module(network, manifest.labels, cfg)
+    # With the network built, a type not yet measured here can learn from the others' figures.
+    bytes_written = checkpoint_bytes(module)
+    reserves = save_reserves(cfg["budget"], history, bytes_written)
 
     budget = BudgetStopping(
         job.meter, len(test_loader), reserves.recording, checkpoint_seconds=reserves.checkpoint
@@ -457,13 +462,41 @@ def _train(job: Job) -> float:
     store.log_files(state.run_id, files)
     store.end_run(state.run_id)
     now = time.monotonic()
-    history.record(recording=now - tested, checkpoint=budget.boundary_saving.longest())
+    history.record(
+        bytes_written, recording=now - tested, checkpoint=budget.boundary_saving.longest()
+    )
     log.info(
         "recorded the model in %.1f s (%.1f s after the TEST pass, %.1f s reserved)",
         now - started, now - tested, reserves.recording,
     )  # fmt: skip
     print(json.dumps(model, indent=2), flush=True)
     return best_score
+
+
+def _refuse_a_budget_below_the_reserves(cfg: dict[str, Any], meter: Any, nodes: int) -> None:
+    """A budget that cannot even keep the reserves for recording the model and for checkpoints
+    is refused before any work is billed, naming a budget above them."""
+    history = WorkHistory(cfg["home"], f"{cfg['task']['name']}/{cfg['model']['type']}")
+    reserves = save_reserves(cfg["budget"], history)
+    kept = reserves.recording + reserves.checkpoint
+    if meter.remaining_seconds() > kept:
+        return
+    # What the reserves cost, after what an interrupted operation has spent already.
+    reserved = milli_node_hours(meter.elapsed_seconds() + kept, nodes)
+    raise UserError(
+        f"budget.train_budget_milli_node_hours={meter.budget_milli_node_hours} is too small: "
+        f"{reserves.recording:.1f} s are kept for recording the model and "
+        f"{reserves.checkpoint:.1f} s for checkpoints (budget.save_reserve_seconds), which "
+        f"leaves no time to train; use more than {reserved}"
+    )
+
+
+def checkpoint_bytes(module: Any) -> int:
+    """About what a checkpoint of ``module`` holds: its tensors, and AdamW's two moments for
+    each trainable parameter."""
+    tensors = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    moments = sum(2 * p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    return int(tensors + moments)
 
 
 def _checked_manifest(job: Job, kind: Any, reserve_seconds: float) -> Any:

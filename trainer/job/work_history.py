@@ -7,7 +7,10 @@ first epoch boundary. A fixed reserve has to cover a loaded machine and a slow s
 default, which is most of a small budget (2 to 10 milli-node-hours are 7 to 36 s), and it was
 kept twice before the first epoch. With ``budget.save_reserve_seconds=auto`` each reserve is
 instead ``save_reserve_factor`` times the longest of the last few measurements of that work for
-the same task and model type in this home, and ``save_reserve_first_seconds`` until there is one.
+the same task and model type in this home. Before there is one, the other model types of the task
+measured here stand in, scaled up by the bytes each training writes (a bigger network writes
+more), but never above ``save_reserve_first_seconds``, which is what a home with no measurement
+of the task at all keeps.
 """
 
 from __future__ import annotations
@@ -37,14 +40,26 @@ class WorkHistory:
     def recent(self, work: str) -> list[float]:
         """The remembered durations that are durations: finite numbers above 0 (the file is in
         the home, where anything may have changed it)."""
-        entry = self._read().get(self.key, {})
-        values = entry.get(work, []) if isinstance(entry, dict) else []
-        if not isinstance(values, list):
-            return []
-        return [float(s) for s in values if _is_duration(s)]
+        return _durations(self._read().get(self.key), work)
 
-    def record(self, **seconds: float | None) -> None:
-        """``record(recording=1.8, checkpoint=0.3)``; a None is not recorded."""
+    def estimate(self, work: str, bytes_written: float | None) -> float | None:
+        """The longest ``work`` measured for the task's other model types, each scaled up by
+        ``bytes_written`` over the bytes that type writes (never down: a small network still
+        pays the fixed part); None when none of them has been measured."""
+        task = self.key.split("/")[0]
+        found = []
+        for key, entry in self._read().items():
+            values = _durations(entry, work)
+            if key == self.key or not key.startswith(f"{task}/") or not values:
+                continue
+            theirs = entry.get("bytes")
+            scale = bytes_written / theirs if bytes_written and _is_duration(theirs) else 1.0
+            found.append(max(values) * max(1.0, scale))
+        return max(found) if found else None
+
+    def record(self, bytes_written: float | None = None, **seconds: float | None) -> None:
+        """``record(recording=1.8, checkpoint=0.3, bytes_written=...)``; a None is not
+        recorded. ``bytes_written``: what a checkpoint of this type holds, for ``estimate``."""
         # Trainings that end together may both write; one of their figures is then lost, which
         # only makes the next reserve rest on one measurement fewer.
         history = self._read()
@@ -53,6 +68,8 @@ class WorkHistory:
         for work, value in seconds.items():
             if value is not None:
                 entry[work] = [*entry.get(work, []), round(value, 3)][-KEEP:]
+        if bytes_written:
+            entry["bytes"] = int(bytes_written)
         history[self.key] = entry
         try:
             write_json_atomic(self.path, history)
@@ -65,6 +82,11 @@ class WorkHistory:
         except (OSError, ValueError):
             return {}  # none yet, or unreadable: the reserves fall back to their first value
         return data if isinstance(data, dict) else {}
+
+
+def _durations(entry: object, work: str) -> list[float]:
+    values = entry.get(work, []) if isinstance(entry, dict) else []
+    return [float(s) for s in values if _is_duration(s)] if isinstance(values, list) else []
 
 
 def _is_duration(value: object) -> bool:
@@ -80,8 +102,11 @@ class SaveReserves:
     checkpoint: float
 
 
-def save_reserves(budget_cfg: dict[str, Any], history: WorkHistory) -> SaveReserves:
-    """From ``budget.save_reserve_*`` (see the module's docstring); a number is used for both."""
+def save_reserves(
+    budget_cfg: dict[str, Any], history: WorkHistory, bytes_written: float | None = None
+) -> SaveReserves:
+    """From ``budget.save_reserve_*`` (see the module's docstring); a number is used for both.
+    ``bytes_written``: what this training's checkpoint holds, once the network is built."""
     configured = budget_cfg["save_reserve_seconds"]
     if str(configured) != "auto":
         return SaveReserves(float(configured), float(configured))
@@ -93,6 +118,9 @@ def save_reserves(budget_cfg: dict[str, Any], history: WorkHistory) -> SaveReser
 
     def reserve(work: str) -> float:
         recent = history.recent(work)
-        return max(floor, factor * max(recent)) if recent else first
+        if recent:
+            return max(floor, factor * max(recent))
+        estimate = history.estimate(work, bytes_written)
+        return first if estimate is None else max(floor, min(first, factor * estimate))
 
     return SaveReserves(reserve(RECORDING), reserve(CHECKPOINT))

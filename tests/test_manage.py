@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, REPO, read_json, run_dirs, run_trainer
+from tests.conftest import FAST, REPO, read_json, run_dir_of, run_dirs, run_trainer
 from tests.test_resume import mlflow_client, start_trainer, wait_for
 
 META = "imageClassificationModelMetadata"
+BUDGET = 8  # milli-node-hours of each of the store's two trainings
 
 
 def cli(*args: str, cwd: Path, home: Path | None = None) -> subprocess.CompletedProcess:
@@ -42,7 +43,11 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 def store(tmp_path_factory, trainer_home: Path, tiny_shapes: Path):
     """Two trainings started at the same moment against one store, listed while they run."""
     cwd = tmp_path_factory.mktemp("store")
-    common = [*FAST, f"dataset.path={tiny_shapes}", "budget.train_budget_milli_node_hours=6"]
+    # Two trainings on two cores record in 5 to 6 s, not FAST's 2 (4 kept): they keep 7 s.
+    common = [
+        *FAST, f"dataset.path={tiny_shapes}", f"budget.train_budget_milli_node_hours={BUDGET}",
+        "budget.save_reserve_seconds=7",
+    ]  # fmt: skip
     first = start_trainer(*common, "display_name=alpha", cwd=cwd, home=trainer_home)
     second = start_trainer(
         *common, "display_name=beta", "model_type=mobile-versatile-1", cwd=cwd, home=trainer_home
@@ -68,7 +73,7 @@ def test_concurrent_trainings_are_both_recorded(store) -> None:
     assert models["alpha"][META]["modelType"] == "mobile-low-latency-1"
     assert models["beta"][META]["modelType"] == "mobile-versatile-1"
     for model in models.values():
-        assert int(model[META]["trainCostMilliNodeHours"]) <= 6
+        assert int(model[META]["trainCostMilliNodeHours"]) <= BUDGET
 
 
 def test_models_list_and_get_in_both_forms(store) -> None:
@@ -233,44 +238,44 @@ def test_cancel_a_foreground_run(tmp_path: Path, trainer_home: Path, tiny_shapes
 
 
 def test_delete_refuses_a_model_in_use_then_removes_everything(
-    tmp_path: Path, trainer_home: Path, tiny_shapes: Path
+    store, tmp_path: Path, trainer_home: Path, tiny_shapes: Path
 ) -> None:
-    base = run_trainer(
-        *FAST, f"dataset.path={tiny_shapes}", "budget.train_budget_milli_node_hours=4",
-        cwd=tmp_path, home=trainer_home,
-    )  # fmt: skip
-    assert base.returncode == 0, base.stderr[-2000:]
-    model = json.loads(base.stdout)
+    """Deletes beta, the store's second model: the module's later tests use alpha only."""
+    cwd, models = store
+    model = models["beta"]
     model_id = model["name"].rsplit("/", 1)[1]
-    (base_dir,) = run_dirs(tmp_path)
+    base_dir = run_dir_of(cwd, model)
+    run_id = read_json(base_dir / "state.json")["run_id"]
 
     further = run_trainer(
         *LONG, f"dataset.path={tiny_shapes}", f"base_model_id={model_id}", "detach=true",
-        cwd=tmp_path, home=trainer_home,
+        cwd=cwd, home=trainer_home,
     )  # fmt: skip
     name = further.stdout.strip()
-    wait_until_listed(tmp_path, name)
-    line = one_line_error(cli("models", "delete", model_id, cwd=tmp_path))
+    wait_until_listed(cwd, name)
+    line = one_line_error(cli("models", "delete", model_id, cwd=cwd))
     assert "in use by the running operation" in line and name in line
-    cli("operations", "cancel", name, cwd=tmp_path)
-    wait_for(lambda: operation_of(tmp_path, name)["done"], timeout=60)
+    cli("operations", "cancel", name, cwd=cwd)
+    wait_for(lambda: operation_of(cwd, name)["done"], timeout=60)
 
     # A run tag is a value from the store: one naming another folder must not get it deleted.
     decoy = tmp_path / "decoy"
     (decoy / "checkpoints").mkdir(parents=True)
     (decoy / "checkpoints" / "keep.ckpt").write_bytes(b"someone else's")
-    client = mlflow_client(tmp_path)
+    client = mlflow_client(cwd)
     experiment = client.get_experiment_by_name("vision-trainer").experiment_id
     client.create_run(experiment, tags={"model_id": model_id, "run_dir": str(decoy)})
 
-    deleted = cli("models", "delete", f"models/{model_id}", cwd=tmp_path)
+    deleted = cli("models", "delete", f"models/{model_id}", cwd=cwd)
     assert deleted.returncode == 0, deleted.stderr
-    assert "ICN" in one_line_error(cli("models", "get", model_id, cwd=tmp_path))
+    assert "ICN" in one_line_error(cli("models", "get", model_id, cwd=cwd))
     assert not (base_dir / "checkpoints").exists()
     assert (decoy / "checkpoints" / "keep.ckpt").read_bytes() == b"someone else's"
-    assert not any(p.name == "best.ckpt" for p in (tmp_path / "mlartifacts").rglob("*"))
-    names = [m["name"] for m in cli_json("models", "list", cwd=tmp_path)["model"]]
-    assert model["name"] not in names
+    # Its run's artifacts are gone (the checkpoint among them), alpha's are not.
+    assert not [p for folder in (cwd / "mlartifacts").rglob(run_id) for p in folder.rglob("*.ckpt")]
+    assert any((cwd / "mlartifacts").rglob("best.ckpt"))  # alpha's are not
+    names = [m["name"] for m in cli_json("models", "list", cwd=cwd)["model"]]
+    assert model["name"] not in names and models["alpha"]["name"] in names
 
 
 def test_expired_model_cannot_be_trained_further(store, trainer_home: Path) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +72,14 @@ class ManifestBase:
         return f"; skipped {sum(self.skipped.values())}{' ' + unit if unit else ''}: " + (
             self.skipped_text()
         )
+
+
+def dataset_id(lines: Iterable[str]) -> str:
+    """A datasetId: the digest of one line per item, in a stable order, as each task spells it."""
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(f"{line}\n".encode())
+    return digest.hexdigest()[:24]
 
 
 def split_for(key: str) -> str:
@@ -231,10 +239,8 @@ class Manifest(ManifestBase):
 
     def fingerprint(self) -> str:
         """The datasetId: a digest of what was trained on (paths, labels, splits)."""
-        digest = hashlib.sha256()
-        for item in sorted(self.items, key=lambda i: i.key):
-            digest.update(f"{item.key}\t{item.label}\t{item.split}\n".encode())
-        return digest.hexdigest()[:24]
+        items = sorted(self.items, key=lambda i: i.key)
+        return dataset_id(f"{item.key}\t{item.label}\t{item.split}" for item in items)
 
 
 def read_dataset(

@@ -107,6 +107,11 @@ class Job:
     _flushing: threading.Lock = field(default_factory=threading.Lock)
     _publishing: threading.Lock = field(default_factory=threading.Lock)
 
+    @property
+    def model_name(self) -> str:
+        """The model's full name: in its operation's project and location."""
+        return Parent.of_name(self.operation.name).name("models", self.state.model_id)
+
     def flush(self, trainer: pl.Trainer | None = None) -> None:
         """Put the cost spent so far on record: the run directory's files, then the store."""
         self.save(trainer)
@@ -222,8 +227,7 @@ def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = N
         StopRequest(), run_dir,
     )  # fmt: skip
     verb = "resumed" if start.state else "started"
-    model_name = Parent.of_name(operation.name).name("models", state.model_id)
-    log.info("operation %s %s for %s in %s", operation.name, verb, model_name, run_dir)
+    log.info("operation %s %s for %s in %s", operation.name, verb, job.model_name, run_dir)
     job.stop.install()
     job.flush()
     try:
@@ -403,8 +407,7 @@ def _train(job: Job) -> float:
     job.enter("recording")
     # Examples per second of this node's prediction, decoding included, from the TEST pass.
     node_qps = len(test_loader.dataset) / max(module.test_seconds, 1e-9) / job.nodes
-    model_name = Parent.of_name(job.operation.name).name("models", state.model_id)
-    evaluation = kind.evaluation(module, manifest, manifest.labels, model_name)
+    evaluation = kind.evaluation(module, manifest, manifest.labels, job.model_name)
     folder = run_dir / "evaluations" / evaluation.evaluation_id
     record_evaluation(job.store, state.run_id, folder, evaluation, "the model's TEST split")
     test_metrics = {key: float(value) for key, value in kind.test_metrics(test_results).items()}
@@ -424,7 +427,7 @@ def _train(job: Job) -> float:
             state.base_model_id,
         )  # fmt: skip
         model = model_resource(
-            model_name, cfg["display_name"], manifest.fingerprint(), state.create_time, task,
+            job.model_name, cfg["display_name"], manifest.fingerprint(), state.create_time, task,
             figures,
         )  # fmt: skip
         expire_time = add_months(state.create_time, task["model_lifespan_months"])

@@ -14,7 +14,6 @@ imports torch: the management CLI and the config checks stay fast.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from trainer.data.manifest import (
     ManifestBase,
     check_trainable,
     csv_rows,
+    dataset_id,
     keep_readable,
     resolve_path,
     split_for,
@@ -85,14 +85,15 @@ class DetectionManifest(ManifestBase):
 
     def fingerprint(self) -> str:
         """The datasetId: a digest of what was trained on (paths, splits, boxes and labels)."""
-        digest = hashlib.sha256()
-        for item in sorted(self.items, key=lambda i: i.key):
+
+        def line(item: DetectionItem) -> str:
             boxes = ";".join(
                 f"{b.label}:{b.x_min:.6f},{b.y_min:.6f},{b.x_max:.6f},{b.y_max:.6f}"
                 for b in item.boxes
             )
-            digest.update(f"{item.key}\t{item.split}\t{boxes}\n".encode())
-        return digest.hexdigest()[:24]
+            return f"{item.key}\t{item.split}\t{boxes}"
+
+        return dataset_id(map(line, sorted(self.items, key=lambda i: i.key)))
 
 
 def read_detection_dataset(

@@ -48,6 +48,7 @@ from trainer.data.manifest import (
     check_trainable,
     checked_in_chunks,
     csv_rows,
+    dataset_id,
     resolve_path,
     split_for,
     take_ml_use,
@@ -103,10 +104,10 @@ class VideoManifest(ManifestBase):
 
     def fingerprint(self) -> str:
         """The datasetId: a digest of what was trained on (videos, segments, labels, splits)."""
-        digest = hashlib.sha256()
-        for s in sorted(self.segments, key=lambda s: (s.key, s.start, s.end, s.label)):
-            digest.update(f"{s.key}\t{s.label}\t{s.start:.6f}\t{s.end:.6f}\t{s.split}\n".encode())
-        return digest.hexdigest()[:24]
+        segments = sorted(self.segments, key=lambda s: (s.key, s.start, s.end, s.label))
+        return dataset_id(
+            f"{s.key}\t{s.label}\t{s.start:.6f}\t{s.end:.6f}\t{s.split}" for s in segments
+        )
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -306,12 +307,42 @@ def test_auto_builds_only_what_can_finish_now_and_on_what_fits(
     first_chunk = min(image_cache.CHUNK, len(manifest.split(TRAIN)))
     total = len(manifest.split(TRAIN)) + len(manifest.split(VALIDATE))
     assert first_chunk < total
-    # The build may take half the budget left: more than the first chunk, less than the whole.
+    # The build may take half the budget left: more than the first chunk, less than the whole
+    # at the prior's rate. auto decodes a first chunk to measure the real rate, which then
+    # lets the whole through (the prior alone refused it).
     remaining = first_chunk + total
     auto = prepare(dataset, tmp_path / "a", mode="auto", remaining_seconds=remaining)
-    assert auto.cache is None and decodes == []
+    assert auto.cache is not None and len(decodes) == total
     on = prepare(dataset, tmp_path / "b", mode="on", remaining_seconds=remaining)
     assert on.cache is not None  # the first chunk's real rate then lets the rest through
+    # Less than the first chunk at the prior's rate: nothing is decoded.
+    decodes.clear()
+    starved = prepare(dataset, tmp_path / "c", mode="auto", remaining_seconds=first_chunk)
+    assert starved.cache is None and decodes == []
+
+
+def test_auto_stops_after_the_first_chunk_when_the_whole_would_not_fit(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = read_dataset(dataset)
+    total = len(manifest.split(TRAIN)) + len(manifest.split(VALIDATE))
+    first_chunk = min(image_cache.CHUNK, len(manifest.split(TRAIN)))
+    decode = image_cache.decode
+
+    def slow_decode(path, size):
+        time.sleep(0.02)  # every image costs 20 ms of one worker
+        return decode(path, size)
+
+    monkeypatch.setattr(image_cache, "decode", slow_decode)
+    monkeypatch.setattr(image_cache, "SECONDS_PER_IMAGE_PRIOR", 0.0)  # the prior lets it start
+    workers = min(16, os.cpu_count() or 1)
+    # Half the budget left (what a build may take) is the first chunk's time at best: the
+    # measured rate leaves no room for the rest.
+    assert first_chunk < total
+    remaining = 2 * 0.02 * first_chunk / workers
+    auto = prepare(dataset, tmp_path / "a", mode="auto", remaining_seconds=remaining)
+    assert auto.cache is None and "of" in auto.note
+    assert list((tmp_path / "a" / "cache" / "images").glob(".*.staging"))  # kept for the next
 
 
 def test_a_training_bills_the_cache_build(tmp_path: Path, tiny_shapes: Path) -> None:

@@ -179,16 +179,20 @@ def test_the_drop_s_and_the_average_s_state_survive_a_checkpoint() -> None:
 # -- the save reserves learned from this machine ------------------------------------------------
 
 BUDGET = {"save_reserve_seconds": "auto", "save_reserve_first_seconds": 20.0,
-          "save_reserve_factor": 2.0}  # fmt: skip
+          "save_reserve_first_mb_per_second": 10.0, "save_reserve_factor": 2.0,
+          "save_reserve_floor_seconds": 1.0}  # fmt: skip
 
 
-def test_auto_reserves_are_the_first_value_until_something_is_measured(tmp_path) -> None:
+def test_auto_reserves_are_the_first_values_until_something_is_measured(tmp_path) -> None:
     history = WorkHistory(tmp_path, "image_classification/mobile-low-latency-1")
-    reserves = save_reserves(BUDGET, history)
-    assert (reserves.recording, reserves.checkpoint) == (20.0, 20.0)
+    reserves = save_reserves(BUDGET, history)  # before the network is built: no bytes yet
+    assert (reserves.recording, reserves.checkpoint) == (20.0, 1.0)
+    # A fresh home's reserves grow with what the checkpoint holds: 30 MB at 10 MB/s.
+    reserves = save_reserves(BUDGET, history, bytes_written=30e6)
+    assert (reserves.recording, reserves.checkpoint) == (pytest.approx(23.0), pytest.approx(4.0))
     history.record(recording=1.5, checkpoint=None)
-    reserves = save_reserves(BUDGET, history)
-    assert (reserves.recording, reserves.checkpoint) == (3.0, 20.0)
+    reserves = save_reserves(BUDGET, history, bytes_written=30e6)
+    assert (reserves.recording, reserves.checkpoint) == (3.0, pytest.approx(4.0))
 
 
 def test_a_type_not_measured_yet_learns_from_the_tasks_other_types(tmp_path) -> None:
@@ -201,8 +205,8 @@ def test_a_type_not_measured_yet_learns_from_the_tasks_other_types(tmp_path) -> 
     # A smaller network is not scaled down (the fixed part stays), the floor still holds.
     reserves = save_reserves(BUDGET, fresh, bytes_written=1e6)
     assert reserves.recording == pytest.approx(3.0) and reserves.checkpoint == pytest.approx(1.0)
-    # Never above the first value, which a task with no measurement at all keeps.
-    assert save_reserves(BUDGET, fresh, bytes_written=1e9).recording == 20.0
+    # Never above what a task with no measurement at all keeps for those bytes (20 s + 100 s).
+    assert save_reserves(BUDGET, fresh, bytes_written=1e9).recording == pytest.approx(120.0)
     assert save_reserves(BUDGET, WorkHistory(tmp_path, "object_detection/x")).recording == 20.0
     # Its own measurement, once there is one, is what counts.
     fresh.record(30e6, recording=0.5, checkpoint=0.1)

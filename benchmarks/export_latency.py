@@ -46,7 +46,7 @@ def measure(task: str, model_type: str, fmt: str, folder: Path) -> tuple[str, st
         cfg = OmegaConf.to_container(composed, resolve=True)
     kind = task_of(cfg)
     labels = [f"label_{i}" for i in range(LABELS[task])]
-    network = kind.network(cfg, labels, pretrained=False).eval()
+    network = kind.network(cfg, labels, pretrained=None).eval()
     plan = kind.export_plan(network, cfg, labels, [])
     path = folder / f"{task}-{model_type}.{fmt}"
     write_model(plan, fmt, path)

@@ -108,7 +108,7 @@ def jpeg_folder(folder: Path, count: int) -> float:
 
 def ceiling(args, constructor: str, side: int, precision: str, channels_last: bool) -> float:
     device = torch.device(args.device)
-    model = build_backbone(constructor, LABELS, pretrained=False).to(device)
+    model = build_backbone(constructor, LABELS, pretrained=None).to(device)
     images = torch.randn(args.batch_size, 3, side, side, device=device)
     if channels_last:
         model, images = (

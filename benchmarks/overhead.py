@@ -72,7 +72,7 @@ class StepTimer(pl.Callback):
 
 def through_trainer(cfg, loader, classes: int, steps: int, warmup: int, root: Path) -> float:
     torch.manual_seed(0)
-    backbone = build_backbone(cfg.model.constructor, classes, pretrained=False)
+    backbone = build_backbone(cfg.model.constructor, classes, pretrained=None)
     module = ImageClassifier(backbone, classes, cfg.optimizer.lr, cfg.optimizer.weight_decay)
     budget = BudgetStopping(BudgetMeter(10**6), final_eval_batches=1, save_seconds=1.0)
     timer = StepTimer(warmup)
@@ -105,7 +105,7 @@ def through_trainer(cfg, loader, classes: int, steps: int, warmup: int, root: Pa
 
 def plain_loop(cfg, loader, classes: int, steps: int, warmup: int) -> float:
     torch.manual_seed(0)
-    model = build_backbone(cfg.model.constructor, classes, pretrained=False)
+    model = build_backbone(cfg.model.constructor, classes, pretrained=None)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay
     )

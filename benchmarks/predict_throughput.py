@@ -53,7 +53,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config")
-    network = build_backbone(cfg.model.constructor, len(LABELS), pretrained=False).eval()
+    network = build_backbone(cfg.model.constructor, len(LABELS), pretrained=None).eval()
     transform = eval_transform(cfg.model.input_size, cfg.data.mean, cfg.data.std)
     with tempfile.TemporaryDirectory() as temp:
         folder = Path(temp)

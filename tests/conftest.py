@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import pytest
 from trainer.tasks.image_classification.demo import write_shapes
 
 REPO = Path(__file__).resolve().parent.parent
+# An empty torch hub cache of the suite's own: model.pretrained=auto finds no weights there (the
+# tests that want some put their own in), whatever this machine's cache holds.
+os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="vision-trainer-torch-home-")
 LOCAL = "projects/local/locations/local"  # the parent of every resource name by default
 
 # Small and quick: 32-pixel inputs, early stopping after two flat epochs, bounds opened up.

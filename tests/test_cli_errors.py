@@ -51,6 +51,16 @@ def assert_one_line_error(result, *needles: str) -> None:
         (["display_name=my-model"], ["display_name 'my-model'", "underscores"]),
         (["display_name=" + "x" * 33], ["display_name 'xxx", "1 to 32"]),
         (["display_name=my-model!"], ["cannot parse the override", "display_name=my-model!"]),
+        (["model.input_size=[0,5]"], ["model.input_size=[0, 5]", "between 1 and 4096"]),
+        (["model.pretrained=maybe"], ["model.pretrained='maybe'", "auto, true or false"]),
+        (
+            ["model.pretrained=true"],  # the suite's torch hub cache is empty
+            [
+                "not in the local torch hub cache",
+                "python -m trainer weights download --task image_classification "
+                "--model-type mobile-low-latency-1",
+            ],
+        ),
     ],
 )
 def test_config_mistakes(tmp_path: Path, trainer_home: Path, args, needles) -> None:

@@ -145,16 +145,9 @@ def test_detectors_build_from_scratch_for_our_labels(model_type: str) -> None:
         assert output["labels"].min() >= 1 and output["labels"].max() <= 3
 
 
-def test_unknown_detector_and_missing_local_weights_are_user_errors(tmp_path: Path) -> None:
+def test_an_unknown_detector_is_a_user_error() -> None:
     with pytest.raises(UserError, match="model.constructor='resnet50' is not a detector"):
         build_detector("resnet50", 2, (64, 64))
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path))  # an empty cache: nothing may be downloaded
-    try:
-        with pytest.raises(UserError, match="not in the local torch hub cache"):
-            build_detector("ssdlite320_mobilenet_v3_large", 2, (64, 64), pretrained=True)
-    finally:
-        torch.hub.set_dir(previous)
 
 
 class StepLosses(pl.Callback):

@@ -383,7 +383,7 @@ def test_every_offered_model_type_exports(task: str, model_type: str, fmt: str, 
             compose("config", [f"task={task}", f"model_type={model_type}"]), resolve=True
         )
     labels = ["a", "b", "c"]
-    network = task_of(cfg).network(cfg, labels, pretrained=False).eval()
+    network = task_of(cfg).network(cfg, labels, pretrained=None).eval()
     plan = task_of(cfg).export_plan(network, cfg, labels, [])
     write_model(plan, fmt, tmp_path / f"model.{fmt}")
     example = plan.example[:1]

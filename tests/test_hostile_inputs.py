@@ -255,7 +255,7 @@ def test_the_classifier_builder_is_taken_from_an_allow_list() -> None:
 
     for hostile in ("get_weight", "list_models", "detection", "__class__"):
         with pytest.raises(UserError, match="is not a torchvision image classifier"):
-            build_backbone(hostile, 3, pretrained=False)
+            build_backbone(hostile, 3, pretrained=None)
 
 
 # -- credentials ----------------------------------------------------------------------------------

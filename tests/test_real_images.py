@@ -5,22 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from tests.conftest import read_json, run_dirs, run_trainer
-
-
-def write_digits(folder: Path) -> None:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    for index, (pixels, target) in enumerate(zip(digits.images, digits.target, strict=True)):
-        label_dir = folder / f"digit_{target}"
-        label_dir.mkdir(parents=True, exist_ok=True)
-        grey = (pixels * (255 / 16)).astype(np.uint8)
-        Image.fromarray(grey).convert("RGB").save(label_dir / f"{index:04d}.png")
+from trainer.tasks.image_classification.demo import write_digits
 
 
 # 40 s, the suite's longest single training: `make test-all` runs it. The fast suite's trainings

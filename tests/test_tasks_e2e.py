@@ -191,7 +191,7 @@ def untrained_map_50(run_dir: Path, cwd: Path) -> float:
     cfg = read_json(run_dir / "state.json")["config"]
     task = ObjectDetection()
     manifest = task.read_manifest(cfg)
-    network = task.network(cfg, manifest.labels, pretrained=False)
+    network = task.network(cfg, manifest.labels, pretrained=None)
     evaluation = task.evaluate_items(
         network, cfg, manifest.split(TEST), manifest.labels, "models/untrained"
     )

@@ -14,6 +14,7 @@ from torch import nn
 from tests.video_helpers import RAMP_STEP, write_corrupt_video, write_ramp_video
 from trainer.data.manifest import TEST, TRAIN
 from trainer.errors import UserError
+from trainer.tasks.pretrained import LocalWeights
 from trainer.tasks.video_classification.clips import (
     ClipSpec,
     VideoClips,
@@ -26,7 +27,7 @@ from trainer.tasks.video_classification.clips import (
 from trainer.tasks.video_classification.data import Segment, read_video_dataset
 from trainer.tasks.video_classification.demo import write_moving_videos
 from trainer.tasks.video_classification.module import VideoClassifier
-from trainer.tasks.video_classification.networks import SMALL, _replace_head, build_video_backbone
+from trainer.tasks.video_classification.networks import SMALL, build_video_backbone
 
 RAW = ClipSpec(4, 2, (32, 32), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # pixels stay in [0, 1]
 
@@ -115,39 +116,17 @@ def test_unreadable_videos_are_reported_and_dropped_not_fatal(
 
 def test_network_builders() -> None:
     clips = torch.randn(2, 3, 4, 32, 32)
-    small = build_video_backbone(SMALL, num_classes=5, pretrained=False)
+    small = build_video_backbone(SMALL, num_classes=5, pretrained=None)
     assert small(clips).shape == (2, 5)
     assert sum(p.numel() for p in small.parameters()) < 500_000
-    cloud = build_video_backbone("r2plus1d_18", num_classes=3, pretrained=False)
+    cloud = build_video_backbone("r2plus1d_18", num_classes=3, pretrained=None)
     assert cloud.fc.out_features == 3
     with torch.no_grad():
         assert cloud.eval()(clips[:1]).shape == (1, 3)
     with pytest.raises(UserError, match="not a video network"):
-        build_video_backbone("resnet50", 3, False)
+        build_video_backbone("resnet50", 3)
     with pytest.raises(UserError, match="no pretrained weights"):
-        build_video_backbone(SMALL, 3, True)
-
-
-def test_pretrained_weights_come_only_from_the_local_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(UserError, match="not in the local torch hub cache"):
-        build_video_backbone("r2plus1d_18", 3, True)
-
-
-def test_heads_of_each_torchvision_video_family_are_replaced() -> None:
-    from torchvision.models.video import s3d
-
-    network = s3d(weights=None, num_classes=400)
-    _replace_head(network, 7)
-    assert network.classifier[-1].out_channels == 7
-    head = nn.Module()
-    head.head = nn.Sequential(nn.Dropout(), nn.Linear(16, 400))  # MViT's form
-    _replace_head(head, 7)
-    assert head.head[-1].out_features == 7
-    with pytest.raises(UserError, match="cannot replace"):
-        _replace_head(nn.Identity(), 7)
+        build_video_backbone(SMALL, 3, LocalWeights("r2plus1d_small", Path("none")))
 
 
 def test_classifier_averages_clips_of_a_segment_and_skips_empty_batches() -> None:
@@ -200,7 +179,7 @@ def test_mobile_model_learns_from_generated_videos(moving: Path) -> None:
     train = make_clip_loader(
         VideoClips(manifest.segments, manifest.labels, spec, train=True), 6, 0, True, seed=0
     )
-    backbone = build_video_backbone(SMALL, len(manifest.labels), pretrained=False)
+    backbone = build_video_backbone(SMALL, len(manifest.labels), pretrained=None)
     module = VideoClassifier(backbone, len(manifest.labels), lr=3e-3, weight_decay=1e-4)
     recorder = LossRecorder()
     trainer = pl.Trainer(

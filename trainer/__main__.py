@@ -1,11 +1,11 @@
 """`python -m trainer`: training through Hydra, or a management verb (models, operations,
-predict)."""
+predict, weights)."""
 
 from __future__ import annotations
 
 import sys
 
-MANAGEMENT = ("models", "operations", "predict", "--tracking-uri", "-h", "--help")
+MANAGEMENT = ("models", "operations", "predict", "weights", "--tracking-uri", "-h", "--help")
 
 
 def main() -> None:

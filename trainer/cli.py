@@ -1,4 +1,4 @@
-"""The management verbs: `python -m trainer models ...`, `operations ...`.
+"""The management verbs: `python -m trainer models ...`, `operations ...`, `weights ...`.
 
 A plain argparse CLI rather than Hydra: these verbs read and change the store, they take no
 training config, and they must answer quickly, so nothing here imports torch or Lightning.
@@ -17,6 +17,7 @@ from trainer.errors import UserError
 from trainer.store.automl import progress_of, resource_id
 from trainer.store.resources import redact
 from trainer.tasks import add_predict_options, task_name_of_model
+from trainer.weights import add_weights_verbs, download
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "vision-trainer"
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--json", action="store_true")
     cancel = operations.add_parser("cancel", help="stop a training cooperatively")
     cancel.add_argument("id")
+    add_weights_verbs(resources)
     return parser
 
 
@@ -98,6 +100,9 @@ def run(argv: list[str]) -> int:
     from trainer.store.catalog import Catalog
 
     try:
+        if args.resource == "weights":  # the torch hub cache, not the store
+            download(args)
+            return 0
         catalog = Catalog(args.tracking_uri, EXPERIMENT)
         handler = HANDLERS[(args.resource, getattr(args, "verb", None))]
         handler(catalog, args)

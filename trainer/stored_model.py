@@ -108,7 +108,7 @@ def _verified_checkpoint(
 def load_network(trained: TrainedModel) -> nn.Module:
     """The trained network alone, in eval mode, on the CPU."""
     task = task_of(trained.config)
-    network = task.network(trained.config, trained.labels, pretrained=False)
+    network = task.network(trained.config, trained.labels, pretrained=None)
     try:
         checkpoint = load_checkpoint(trained.checkpoint)
     except Exception as error:  # a damaged or hostile file raises anything from pickle to zip

@@ -3,6 +3,7 @@ operation (resuming). Both are checked before any training; a refusal is a UserE
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class StartFrom:
     # budget's meter runs, since downloading is the operation's work too.
     fetch: Callable[[], Path | None] | None = None
     checkpoint_sha256: str | None = None  # recorded with the base model: only that file will do
+    input_size: list[int] | None = None  # the base model's: what model.input_size=auto keeps
+    pretrained_weights: str = ""  # what the base model started from
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -137,7 +140,22 @@ def from_base_model(cfg: dict[str, Any], store: Any, tags: dict[str, str]) -> St
         strip_callback_state=True,
         fetch=fetch,
         checkpoint_sha256=tags.get("checkpoint_sha256") or None,
+        input_size=stored_input_size(tags.get("input_size", "")),
+        pretrained_weights=str(tags.get("pretrained_weights", ""))[:200],
     )
+
+
+def stored_input_size(text: str) -> list[int] | None:
+    """A base model's recorded [height, width], checked as user input would be (None for a
+    model recorded before it was, or an unreadable value)."""
+    try:
+        height, width = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    sizes = (height, width)
+    if all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096 for v in sizes):
+        return [height, width]
+    return None
 
 
 # -- resuming an interrupted operation ------------------------------------------------------

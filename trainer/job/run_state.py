@@ -58,6 +58,7 @@ class RunState:
     updated: str = field(default_factory=utc_now)
     phase: str = ""  # what the operation is doing: checking the dataset, training, testing ...
     piece_started: float = 0.0  # UNIX time this piece of the operation started billing
+    pretrained_weights: str = ""  # torchvision's name of the weights the model started from
 
     def save(self, run_dir: Path) -> None:
         self.updated = utc_now()
@@ -99,8 +100,9 @@ class RunState:
         if self.status not in STATUSES:
             raise ValueError(f"status {self.status!r} is not one of {', '.join(STATUSES)}")
         self.piece_started = checked_seconds(self.piece_started, "piece_started")
-        if not isinstance(self.phase, str) or not isinstance(self.host, str):
-            raise ValueError("phase and host must be text")
+        texts = (self.phase, self.host, self.pretrained_weights)
+        if not all(isinstance(text, str) for text in texts):
+            raise ValueError("phase, host and pretrained_weights must be text")
 
     def at_least(self, spent_on_record: Any) -> None:
         """Bill at least the cost the store has on record for the operation: a state file

@@ -9,10 +9,12 @@ from typing import Any
 
 from budgets import BudgetOutOfBounds, check_budget
 from trainer import CONF_DIR
+from trainer.data.input_size import checked_size, is_auto
 from trainer.data.settings import cache_mode
 from trainer.errors import UserError
 from trainer.store.automl import Parent
 from trainer.store.resources import check_name
+from trainer.tasks import pretrained_mode
 
 GROUPS_CHECKED = ("task", "model_type")
 
@@ -48,6 +50,10 @@ def validate(cfg: dict[str, Any]) -> TrainSettings:
             "per label or an AutoML CSV, or leave it out to use the bundled demo dataset"
         )
     cache_mode(cfg["data"].get("cache", "off"))  # a typo is refused before any work
+    model = cfg["model"]
+    if not is_auto(model.get("input_size", "auto")):
+        checked_size(model["input_size"], "model.input_size")
+    pretrained_mode(model.get("pretrained", "false"))
     Parent.of_config(cfg)  # resource names: the project and location must fit in one
     reserve = cfg["budget"].get("save_reserve_seconds", 0)
     if str(reserve) != "auto" and not _non_negative_number(reserve):

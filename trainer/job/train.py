@@ -28,6 +28,7 @@ from budgets import BudgetMeter
 from budgets.callback import BudgetStopping
 from budgets.meter import milli_node_hours
 from trainer.data.device_augment import resolve_precision
+from trainer.data.input_size import auto_input_size, checked_size, is_auto
 from trainer.data.manifest import CheckStopped
 from trainer.errors import UserError
 from trainer.job.checkpoints import (
@@ -73,6 +74,7 @@ from trainer.store.resources import (
 )
 from trainer.store.store import Store
 from trainer.tasks import task_of
+from trainer.tasks.pretrained import choose
 
 log = logging.getLogger("trainer")
 # Lightning sets its loggers to INFO on import and adds tips; keep stderr for our own progress.
@@ -88,6 +90,10 @@ BUDGET_REACHED = "BUDGET_REACHED"
 # and best-model tracking start afresh.
 FRESH_FOR_A_NEW_MODEL = ("EarlyStopping", "ModelCheckpoint", "SmoothedMetric", "LearningRateDrop")
 CANCELLED_CODE, ABORTED, INTERNAL = 1, 10, 13  # google.rpc.Code
+# What a training does before its first step, in order (Job.enter names them).
+SETUP_PHASES = (
+    "opening the operation", "checking the dataset", "preparing data", "building the network",
+)  # fmt: skip
 
 
 @dataclass
@@ -104,6 +110,11 @@ class Job:
     store: Store
     stop: StopRequest
     run_dir: Path
+    # Seconds of each set-up phase (metrics.json's setupSeconds): what every training pays
+    # before its first step, and a sweep pays once per trial.
+    setup_seconds: dict[str, float] = field(default_factory=dict)
+    _phase_started: float = field(default_factory=time.monotonic)
+    _phase: str = "opening the operation"
     _flushing: threading.Lock = field(default_factory=threading.Lock)
     _publishing: threading.Lock = field(default_factory=threading.Lock)
 
@@ -136,10 +147,16 @@ class Job:
                 spent_seconds=self.state.spent_seconds,
             )  # fmt: skip
 
-    def enter(self, phase: str) -> None:
-        """Say what the operation is doing now (state.json's ``phase``), and put it on record."""
+    def enter(self, phase: str, flush: bool = True) -> None:
+        """Say what the operation is doing now (state.json's ``phase``), and put it on record;
+        until training starts, time each phase for metrics.json's ``setupSeconds``."""
+        now = time.monotonic()
+        if self._phase in SETUP_PHASES:
+            self.setup_seconds[self._phase] = round(now - self._phase_started, 3)
+        self._phase, self._phase_started = phase, now
         self.state.phase = phase
-        self.flush()
+        if flush:
+            self.flush()
 
 
 class CostFlusher:
@@ -212,9 +229,11 @@ def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = N
             "milli-node-hours; resume it with a larger budget.train_budget_milli_node_hours"
         )
     _refuse_a_budget_below_the_reserves(cfg, meter, settings.nodes)  # before anything is billed
+    if not start.state and not start.base_model_id:
+        _refuse_missing_weights(cfg)
     hold_run_dir(run_dir)  # one process per operation: a second resume is refused
     meter.start()  # from here on, everything is the operation's work and billed
-    started_at = time.time()
+    started_at, opened = time.time(), time.monotonic()
     if cfg["dataset"]["path"]:
         # A dataset that cannot train is refused in one line before any operation is opened:
         # its listing tells (labels, splits), without decoding a file.
@@ -224,7 +243,7 @@ def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = N
     state.piece_started = started_at
     job = Job(
         cfg, settings.budget, settings.nodes, meter, start, state, operation, store,
-        StopRequest(), run_dir,
+        StopRequest(), run_dir, _phase_started=opened,
     )  # fmt: skip
     verb = "resumed" if start.state else "started"
     log.info("operation %s %s for %s in %s", operation.name, verb, job.model_name, run_dir)
@@ -312,6 +331,8 @@ def _train(job: Job) -> float:
     log.info("dataset: %s", kind.describe(manifest))
     _check_labels(job.start, manifest.labels)
     state.labels = manifest.labels
+    cfg = job.cfg = _settle_input_size(job, kind, manifest)
+    model_cfg = cfg["model"]
     pl.seed_everything(cfg["seed"], workers=True, verbose=False)
 
     # `auto` precision is bf16 on a GPU that supports it; it is resolved here, where the device
@@ -323,7 +344,8 @@ def _train(job: Job) -> float:
     train_loader, val_loader, test_loader = loaders.train, loaders.val, loaders.test
     start_checkpoint = _start_checkpoint(job)
 
-    network = kind.network(cfg, manifest.labels, bool(model_cfg["pretrained"]))
+    job.enter("building the network", flush=False)
+    network = kind.network(cfg, manifest.labels, _pretrained(job, kind, start_checkpoint))
     module = kind.module(network, manifest.labels, cfg)
     # With the network built, a type not yet measured here can learn from the others' figures.
     bytes_written = checkpoint_bytes(module)
@@ -417,6 +439,7 @@ def _train(job: Job) -> float:
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         **loaders.metrics,
+        "setupSeconds": job.setup_seconds,
     }
     write_json_atomic(run_dir / "metrics.json", metrics)
     log.info("TEST: %s", ", ".join(f"{key} {value:.4f}" for key, value in test_metrics.items()))
@@ -431,7 +454,9 @@ def _train(job: Job) -> float:
             figures,
         )  # fmt: skip
         expire_time = add_months(state.create_time, task["model_lifespan_months"])
-        return model, model_details(model, task["name"], expire_time, figures)
+        details = model_details(model, task["name"], expire_time, figures)
+        started_from = {"pretrainedWeights": state.pretrained_weights or "none"}
+        return model, {**details, "inputSize": list(model_cfg["input_size"]), **started_from}
 
     example = kind.example_input(test_loader)
     started = time.monotonic()
@@ -453,6 +478,8 @@ def _train(job: Job) -> float:
         "operation": job.operation.name,
         "state": SUCCEEDED,
         "checkpoint_sha256": checkpoint_sha256,
+        "input_size": json.dumps(list(model_cfg["input_size"])),
+        "pretrained_weights": state.pretrained_weights,
     }
     store.register(state.run_id, logged, model, details, extra_tags)
     write_json_atomic(run_dir / "model.json", model)
@@ -474,6 +501,47 @@ def _train(job: Job) -> float:
     )  # fmt: skip
     print(json.dumps(model, indent=2), flush=True)
     return best_score
+
+
+def _settle_input_size(job: Job, kind: Any, manifest: Any) -> dict[str, Any]:
+    """``model.input_size=auto`` made a size: the interrupted operation's or the base model's,
+    else the dataset's (trainer/data/input_size.py). The settled config is what the run
+    directory and the store keep, so prediction and export feed the model what it learned on."""
+    model = job.cfg["model"]
+    if not is_auto(model["input_size"]):
+        checked_size(model["input_size"], "model.input_size")
+        return job.cfg
+    if job.start.input_size:
+        size, why = job.start.input_size, f"base model {job.start.base_model_id}'s"
+    else:
+        median = kind.typical_size(manifest)
+        size = list(auto_input_size(median, model, int(job.cfg["task"]["input_stride"])))
+        why = f"the median TRAIN image is {median[0]}x{median[1]}" if median else "no size read"
+    log.info("model.input_size=auto: %dx%d (%s; the type's largest is %s)", size[0], size[1],
+             why, "x".join(map(str, model["largest_input_size"])))  # fmt: skip
+    cfg = {**job.cfg, "model": {**model, "input_size": list(size)}}
+    job.state.config = {**job.state.config, "model": {**job.state.config["model"],
+                                                      "input_size": list(size)}}  # fmt: skip
+    job.store.log_config(job.state.run_id, job.state.config)
+    return cfg
+
+
+def _pretrained(job: Job, kind: Any, start_checkpoint: str | None) -> Any:
+    """The checked local weights the network starts from, or None: from scratch, or from a
+    checkpoint (resuming, or training further), which brings its own weights."""
+    if start_checkpoint is not None:
+        job.state.pretrained_weights = job.state.pretrained_weights or job.start.pretrained_weights
+        return None
+    weights = choose(job.cfg["model"]["pretrained"], kind.pretrained_weights(job.cfg), job.cfg)
+    job.state.pretrained_weights = weights.name if weights else ""
+    return weights
+
+
+def _refuse_missing_weights(cfg: dict[str, Any]) -> None:
+    """``model.pretrained=true`` without the weights is refused before anything is billed,
+    naming the command that gets them (``auto`` says so later, in one line, and goes on)."""
+    if str(cfg["model"]["pretrained"]).lower() == "true":
+        choose(True, task_of(cfg).pretrained_weights(cfg), cfg)
 
 
 def _refuse_a_budget_below_the_reserves(cfg: dict[str, Any], meter: Any, nodes: int) -> None:

@@ -97,8 +97,13 @@ class Store:
     def start_run(self, run_name: str, tags: dict[str, str], config: dict[str, Any]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         run_id = run.info.run_id
-        self.client.log_dict(run_id, config, "config.json")
+        self.log_config(run_id, config)
         return run_id
+
+    def log_config(self, run_id: str, config: dict[str, Any]) -> None:
+        """The training's config as the run's ``config.json`` (again when a value is settled
+        once the data is read: ``model.input_size=auto``)."""
+        self.client.log_dict(run_id, config, "config.json")
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         # One batch is one store write; a tag at a time was one write each, every flush.

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from trainer import CONF_DIR
+from trainer.errors import UserError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -113,8 +114,17 @@ class Task(Protocol):
         """TRAIN, VALIDATE and TEST loaders; ``job`` has the budget meter and stop request
         for work that must be billed (building a cache)."""
 
-    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: bool) -> nn.Module:
-        """The model type's network for these labels, from scratch or local weights."""
+    def typical_size(self, manifest: Any) -> tuple[int, int] | None:
+        """The median (height, width) of the TRAIN images (a video's frames), from the headers
+        of an even sample (trainer.data.input_size); None when none can be read."""
+
+    def pretrained_weights(self, cfg: dict[str, Any]) -> Any:
+        """torchvision's weights (a ``WeightsEnum``) that the model type's network starts from
+        under ``model.pretrained``, or None where torchvision publishes none."""
+
+    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: Any) -> nn.Module:
+        """The model type's network for these labels: from scratch (``pretrained`` None) or
+        from checked local weights (a ``trainer.tasks.pretrained.LocalWeights``)."""
 
     def module(self, network: nn.Module, labels: list[str], cfg: dict[str, Any]) -> Any:
         """The LightningModule that trains ``network``; it logs ``task.monitor``, keeps the
@@ -158,6 +168,14 @@ class Task(Protocol):
 
 
 @cache
+def pretrained_mode(setting: Any) -> str:
+    """``model.pretrained`` as one of auto, true, false (trainer/tasks/pretrained.py)."""
+    mode = str(setting).lower()
+    if mode not in ("auto", "true", "false"):
+        raise UserError(f"model.pretrained={setting!r} must be auto, true or false")
+    return mode
+
+
 def task_configs() -> dict[str, dict[str, Any]]:
     """Every task's conf/task/<name>.yaml, by name (YAML only: no Hydra, no torch)."""
     import yaml

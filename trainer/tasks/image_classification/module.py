@@ -20,13 +20,20 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from budgets.callback import BudgetStopping
 from trainer.data.device_augment import DevicePlan
+from trainer.tasks.pretrained import FineTuning
 
 log = logging.getLogger("trainer")
 
 
-class ImageClassifier(LightningModule):
+class ImageClassifier(FineTuning, LightningModule):
     def __init__(
-        self, backbone: nn.Module, num_classes: int, lr: float, weight_decay: float
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        lr: float,
+        weight_decay: float,
+        pretrained_lr_factor: float = 1.0,
+        warmup_steps: int = 0,
     ) -> None:
         super().__init__()
         # The resolved config is logged to MLflow by the store; logging hyperparameters again would
@@ -84,8 +91,10 @@ class ImageClassifier(LightningModule):
     def on_train_start(self) -> None:
         # A restored checkpoint brings its optimizer's learning rate; the config's value wins, so
         # that a resumed operation can change it.
-        for group in self.optimizers().optimizer.param_groups:
-            group["lr"], group["weight_decay"] = self.hparams.lr, self.hparams.weight_decay
+        groups = self.optimizers().optimizer.param_groups
+        for group, rate in zip(groups, self.group_rates(), strict=True):
+            group["lr"], group["weight_decay"] = rate, self.hparams.weight_decay
+            group.pop("warmup_target_lr", None)
         dataset = getattr(self.trainer.train_dataloader, "dataset", None)
         self._plan = getattr(dataset, "device_plan", None) or DevicePlan()
         if self._plan.channels_last:
@@ -154,8 +163,3 @@ class ImageClassifier(LightningModule):
         with torch.no_grad():  # batch-norm statistics as they were
             for name, buffer in self.backbone.named_buffers():
                 buffer.copy_(buffers[name])
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )

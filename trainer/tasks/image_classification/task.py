@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from trainer.data import manifest as datasets
 from trainer.data.images import LabelledImages, eval_transform, make_loader, make_loaders
+from trainer.data.input_size import even_sample, median_size
 from trainer.data.prediction import PredictionResult, predict_request, read_input_csv
 from trainer.store.evaluations import Evaluation
 from trainer.tasks import ExportPlan, Loaders, PredictRequest
@@ -23,6 +24,7 @@ from trainer.tasks.image_classification.evaluation import classification_evaluat
 from trainer.tasks.image_classification.module import ImageClassifier
 from trainer.tasks.image_classification.networks import build_backbone
 from trainer.tasks.image_classification.predict import RESULTS_PREFIX, classification_records
+from trainer.tasks.pretrained import optimizer_settings, torchvision_weights
 
 log = logging.getLogger("trainer")
 
@@ -55,12 +57,17 @@ class ImageClassification:
             loaders.train, loaders.val, loaders.test, {"cacheBuildSeconds": round(seconds, 3)}
         )
 
-    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: bool) -> nn.Module:
+    def typical_size(self, manifest: Any) -> tuple[int, int] | None:
+        return median_size(item.path for item in even_sample(manifest.split(datasets.TRAIN)))
+
+    def pretrained_weights(self, cfg: dict[str, Any]) -> Any:
+        return torchvision_weights(cfg["model"]["constructor"])
+
+    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: Any) -> nn.Module:
         return build_backbone(cfg["model"]["constructor"], len(labels), pretrained)
 
     def module(self, network: nn.Module, labels: list[str], cfg: dict[str, Any]) -> Any:
-        optimizer = cfg["optimizer"]
-        return ImageClassifier(network, len(labels), optimizer["lr"], optimizer["weight_decay"])
+        return ImageClassifier(network, len(labels), **optimizer_settings(cfg))
 
     def test_metrics(self, results: dict[str, float]) -> dict[str, float]:
         return {"test_accuracy": results["test_accuracy"], "test_loss": results["test_loss"]}

@@ -16,11 +16,15 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
+from trainer.tasks.pretrained import FineTuning
+
 Batch = tuple[list[torch.Tensor], list[dict]]
 Detections = dict[str, torch.Tensor]
 
 
-class ObjectDetector(LightningModule):
+class ObjectDetector(FineTuning, LightningModule):
+    hold_pretrained_batch_norm = True  # a few images a batch: too few for batch statistics
+
     def __init__(
         self,
         detector: nn.Module,
@@ -28,6 +32,8 @@ class ObjectDetector(LightningModule):
         lr: float,
         weight_decay: float,
         max_grad_norm: float = 10.0,
+        pretrained_lr_factor: float = 1.0,
+        warmup_steps: int = 0,
     ) -> None:
         """``num_classes`` is the number of labels (the detector has one more: background)."""
         super().__init__()
@@ -103,11 +109,6 @@ class ObjectDetector(LightningModule):
         # As in ImageClassifier: the config's learning rate wins over a restored checkpoint's.
         for group in self.optimizers().optimizer.param_groups:
             group["lr"], group["weight_decay"] = self.hparams.lr, self.hparams.weight_decay
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None

@@ -1,7 +1,8 @@
 """Building the torchvision detector that an object-detection model type names.
 
-Every detector is built with ``weights=None``: from scratch, or (``pretrained=True``) with only
-its ImageNet backbone taken from the local torch hub cache; we never download. Class 0 is the
+Every detector is built with ``weights=None``, from scratch or then loaded with torchvision's COCO
+weights for it (checked, from the local torch hub cache: trainer/tasks/pretrained.py) in all but
+the layers sized by the number of labels; we never download. Class 0 is the
 background for torchvision's detectors, so a dataset with N labels gets ``num_classes=N + 1``.
 
 The dataset already resizes every image to the model's input size (images.py), so each
@@ -11,17 +12,15 @@ predicted boxes come back in input-size pixels.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
-from pathlib import Path
 
-import torch
 from torch import nn
-from torchvision.models import WeightsEnum, detection
+from torchvision.models import detection
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from trainer.errors import UserError
 from trainer.tasks.image_classification.networks import _settle_batch_norm
+from trainer.tasks.pretrained import LocalWeights, load_matching
 
 # The model types in latency order (fastest first within mobile and within cloud), with the
 # constructor each one names and the input size it is meant for ([height, width]); the Hydra
@@ -44,7 +43,7 @@ def build_detector(
     constructor: str,
     num_labels: int,
     input_size: Sequence[int],
-    pretrained: bool = False,
+    pretrained: LocalWeights | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> nn.Module:
@@ -57,8 +56,7 @@ def build_detector(
         raise UserError(f"model.constructor={constructor!r} is not a detector; use one of {known}")
     height, width = (int(v) for v in input_size)
     builder = getattr(detection, constructor)
-    backbone_weights = _local_backbone_weights(builder, constructor) if pretrained else None
-    model = builder(weights=None, weights_backbone=backbone_weights, num_classes=num_labels + 1)
+    model = builder(weights=None, weights_backbone=None, num_classes=num_labels + 1)
     # SSD's builder passes extra keyword arguments on to its backbone, so the transform is
     # replaced after building rather than configured through the builder, for every detector.
     model.transform = GeneralizedRCNNTransform(
@@ -75,17 +73,4 @@ def build_detector(
         if hasattr(owner, "detections_per_img"):
             owner.detections_per_img = MAX_DETECTIONS
     _settle_batch_norm(model)
-    return model
-
-
-def _local_backbone_weights(builder, constructor: str) -> WeightsEnum:
-    """The builder's default ImageNet backbone weights, only if already in the local cache."""
-    weights = inspect.signature(builder).parameters["weights_backbone"].default
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if not cached.is_file():
-        raise UserError(
-            f"model.pretrained=true for {constructor} needs the backbone weights {cached}, which "
-            "are not in the local torch hub cache; copy the file there, or train from scratch "
-            "with model.pretrained=false"
-        )
-    return weights
+    return model if pretrained is None else load_matching(model, pretrained)

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trainer.data.manifest import TEST
+from trainer.data.input_size import even_sample, median_size
+from trainer.data.manifest import TEST, TRAIN
 from trainer.data.prediction import PredictionResult, predict_request, read_input_csv
 from trainer.store.evaluations import Evaluation
 from trainer.tasks import ExportPlan, Loaders, PredictRequest, split_loaders
@@ -40,6 +41,7 @@ from trainer.tasks.object_detection.predict import (
     check_detection_options,
     detection_records,
 )
+from trainer.tasks.pretrained import optimizer_settings, torchvision_weights
 
 
 def detection_loader(
@@ -77,7 +79,13 @@ class ObjectDetection:
             manifest, lambda items, train: detection_loader(items, manifest.labels, cfg, train)
         )
 
-    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: bool) -> nn.Module:
+    def typical_size(self, manifest: Any) -> tuple[int, int] | None:
+        return median_size(item.path for item in even_sample(manifest.split(TRAIN)))
+
+    def pretrained_weights(self, cfg: dict[str, Any]) -> Any:
+        return torchvision_weights(cfg["model"]["constructor"])
+
+    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: Any) -> nn.Module:
         model, data = cfg["model"], cfg["data"]
         return build_detector(
             model["constructor"], len(labels), model["input_size"], pretrained,
@@ -85,8 +93,7 @@ class ObjectDetection:
         )  # fmt: skip
 
     def module(self, network: nn.Module, labels: list[str], cfg: dict[str, Any]) -> Any:
-        optimizer = cfg["optimizer"]
-        return ObjectDetector(network, len(labels), optimizer["lr"], optimizer["weight_decay"])
+        return ObjectDetector(network, len(labels), **optimizer_settings(cfg))
 
     def test_metrics(self, results: dict[str, float]) -> dict[str, float]:
         return {key: results[key] for key in ("test_map", "test_map_50", "test_map_75")}

@@ -272,6 +272,16 @@ def probe_video(file: str | Path) -> VideoInfo:
         raise VideoUnreadable(f"{file}: {problem or 'no frame decodes'}") from problem
 
 
+def frame_size(file: str | Path) -> tuple[int, int] | None:
+    """(height, width) of a video's frames from its header, or None for a file without one."""
+    try:
+        with av.open(str(file)) as container:
+            stream = container.streams.video[0]
+            return stream.codec_context.height, stream.codec_context.width
+    except (av.FFmpegError, IndexError, OSError, ValueError):
+        return None
+
+
 def video_duration(file: str | Path) -> float:
     return probe_video(file).duration
 

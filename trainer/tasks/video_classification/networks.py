@@ -19,7 +19,7 @@ from torchvision import models
 from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D
 
 from trainer.errors import UserError
-from trainer.tasks.image_classification.networks import local_weights
+from trainer.tasks.pretrained import LocalWeights, load_matching, torchvision_weights
 
 SMALL = "r2plus1d_small"
 
@@ -28,10 +28,13 @@ def video_constructors() -> list[str]:
     return sorted([*models.list_models(module=models.video), SMALL])
 
 
-def build_video_backbone(constructor: str, num_classes: int, pretrained: bool) -> nn.Module:
-    """A video classifier returning (N, num_classes) logits; never downloads weights."""
+def build_video_backbone(
+    constructor: str, num_classes: int, pretrained: LocalWeights | None = None
+) -> nn.Module:
+    """A video classifier returning (N, num_classes) logits, starting from ``pretrained``
+    (checked Kinetics weights from the local cache) where given; never downloads."""
     if constructor == SMALL:
-        if pretrained:
+        if pretrained is not None:
             raise UserError(
                 f"model.constructor={SMALL} has no pretrained weights; "
                 "train it from scratch with model.pretrained=false"
@@ -42,28 +45,12 @@ def build_video_backbone(constructor: str, num_classes: int, pretrained: bool) -
             f"model.constructor={constructor!r} is not a video network; "
             f"use one of {', '.join(video_constructors())}"
         )
-    builder = models.get_model_builder(constructor)
-    if not pretrained:
-        return builder(weights=None, num_classes=num_classes)
-    model = builder(weights=local_weights(constructor))
-    _replace_head(model, num_classes)
-    return model
+    model = models.get_model_builder(constructor)(weights=None, num_classes=num_classes)
+    return model if pretrained is None else load_matching(model, pretrained)
 
 
-def _replace_head(model: nn.Module, num_classes: int) -> None:
-    """Swap the pretrained head for one sized to our labels, whichever form the network uses."""
-    for name in ("fc", "head", "classifier"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):  # VideoResNet's fc, Swin3D's head
-            setattr(model, name, nn.Linear(head.in_features, num_classes))
-            return
-        if isinstance(head, nn.Sequential) and isinstance(head[-1], nn.Linear):  # MViT
-            head[-1] = nn.Linear(head[-1].in_features, num_classes)
-            return
-        if isinstance(head, nn.Sequential) and isinstance(head[-1], nn.Conv3d):  # S3D
-            head[-1] = nn.Conv3d(head[-1].in_channels, num_classes, kernel_size=1, bias=True)
-            return
-    raise UserError(f"cannot replace the classification head of {type(model).__name__}")
+def pretrained_weights(constructor: str) -> models.WeightsEnum | None:
+    return None if constructor == SMALL else torchvision_weights(constructor)
 
 
 class SmallR2Plus1D(nn.Module):

@@ -10,21 +10,25 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from trainer.data.input_size import even_sample, median_size
+from trainer.data.manifest import TRAIN
 from trainer.data.prediction import PredictionResult
 from trainer.store.evaluations import Evaluation
 from trainer.tasks import ExportPlan, Loaders, PredictRequest, split_loaders
 from trainer.tasks.image_classification.evaluation import classification_evaluation, score_batches
+from trainer.tasks.pretrained import optimizer_settings
 from trainer.tasks.video_classification import export
 from trainer.tasks.video_classification.clips import ClipSpec, VideoClips, make_clip_loader
 from trainer.tasks.video_classification.data import (
     Segment,
     VideoManifest,
     describe,
+    frame_size,
     read_video_dataset,
 )
 from trainer.tasks.video_classification.demo import ensure_demo_videos
 from trainer.tasks.video_classification.module import VideoClassifier
-from trainer.tasks.video_classification.networks import build_video_backbone
+from trainer.tasks.video_classification.networks import build_video_backbone, pretrained_weights
 from trainer.tasks.video_classification.predict import (
     PredictOptions,
     predict_videos,
@@ -76,12 +80,19 @@ class VideoClassification:
             manifest, lambda segments, train: clip_loader(segments, manifest.labels, cfg, train)
         )
 
-    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: bool) -> nn.Module:
+    def typical_size(self, manifest: Any) -> tuple[int, int] | None:
+        return median_size(
+            even_sample(sorted({s.path for s in manifest.split(TRAIN)})), size_of=frame_size
+        )
+
+    def pretrained_weights(self, cfg: dict[str, Any]) -> Any:
+        return pretrained_weights(cfg["model"]["constructor"])
+
+    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: Any) -> nn.Module:
         return build_video_backbone(cfg["model"]["constructor"], len(labels), pretrained)
 
     def module(self, network: nn.Module, labels: list[str], cfg: dict[str, Any]) -> Any:
-        optimizer = cfg["optimizer"]
-        return VideoClassifier(network, len(labels), optimizer["lr"], optimizer["weight_decay"])
+        return VideoClassifier(network, len(labels), **optimizer_settings(cfg))
 
     def test_metrics(self, results: dict[str, float]) -> dict[str, float]:
         return {"test_accuracy": results["test_accuracy"], "test_loss": results["test_loss"]}

@@ -1,0 +1,242 @@
+"""Pretrained weights from the local torch hub cache: found, checked, loaded; never downloaded.
+
+``model.pretrained`` is ``auto`` (torchvision's weights for the type's network when they are in
+the cache, else from scratch, said in one line), ``true`` (the weights or exit 2 with the command
+that gets them) or ``false``. Only ``python -m trainer weights download`` (trainer/weights.py)
+fetches a file: a download inside a budget would bill the network's speed, and trainings and
+tests run offline.
+
+A cached file is trusted when its SHA-256 starts with the hash in its name, as torchvision
+publishes them (torch.hub checks that on download but not when it reads a cached file), or when
+a sidecar written by ``write_project_weights`` records its digest: the project's own files (a
+test's, or a user's converted weights) have no published hash. It is read with
+``weights_only=True``: nothing in it runs.
+
+Weights are loaded by name and shape into a network built for our labels: what depends on the
+number of labels (a classifier's last layer, a detector's class heads) keeps its fresh
+initialization, everything else starts from the weights. ``PRETRAINED_NAMES`` on the network
+lists the parameters that came from them, for the fine-tuning schedule (``fine_tuning``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision import models
+
+from trainer.errors import UserError
+from trainer.tasks import pretrained_mode
+
+log = logging.getLogger("trainer")
+
+PRETRAINED_NAMES = "pretrained_parameter_names"  # an attribute set on a network that has them
+SIDECAR_SUFFIX = ".vision-trainer.json"
+HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")  # torch.hub's convention: name-<sha256 prefix>.pth
+
+
+@dataclass(frozen=True)
+class LocalWeights:
+    """Checked weights in the cache: ``name`` is torchvision's, e.g.
+    ``MobileNet_V3_Small_Weights.IMAGENET1K_V1``."""
+
+    name: str
+    path: Path
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return torch.load(self.path, map_location="cpu", weights_only=True)
+
+
+def torchvision_weights(constructor: str) -> models.WeightsEnum | None:
+    """torchvision's default weights for a builder, or None when it publishes none."""
+    try:
+        return models.get_model_weights(constructor).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        return None
+
+
+def weights_url(weights: models.WeightsEnum) -> str:
+    """Where ``weights download`` fetches from (one place, so a test can point it at a file)."""
+    return weights.url
+
+
+def cached_path(weights: models.WeightsEnum) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights_url(weights)).name
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def problem_with(path: Path) -> str | None:
+    """Why the cached file at ``path`` cannot be trusted, or None when it can."""
+    digest = file_sha256(path)
+    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+    if sidecar.is_file():
+        try:
+            recorded = json.loads(sidecar.read_text())["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None
+        return None if recorded == digest else f"{path} differs from the digest in {sidecar.name}"
+    match = HASH_IN_NAME.search(path.name)
+    if match is None:
+        return f"{path} has no hash in its name and no {SIDECAR_SUFFIX} sidecar"
+    if not digest.startswith(match.group(1)):
+        return f"{path} does not match torchvision's hash {match.group(1)} (a damaged file?)"
+    return None
+
+
+def write_project_weights(state_dict: dict[str, torch.Tensor], weights: Any) -> Path:
+    """Put weights the project made itself in the cache under torchvision's name for
+    ``weights``, with the sidecar that vouches for them (tests use it; so can a user who
+    converted weights of their own)."""
+    path = cached_path(weights)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, path)
+    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+    sidecar.write_text(json.dumps({"sha256": file_sha256(path), "weights": str(weights)}))
+    return path
+
+
+def download_command(task: str, model_type: str) -> str:
+    return f"python -m trainer weights download --task {task} --model-type {model_type}"
+
+
+def choose(
+    setting: Any, weights: models.WeightsEnum | None, cfg: dict[str, Any]
+) -> LocalWeights | None:
+    """The weights a training starts from under ``model.pretrained=setting``, or None."""
+    mode = pretrained_mode(setting)
+    if mode == "false":
+        return None
+    constructor, command = (
+        cfg["model"]["constructor"],
+        download_command(cfg["task"]["name"], cfg["model"]["type"]),
+    )
+    if weights is None:
+        if mode == "true":
+            raise UserError(
+                f"model.pretrained=true: torchvision has no weights for {constructor}; "
+                "train it from scratch with model.pretrained=false"
+            )
+        log.info("model.pretrained=auto: torchvision has no weights for %s; training from "
+                 "scratch", constructor)  # fmt: skip
+        return None
+    path = cached_path(weights)
+    problem = (
+        problem_with(path) if path.is_file() else f"{path} is not in the local torch hub cache"
+    )
+    if problem is None:
+        return LocalWeights(str(weights), path)
+    if mode == "true":
+        raise UserError(f"model.pretrained=true: {problem}; get the weights with: {command}")
+    log.warning("model.pretrained=auto: %s; training from scratch (get the weights with: %s)",
+                problem, command)  # fmt: skip
+    return None
+
+
+def load_matching(network: nn.Module, weights: LocalWeights) -> nn.Module:
+    """Load every tensor of ``weights`` whose name and shape the network shares; mark the
+    parameters that came from them. Refuses weights that fit nothing (the wrong network)."""
+    own = network.state_dict()
+    matching = {
+        key: value
+        for key, value in weights.state_dict().items()
+        if key in own and tuple(own[key].shape) == tuple(value.shape)
+    }
+    parameters = {name for name, _ in network.named_parameters()}
+    loaded = parameters & set(matching)
+    if not loaded:
+        raise UserError(f"{weights.path} holds no tensor of this network; is it {weights.name}?")
+    network.load_state_dict(matching, strict=False)
+    setattr(network, PRETRAINED_NAMES, frozenset(loaded))
+    log.info("pretrained: %s, %d of %d parameter tensors (the rest are for our labels)",
+             weights.name, len(loaded), len(parameters))  # fmt: skip
+    return network
+
+
+def optimizer_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The module's optimizer arguments from ``optimizer.*``. A config recorded before the
+    fine-tuning keys existed (a resumed operation's) gets no fine-tuning schedule."""
+    optimizer = cfg["optimizer"]
+    return {
+        "lr": float(optimizer["lr"]),
+        "weight_decay": float(optimizer["weight_decay"]),
+        "pretrained_lr_factor": float(optimizer.get("pretrained_lr_factor", 1.0)),
+        "warmup_steps": int(optimizer.get("warmup_steps", 0)),
+    }
+
+
+class FineTuning:
+    """What a LightningModule with a ``backbone`` needs to fine-tune it: AdamW with the
+    pretrained parameters at ``pretrained_lr_factor`` times the rate of the fresh ones (the head
+    learns from scratch, the features only need adjusting), a linear warm-up over the first
+    ``warmup_steps`` steps (a fresh head's first large gradients would wreck pretrained
+    features), and, where ``hold_pretrained_batch_norm`` (detectors, whose batches are a few
+    images), the pretrained BatchNorm statistics kept as they are, as torchvision's pretrained
+    detectors keep them. Trained from scratch, none of it applies: one group, no warm-up.
+
+    Which parameters were pretrained goes into every checkpoint, so that a resumed training
+    or one trained further builds the same optimizer groups whatever its own cache holds.
+    """
+
+    hold_pretrained_batch_norm = False
+
+    def pretrained_names(self) -> frozenset[str]:
+        return getattr(self.backbone, PRETRAINED_NAMES, frozenset())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        names = self.pretrained_names()
+        pretrained, fresh = [], []
+        for name, parameter in self.backbone.named_parameters():
+            if parameter.requires_grad:
+                (pretrained if name in names else fresh).append(parameter)
+        groups = [{"params": fresh}, {"params": pretrained}] if pretrained else [{"params": fresh}]
+        for group, rate in zip(groups, self.group_rates(), strict=True):
+            group["lr"] = rate
+        return torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def group_rates(self) -> list[float]:
+        """The configured rate of each optimizer group: the fresh layers', then (when there are
+        any) the pretrained ones'."""
+        lr = float(self.hparams.lr)
+        if not self.pretrained_names():
+            return [lr]
+        return [lr, lr * float(self.hparams.pretrained_lr_factor)]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        steps = int(self.hparams.warmup_steps)
+        if self.pretrained_names() and self.global_step <= steps:
+            for group in self.trainer.optimizers[0].param_groups:
+                # The target rate is kept on the group, so the learning-rate drop (which
+                # scales ``lr``) is left alone once the warm-up is over.
+                group.setdefault("warmup_target_lr", group["lr"])
+                group["lr"] = group["warmup_target_lr"] * min(1.0, (self.global_step + 1) / steps)
+
+    def train(self, mode: bool = True) -> Any:
+        super().train(mode)
+        if mode and self.hold_pretrained_batch_norm and self.pretrained_names():
+            names = self.pretrained_names()
+            for name, layer in self.backbone.named_modules():
+                if isinstance(layer, nn.modules.batchnorm._BatchNorm) and f"{name}.weight" in names:
+                    layer.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[PRETRAINED_NAMES] = sorted(self.pretrained_names())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        names = checkpoint.get(PRETRAINED_NAMES)
+        if isinstance(names, list):
+            setattr(self.backbone, PRETRAINED_NAMES, frozenset(map(str, names)))

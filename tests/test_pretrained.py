@@ -206,7 +206,8 @@ def test_a_training_starts_from_cached_weights_at_the_datas_size_and_records_bot
     finally:
         torch.hub.set_dir(str(Path(torch.hub.get_dir())))
     write_shapes(tmp_path / "data", per_label=12, size=40, seed=3)  # 40 px: auto makes 64
-    args = [arg for arg in FAST if not arg.startswith("model.input_size")]
+    # Every default of the model and its convergence: FAST's size and convergence metric left out.
+    args = [arg for arg in FAST if not arg.startswith(("model.input_size", "task.convergence"))]
     env = {"TORCH_HOME": str(torch_home)}
     data = f"dataset.path={tmp_path / 'data'}"
     first = run_trainer(*args, data, "budget.train_budget_milli_node_hours=12",
@@ -224,6 +225,9 @@ def test_a_training_starts_from_cached_weights_at_the_datas_size_and_records_bot
         "opening the operation", "checking the dataset", "preparing data", "building the network",
     }  # fmt: skip
     assert all(seconds >= 0 for seconds in metrics["setupSeconds"].values())
+    # Convergence followed the validation loss (conf/task/image_classification.yaml).
+    callbacks = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    assert any("val_loss_smoothed" in key for key in callbacks if key.startswith("EarlyStopping"))
     # Training further keeps the base model's size and says what it started from.
     model_id = json.loads((run_dir / "model.json").read_text())["name"].rsplit("/", 1)[1]
     further = run_trainer(*args, data, f"base_model_id={model_id}",
@@ -251,3 +255,17 @@ def test_a_first_training_in_a_fresh_home_fits_a_10_milli_node_hour_budget(
     meta = read_json(run_dir / "model.json")["imageClassificationModelMetadata"]
     assert int(meta["trainCostMilliNodeHours"]) <= 10
     assert (tmp_path / "fresh_home" / "work_seconds.json").is_file()  # the next one measures
+
+
+def test_detection_and_video_tasks_read_their_typical_size_from_headers(tmp_path: Path) -> None:
+    from tests.video_helpers import write_ramp_video
+    from trainer.tasks.object_detection.data import read_detection_dataset
+    from trainer.tasks.object_detection.demo import write_detection_shapes
+    from trainer.tasks.object_detection.task import TASK as DETECTION
+    from trainer.tasks.video_classification.data import frame_size
+
+    csv = write_detection_shapes(tmp_path / "boxes", 20, 96, seed=1)
+    manifest = read_detection_dataset(csv, check_files=False)
+    assert DETECTION.typical_size(manifest) == (96, 96)
+    assert frame_size(write_ramp_video(tmp_path / "ramp.mp4", size=48)) == (48, 48)
+    assert frame_size(tmp_path / "boxes" / "dataset.csv") is None

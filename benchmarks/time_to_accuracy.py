@@ -125,12 +125,12 @@ def deadline_loop(
         epochs += 1
 
 
-def plain_classification(budget: int, folder: Path, input_size: int) -> dict:
+def plain_classification(budget: int, folder: Path, input_size: int, flip: bool) -> dict:
     started = time.monotonic()
     torch.manual_seed(SEED)
     manifest = read_dataset(folder)
     size = [input_size, input_size]
-    augment = train_transform(size, MEAN, STD, CROP, True)
+    augment = train_transform(size, MEAN, STD, CROP, flip)
     train = LabelledImages(manifest.split(TRAIN), manifest.labels, augment)
     test = LabelledImages(manifest.split(TEST), manifest.labels, eval_transform(size, MEAN, STD))
     train_loader = make_loader(train, BATCH, 0, True, SEED)
@@ -234,13 +234,13 @@ def main() -> None:
                 data = root / "shapes"
                 write_shapes(data, 100, 32, seed=11)
                 overrides: tuple[str, ...] = ()
-                plain = lambda budget, d=data: plain_classification(budget, d, 32)  # noqa: E731
+                plain = lambda budget, d=data: plain_classification(budget, d, 32, True)  # noqa: E731
             elif name == "digits":
                 data = root / "digits"
                 write_digits(data)
                 # A mirrored digit is another glyph: a user of this dataset turns flips off.
                 overrides = ("data.horizontal_flip=false",)
-                plain = lambda budget, d=data: plain_classification(budget, d, 32)  # noqa: E731
+                plain = lambda budget, d=data: plain_classification(budget, d, 32, False)  # noqa: E731
             else:
                 data = write_detection(root / "detection")
                 overrides = ("task=object_detection",)

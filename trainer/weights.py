@@ -17,7 +17,7 @@ import yaml
 
 from trainer import CONF_DIR
 from trainer.errors import UserError
-from trainer.tasks import task_configs, task_of
+from trainer.tasks import default_task, task_configs, task_of
 
 
 def add_weights_verbs(resources: Any) -> None:
@@ -30,12 +30,6 @@ def add_weights_verbs(resources: Any) -> None:
         "--model-type", nargs="*", default=None,
         help="model types to fetch for (default: every type of the task)",
     )  # fmt: skip
-
-
-def default_task() -> str:
-    """The task a training gets without ``task=``: conf/config.yaml's default."""
-    defaults = yaml.safe_load((CONF_DIR / "config.yaml").read_text())["defaults"]
-    return next(entry["task"] for entry in defaults if isinstance(entry, dict) and "task" in entry)
 
 
 def model_types(task: str) -> dict[str, dict[str, Any]]:
@@ -52,7 +46,7 @@ def model_types(task: str) -> dict[str, dict[str, Any]]:
 def download(args: argparse.Namespace) -> None:
     import torch.hub
 
-    from trainer.tasks.pretrained import cached_path, problem_with, weights_url
+    from trainer.tasks.pretrained import cached_path, problem_with, published_hash, weights_url
 
     tasks = task_configs()
     if args.task not in tasks:
@@ -76,17 +70,10 @@ def download(args: argparse.Namespace) -> None:
             print(f"{model_type}: {weights} already in {path}")
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        url, prefix = weights_url(weights), hash_prefix(path.name)
+        url, prefix = weights_url(weights), published_hash(path)
         print(f"{model_type}: downloading {weights} from {url}", file=sys.stderr, flush=True)
         try:
             torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix, progress=True)
         except (OSError, RuntimeError) as error:  # offline, or the hash did not match
             raise UserError(f"{model_type}: could not download {url}: {error}") from None
         print(f"{model_type}: {weights} in {path}, its SHA-256 checked")
-
-
-def hash_prefix(file_name: str) -> str | None:
-    from trainer.tasks.pretrained import HASH_IN_NAME
-
-    match = HASH_IN_NAME.search(file_name)
-    return match.group(1) if match else None

@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from trainer.data.input_size import checked_size
 from trainer.errors import UserError
 from trainer.job.run_state import RunState, hold_run_dir
 from trainer.store.automl import bare_id
@@ -149,13 +150,9 @@ def stored_input_size(text: str) -> list[int] | None:
     """A base model's recorded [height, width], checked as user input would be (None for a
     model recorded before it was, or an unreadable value)."""
     try:
-        height, width = json.loads(text)
-    except (TypeError, ValueError):
+        return list(checked_size(json.loads(text), "the base model's input_size"))
+    except (TypeError, ValueError, UserError):
         return None
-    sizes = (height, width)
-    if all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096 for v in sizes):
-        return [height, width]
-    return None
 
 
 # -- resuming an interrupted operation ------------------------------------------------------

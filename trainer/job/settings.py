@@ -14,7 +14,7 @@ from trainer.data.settings import cache_mode
 from trainer.errors import UserError
 from trainer.store.automl import Parent
 from trainer.store.resources import check_name
-from trainer.tasks import pretrained_mode
+from trainer.tasks import default_task, pretrained_mode
 
 GROUPS_CHECKED = ("task", "model_type")
 
@@ -103,13 +103,6 @@ def current_home() -> str:
     from omegaconf import OmegaConf
 
     return str(OmegaConf.load(CONF_DIR / "config.yaml")["home"])
-
-
-def default_task() -> str:
-    from omegaconf import OmegaConf
-
-    defaults = OmegaConf.load(CONF_DIR / "config.yaml").defaults
-    return next(entry["task"] for entry in defaults if "task" in entry)
 
 
 # Hydra's flags that take a value: `--cfg job` is a flag and its value, not an override.

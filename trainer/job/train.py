@@ -552,7 +552,7 @@ def _refuse_missing_weights(cfg: dict[str, Any]) -> None:
     """``model.pretrained=true`` without the weights is refused before anything is billed,
     naming the command that gets them (``auto`` says so later, in one line, and goes on)."""
     if str(cfg["model"]["pretrained"]).lower() == "true":
-        choose(True, task_of(cfg).pretrained_weights(cfg), cfg)
+        choose(True, task_of(cfg).pretrained_weights(cfg), cfg, check_hash=False)
 
 
 def _refuse_a_budget_below_the_reserves(cfg: dict[str, Any], meter: Any, nodes: int) -> None:

@@ -176,6 +176,14 @@ def pretrained_mode(setting: Any) -> str:
     return mode
 
 
+def default_task() -> str:
+    """The task a training gets without ``task=``: conf/config.yaml's default."""
+    import yaml
+
+    defaults = yaml.safe_load((CONF_DIR / "config.yaml").read_text())["defaults"]
+    return next(entry["task"] for entry in defaults if isinstance(entry, dict) and "task" in entry)
+
+
 def task_configs() -> dict[str, dict[str, Any]]:
     """Every task's conf/task/<name>.yaml, by name (YAML only: no Hydra, no torch)."""
     import yaml

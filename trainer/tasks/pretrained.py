@@ -20,7 +20,6 @@ lists the parameters that came from them, for the fine-tuning schedule (``fine_t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -33,6 +32,7 @@ from torch import nn
 from torchvision import models
 
 from trainer.errors import UserError
+from trainer.store.resources import file_sha256
 from trainer.tasks import pretrained_mode
 
 log = logging.getLogger("trainer")
@@ -71,29 +71,31 @@ def cached_path(weights: models.WeightsEnum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights_url(weights)).name
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def sidecar_of(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def published_hash(path: Path) -> str | None:
+    """The SHA-256 prefix torchvision puts in a weights file's name, if there is one."""
+    match = HASH_IN_NAME.search(path.name)
+    return match.group(1) if match else None
 
 
 def problem_with(path: Path) -> str | None:
     """Why the cached file at ``path`` cannot be trusted, or None when it can."""
     digest = file_sha256(path)
-    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+    sidecar = sidecar_of(path)
     if sidecar.is_file():
         try:
             recorded = json.loads(sidecar.read_text())["sha256"]
         except (OSError, ValueError, KeyError, TypeError):
             recorded = None
         return None if recorded == digest else f"{path} differs from the digest in {sidecar.name}"
-    match = HASH_IN_NAME.search(path.name)
-    if match is None:
+    published = published_hash(path)
+    if published is None:
         return f"{path} has no hash in its name and no {SIDECAR_SUFFIX} sidecar"
-    if not digest.startswith(match.group(1)):
-        return f"{path} does not match torchvision's hash {match.group(1)} (a damaged file?)"
+    if not digest.startswith(published):
+        return f"{path} does not match torchvision's hash {published} (a damaged file?)"
     return None
 
 
@@ -104,8 +106,7 @@ def write_project_weights(state_dict: dict[str, torch.Tensor], weights: Any) -> 
     path = cached_path(weights)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, path)
-    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
-    sidecar.write_text(json.dumps({"sha256": file_sha256(path), "weights": str(weights)}))
+    sidecar_of(path).write_text(json.dumps({"sha256": file_sha256(path), "weights": str(weights)}))
     return path
 
 
@@ -114,9 +115,11 @@ def download_command(task: str, model_type: str) -> str:
 
 
 def choose(
-    setting: Any, weights: models.WeightsEnum | None, cfg: dict[str, Any]
+    setting: Any, weights: models.WeightsEnum | None, cfg: dict[str, Any], check_hash: bool = True
 ) -> LocalWeights | None:
-    """The weights a training starts from under ``model.pretrained=setting``, or None."""
+    """The weights a training starts from under ``model.pretrained=setting``, or None.
+    ``check_hash=False``: only whether they are there (the check before anything is billed;
+    hashing the file is the operation's work, done once when it loads them)."""
     mode = pretrained_mode(setting)
     if mode == "false":
         return None
@@ -134,9 +137,10 @@ def choose(
                  "scratch", constructor)  # fmt: skip
         return None
     path = cached_path(weights)
-    problem = (
-        problem_with(path) if path.is_file() else f"{path} is not in the local torch hub cache"
-    )
+    if not path.is_file():
+        problem: str | None = f"{path} is not in the local torch hub cache"
+    else:
+        problem = problem_with(path) if check_hash else None
     if problem is None:
         return LocalWeights(str(weights), path)
     if mode == "true":

@@ -73,6 +73,15 @@ class BudgetStopping(Callback):
         """Seconds to keep after the next step: a stop's epoch boundary, then finalization."""
         return self.boundary_estimate(val_batches) + self.finalize_estimate()
 
+    def training_fraction_spent(self, val_batches: int) -> float:
+        """How much of the seconds that the budget leaves for training are spent: the elapsed
+        seconds (earlier pieces of the operation included) over those and the seconds left
+        before the last step that still fits."""
+        elapsed = self.meter.elapsed_seconds()
+        reserve = self.step.estimate() + self.reserve_after_step(val_batches)
+        left = max(self.meter.remaining_seconds() - reserve, 0.0)
+        return elapsed / (elapsed + left) if elapsed + left > 0 else 1.0
+
     def next_step_fits(self, val_batches: int) -> bool:
         return self.meter.fits(self.step.estimate() + self.reserve_after_step(val_batches))
 

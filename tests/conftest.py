@@ -23,6 +23,7 @@ FAST = [
     "model.input_size=[32,32]",
     "data.batch_size=16",
     "early_stopping.patience=2",
+    "early_stopping.min_patience_steps=0",
     "early_stopping.patience_before_first_gain=2",  # tiny runs: no longer wait for a slow start
     # Converged when the accuracy stalls: on tiny data it stalls two passes before the loss does
     # (conf/task/image_classification.yaml's default, the loss, is tested in test_pretrained.py).
@@ -40,6 +41,7 @@ MOBILE_BUDGET = 6  # milli-node-hours each: 21.6 s, set-up, TEST pass and record
 SMALL_BUDGETS = [
     "budget.min_milli_node_hours=1",
     "early_stopping.patience=2",
+    "early_stopping.min_patience_steps=0",
     "early_stopping.patience_before_first_gain=2",
     "budget.save_reserve_seconds=8",  # larger networks than the image tests' to record
 ]

@@ -131,7 +131,8 @@ def test_a_kill_during_the_test_pass_loses_at_most_a_flush(
 ) -> None:
     lost = killed_in(
         "testing", tmp_path, trainer_home, f"dataset.path={slow_data / 'big_test.csv'}",
-        "early_stopping.patience=1", "early_stopping.patience_before_first_gain=1",
+        "early_stopping.patience=1", "early_stopping.min_patience_steps=0",
+        "early_stopping.patience_before_first_gain=1",
         "early_stopping.lr_drop_patience=null", "budget.train_budget_milli_node_hours=40",
         into=1.0,
     )  # fmt: skip

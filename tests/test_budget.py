@@ -250,3 +250,69 @@ def test_a_20_milli_node_hour_training_spends_at_least_095_of_it(tmp_path) -> No
         assert callback.stopped_by_budget
         assert 19 <= meter.cost_milli_node_hours() <= 20
         history.record(18e6, recording=work.save, checkpoint=work.checkpoint)
+
+
+# -- the learning rate follows the budget (budgets/schedule.py) -------------------------------
+
+
+@dataclass
+class TrainerWithOptimizer(FakeTrainer):
+    optimizers: list = field(default_factory=list)
+
+
+def decayed_rates(
+    lr: float, spent_before: float = 0.0, factor_before: float | None = None, drop_at: int = -1
+) -> list[float]:
+    """The rate at each step of a 10 milli-node-hour training of 1 s steps (36 s, none of it
+    set-up), driven through the budget and decay callbacks; ``drop_at``: the step before which
+    something else (a drop on a plateau) multiplies the rate by 0.2."""
+    import torch
+
+    from budgets.schedule import FACTOR, BudgetDecay
+
+    clock = FakeClock()
+    meter = BudgetMeter(10, clock=clock, spent_before_seconds=spent_before)
+    budget = BudgetStopping(meter, final_eval_batches=0, save_seconds=0.0, checkpoint_seconds=0.0)
+    decay = BudgetDecay(budget, final_factor=0.02)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    if factor_before is not None:
+        optimizer.param_groups[0][FACTOR] = factor_before
+    trainer = TrainerWithOptimizer(val_batches=0, optimizers=[optimizer])
+    budget.on_train_start(trainer, None)
+    rates = []
+    for index in itertools.count():
+        if index == drop_at:
+            optimizer.param_groups[0]["lr"] *= 0.2
+        budget.on_train_batch_start(trainer, None, None, index)
+        decay.on_train_batch_start(trainer, None, None, index)
+        rates.append(optimizer.param_groups[0]["lr"])
+        clock.advance(1.0)
+        budget.on_train_batch_end(trainer, None, None, None, index)
+        if trainer.should_stop:
+            return rates
+
+
+def test_the_rate_falls_linearly_to_its_floor_at_the_budget_end() -> None:
+    rates = decayed_rates(1.0)
+    assert len(rates) >= 30  # 36 s of 1 s steps, a safety margin kept
+    assert rates[0] == pytest.approx(1.0, abs=0.05)
+    assert all(later <= earlier for earlier, later in itertools.pairwise(rates))
+    middle = len(rates) // 2
+    assert rates[middle] == pytest.approx(1 - middle / 36, abs=0.06)  # linear in the seconds
+    assert 0.02 <= rates[-1] <= 0.1  # near nothing by the last step, never below the floor
+
+
+def test_a_drop_by_something_else_is_kept_under_the_decay() -> None:
+    plain, dropped = decayed_rates(1.0), decayed_rates(1.0, drop_at=10)
+    assert dropped[:10] == plain[:10]
+    assert dropped[20] == pytest.approx(0.2 * plain[20])
+
+
+def test_a_resumed_operation_goes_on_from_where_its_rate_stood() -> None:
+    # Half of the budget was spent by an earlier piece: its rate stood at half, and the
+    # optimizer kept both the rate and the factor.
+    resumed = decayed_rates(0.5, spent_before=18.0, factor_before=0.5)
+    assert resumed[0] == pytest.approx(0.5, abs=0.05)
+    # A module that resets the rate to the configured one drops the factor: the same place.
+    reset = decayed_rates(1.0, spent_before=18.0, factor_before=None)
+    assert reset[0] == pytest.approx(resumed[0])

@@ -37,11 +37,14 @@ class Scripted(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1.0)
 
 
-def fit(script: list[float], callbacks: list) -> tuple[Trainer, Scripted]:
+def fit(
+    script: list[float], callbacks: list, checkpointing: bool = False
+) -> tuple[Trainer, Scripted]:
     loader = DataLoader(TensorDataset(torch.ones(1, 1)), batch_size=1)
     module = Scripted(script)
     trainer = Trainer(
-        max_epochs=len(script), callbacks=callbacks, logger=False, enable_checkpointing=False,
+        max_epochs=len(script), callbacks=callbacks, logger=False,
+        enable_checkpointing=checkpointing,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
         accelerator="cpu",
     )  # fmt: skip
@@ -235,3 +238,23 @@ def test_a_number_is_used_for_both_and_a_damaged_file_is_ignored(tmp_path) -> No
     assert save_reserves(BUDGET, history).recording == 20.0
     history.record(recording=2.0)
     assert history.recent("recording") == [2.0]
+
+
+def test_patience_counts_at_least_min_patience_steps() -> None:
+    """On a dataset of few steps a pass, patience is at least ``min_patience_steps`` steps."""
+    flat = [0.1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    passes = config(1, 2)
+    trainer, _ = fit(flat, convergence_callbacks(passes, "val_accuracy", "max", enabled=True))
+    assert trainer.current_epoch == 4  # two passes after the gain at epoch 1
+    steps = {**passes, "min_patience_steps": 5}  # one step a pass here: five passes
+    trainer, _ = fit(flat, convergence_callbacks(steps, "val_accuracy", "max", enabled=True))
+    assert trainer.current_epoch == 7
+
+
+def test_of_two_equal_scores_the_later_pass_is_kept_as_the_best(tmp_path) -> None:
+    from trainer.job.checkpoints import LatestBest
+
+    best = LatestBest(tmp_path, "best", monitor="val_accuracy", mode="max", save_top_k=1)
+    assert best.state_key.startswith("ModelCheckpoint{")  # older checkpoints resume with it
+    fit([0.2, 0.8, 0.5, 0.8, 0.6], [best], checkpointing=True)
+    assert torch.load(tmp_path / "best.ckpt", weights_only=True)["epoch"] == 3

@@ -22,6 +22,7 @@ def test_real_digits_train_far_above_chance(tmp_path: Path, trainer_home: Path) 
         "data.crop_scale=[0.85,1.0]",
         "data.horizontal_flip=false",  # a mirrored digit is another glyph
         "early_stopping.patience=3",
+        "early_stopping.min_patience_steps=0",
         "early_stopping.patience_before_first_gain=3",
         "budget.min_milli_node_hours=1",
         "budget.train_budget_milli_node_hours=10",

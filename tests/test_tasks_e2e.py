@@ -211,6 +211,7 @@ def test_detection_learns_on_the_generated_shapes(tmp_path: Path, trainer_home: 
         tmp_path, trainer_home, "task=object_detection", "model.input_size=[128,128]",
         "data.batch_size=8", "budget.min_milli_node_hours=1",
         "budget.train_budget_milli_node_hours=150", "early_stopping.patience=6",
+        "early_stopping.min_patience_steps=0",
     )  # fmt: skip
     check_model(model, DETECTION_META, "IOD", 150)
     trained, untrained = trained_map_50(run_dir), untrained_map_50(run_dir, tmp_path)
@@ -227,6 +228,7 @@ def test_detection_learns_on_real_photos(tmp_path: Path, trainer_home: Path) -> 
         tmp_path, trainer_home, "task=object_detection", f"dataset.path={dataset}",
         "model.input_size=[160,160]", "data.batch_size=8", "budget.min_milli_node_hours=1",
         "budget.train_budget_milli_node_hours=200", "early_stopping.patience=6",
+        "early_stopping.min_patience_steps=0",
     )  # fmt: skip
     check_model(model, DETECTION_META, "IOD", 200)
     trained, untrained = trained_map_50(run_dir), untrained_map_50(run_dir, tmp_path)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import FAST, MOBILE, read_json, run_dirs, run_trainer
 
@@ -113,6 +114,13 @@ def test_multirun_trains_each_type_to_its_budget_and_returns_the_metric(mobile_m
         meta = model[META]
         assert meta["stopReason"] == "BUDGET_REACHED"
         assert budget - 1 <= int(meta["trainCostMilliNodeHours"]) <= budget, meta
+    for run_dir in mobile_models.run_dirs.values():
+        # The rate fell with the budget (conf/optimizer: budget_linear from 2e-3).
+        (group,) = torch.load(run_dir / "checkpoints" / "last.ckpt")["optimizer_states"][0][
+            "param_groups"
+        ]
+        assert group["budget_lr_factor"] < 0.6
+        assert group["lr"] == pytest.approx(2e-3 * group["budget_lr_factor"])
     returns = mobile_models.returns
     assert len(returns) == len(MOBILE)
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 and not math.isnan(v) for v in returns)

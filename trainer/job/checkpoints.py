@@ -6,6 +6,7 @@
 - ``SafetyCheckpoints`` writes ``last.ckpt`` every ``every_minutes`` of training (so long epochs
   are covered) and, when a stop is requested by a signal, writes it and raises
   ``TrainingInterrupted`` at the next step boundary.
+- ``LatestBest`` is Lightning's ``ModelCheckpoint`` keeping the later of two equal scores.
 - ``StopRequest`` turns the first SIGINT or SIGTERM into that cooperative stop; a second one
   exits at once, leaving the last good checkpoint.
 
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from trainer.store.resources import file_sha256, fsync_directory, redact
 
@@ -103,6 +105,28 @@ def load_first_good(
         except Exception as error:  # a damaged or hostile file raises anything from pickle to zip
             log.warning("checkpoint %s does not load (%s); trying the previous one", path, error)
     return None
+
+
+class LatestBest(ModelCheckpoint):
+    """``ModelCheckpoint`` that, of two passes scoring alike, keeps the later one as the best.
+
+    Lightning keeps the first. On a small VALIDATE split scores tie often (generated shapes, 53
+    images: accuracy 1.0 from pass 28 to pass 113 of a 60 milli-node-hour training), and the model
+    trained longer, at a rate that has fallen with the budget, is the better one there: the first
+    of those passes scored 0.978 on a 1,200-image hold-out.
+    """
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key: checkpoints written before this class existed resume with it.
+        return ModelCheckpoint.__name__ + super().state_key.removeprefix(type(self).__qualname__)
+
+    def check_monitor_top_k(self, trainer: Trainer, current: torch.Tensor | None = None) -> bool:
+        if current is None or self.save_top_k != 1 or not self.best_k_models:
+            return super().check_monitor_top_k(trainer, current)
+        best = self.best_k_models[self.kth_best_model_path]
+        as_good = bool(current >= best if self.mode == "max" else current <= best)
+        return trainer.strategy.reduce_boolean_decision(as_good)
 
 
 class StopRequest:

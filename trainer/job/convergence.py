@@ -22,6 +22,7 @@ a lucky one that a network still starting cannot beat for a while.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from typing import Any
 
@@ -56,6 +57,7 @@ class SmoothedMetric(Callback):
         mode: str = "max",
         early_stopping: EarlyStopping | None = None,
         patience_before_first_gain: int | None = None,
+        min_patience_steps: int = 0,
     ) -> None:
         self.monitor, self.window, self.sign = monitor, max(1, window), 1 if mode == "max" else -1
         self.name = smoothed_name(monitor)
@@ -63,12 +65,27 @@ class SmoothedMetric(Callback):
         # do not make a best.
         self.median = statistics.median_low if mode == "max" else statistics.median_high
         self.early_stopping = early_stopping
-        self.patience = early_stopping.patience if early_stopping else 0
-        self.slow_patience = max(patience_before_first_gain or 2 * self.patience, self.patience)
+        patience = early_stopping.patience if early_stopping else 0
+        self.configured = (patience, patience_before_first_gain)
+        self.min_patience_steps = min_patience_steps
+        self.patience, self.slow_patience = self._patiences(steps_per_pass=None)
         self.recent: list[float] = []
         self.first: float | None = None  # the first median
         self.gained = False  # a median has improved on the first since
         self.value: float | None = None  # the last median
+
+    def _patiences(self, steps_per_pass: float | None) -> tuple[int, int]:
+        """Passes of patience, and of patience before the first gain: at least
+        ``min_patience_steps`` optimizer steps, once the steps of a pass are known."""
+        patience, slow = self.configured
+        if steps_per_pass and steps_per_pass != float("inf"):
+            patience = max(patience, math.ceil(self.min_patience_steps / steps_per_pass))
+        return patience, max(slow or 2 * patience, patience)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.patience, self.slow_patience = self._patiences(trainer.num_training_batches)
+        if self.early_stopping is not None:
+            self.early_stopping.patience = self.patience if self.gained else self.slow_patience
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = trainer.callback_metrics
@@ -181,7 +198,8 @@ def convergence_callbacks(
         early_stopping = EarlyStopping(name, min_delta, patience, mode=mode)
     window = int(early_stopping_cfg.get("smoothing_window", 1))
     slow_patience = early_stopping_cfg.get("patience_before_first_gain")
-    smoothed = SmoothedMetric(monitor, window, mode, early_stopping, slow_patience)
+    min_steps = int(early_stopping_cfg.get("min_patience_steps") or 0)
+    smoothed = SmoothedMetric(monitor, window, mode, early_stopping, slow_patience, min_steps)
     callbacks: list[Callback] = [smoothed]
     drop_after = early_stopping_cfg.get("lr_drop_patience")
     if drop_after:

@@ -54,6 +54,7 @@ def validate(cfg: dict[str, Any]) -> TrainSettings:
     if not is_auto(model.get("input_size", "auto")):
         checked_size(model["input_size"], "model.input_size")
     pretrained_mode(model.get("pretrained", "false"))
+    lr_schedule(cfg["optimizer"])
     Parent.of_config(cfg)  # resource names: the project and location must fit in one
     reserve = cfg["budget"].get("save_reserve_seconds", 0)
     if str(reserve) != "auto" and not _non_negative_number(reserve):
@@ -61,6 +62,19 @@ def validate(cfg: dict[str, Any]) -> TrainSettings:
             f"budget.save_reserve_seconds={reserve!r} is invalid: use auto or a number of seconds"
         )
     return TrainSettings(budget, nodes, display_name, dataset_path)
+
+
+def lr_schedule(optimizer: dict[str, Any]) -> float | None:
+    """``optimizer.lr_schedule``'s final rate factor (budgets/schedule.py), None when constant."""
+    schedule = optimizer.get("lr_schedule", "constant")
+    if schedule == "constant":
+        return None
+    final = optimizer.get("final_lr_factor", 0.02)
+    if schedule != "budget_linear":
+        raise UserError(f"optimizer.lr_schedule={schedule!r}: use budget_linear or constant")
+    if not _non_negative_number(final) or not 0 < float(final) <= 1:
+        raise UserError(f"optimizer.final_lr_factor={final!r} must lie in (0, 1]")
+    return float(final)
 
 
 def _non_negative_number(value: Any) -> bool:

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import MLFlowLogger
 
 from budgets import BudgetMeter
 from budgets.callback import BudgetStopping
 from budgets.meter import milli_node_hours
+from budgets.schedule import BudgetDecay
 from trainer.data.device_augment import resolve_precision
 from trainer.data.input_size import auto_input_size, checked_size, is_auto
 from trainer.data.manifest import CheckStopped
@@ -34,6 +35,7 @@ from trainer.errors import UserError
 from trainer.job.checkpoints import (
     AtomicCheckpointIO,
     CancelWatch,
+    LatestBest,
     SafetyCheckpoints,
     StopRequest,
     TrainingInterrupted,
@@ -52,7 +54,7 @@ from trainer.job.run_state import (
     RunState,
     hold_run_dir,
 )
-from trainer.job.settings import validate
+from trainer.job.settings import lr_schedule, validate
 from trainer.job.work_history import WorkHistory, save_reserves
 from trainer.store.automl import (
     Operation,
@@ -364,7 +366,7 @@ def _train(job: Job) -> float:
     budget = BudgetStopping(
         job.meter, len(test_loader), reserves.recording, checkpoint_seconds=reserves.checkpoint
     )
-    checkpoints = ModelCheckpoint(
+    checkpoints = LatestBest(
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor=task["monitor"],
@@ -392,7 +394,9 @@ def _train(job: Job) -> float:
     )
     # The cancel watch and safety checkpoints come before the budget callback, so that their
     # time is part of the step that the budget measures.
-    callbacks = [cancel_watch, safety, budget, checkpoints, progress, *convergence]
+    final_lr_factor = lr_schedule(cfg["optimizer"])
+    decay = None if final_lr_factor is None else BudgetDecay(budget, final_lr_factor)
+    callbacks = [cancel_watch, safety, budget, decay, checkpoints, progress, *convergence]
 
     trainer_cfg = cfg["trainer"]
     trainer = pl.Trainer(

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from budgets.callback import BudgetStopping
+from budgets.schedule import FACTOR as BUDGET_LR_FACTOR
 from trainer.data.device_augment import DevicePlan
 from trainer.tasks.pretrained import FineTuning
 
@@ -95,6 +96,7 @@ class ImageClassifier(FineTuning, LightningModule):
         for group, rate in zip(groups, self.group_rates(), strict=True):
             group["lr"], group["weight_decay"] = rate, self.hparams.weight_decay
             group.pop("warmup_target_lr", None)
+            group.pop(BUDGET_LR_FACTOR, None)  # the rate set here is undecayed
         dataset = getattr(self.trainer.train_dataloader, "dataset", None)
         self._plan = getattr(dataset, "device_plan", None) or DevicePlan()
         if self._plan.channels_last:

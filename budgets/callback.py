@@ -16,8 +16,10 @@ Each is measured as training goes; before the first measurement it is derived fr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from budgets.meter import BudgetMeter, WorkEstimator
@@ -54,6 +56,11 @@ class BudgetStopping(Callback):
         self._eval_started: float | None = None
         self._eval_batches_seconds = 0.0
         self._epoch_ended = False
+        self.fraction_spent = 0.0  # of the training seconds, as the ranks agreed at the last step
+        # Other callbacks' yes-or-no questions, decided with the budget at each step's end (any
+        # rank's yes is everyone's, in ``agreed_votes``, in the same order).
+        self.voters: list[Callable[[], bool]] = []
+        self.agreed_votes: list[bool] = []
 
     # -- estimates -------------------------------------------------------------------------
 
@@ -160,10 +167,17 @@ class BudgetStopping(Callback):
     # -- decision --------------------------------------------------------------------------
 
     def _decide(self, trainer: Trainer, fits: bool) -> None:
-        want_stop = not fits
-        # Every rank must stop at the same step: any rank out of budget stops them all.
+        spent = self.training_fraction_spent(_val_batches(trainer))
+        votes = [float(not fits), spent, *(float(vote()) for vote in self.voters)]
         if trainer.world_size > 1:
-            want_stop = trainer.strategy.reduce_boolean_decision(want_stop, all=False)
+            # One collective a step: every rank stops at the same step (any rank out of budget
+            # stops them all), takes the furthest rank's share of the budget spent (the learning
+            # rate follows it: replicas must step alike), and learns the other votes (a signal
+            # or a cancel on any rank stops them all).
+            tensor = torch.tensor(votes, device=trainer.strategy.root_device)
+            votes = trainer.strategy.reduce(tensor, reduce_op="max").tolist()
+        want_stop, self.fraction_spent = bool(votes[0]), float(votes[1])
+        self.agreed_votes = [bool(vote) for vote in votes[2:]]
         if want_stop:
             self.stopped_by_budget = True
             trainer.should_stop = True

@@ -20,7 +20,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from budgets.callback import BudgetStopping, _val_batches
+from budgets.callback import BudgetStopping
 
 FACTOR = "budget_lr_factor"
 
@@ -37,7 +37,7 @@ class BudgetDecay(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        factor = self.factor(self.budget.training_fraction_spent(_val_batches(trainer)))
+        factor = self.factor(self.budget.fraction_spent)
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] *= factor / group.get(FACTOR, 1.0)

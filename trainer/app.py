@@ -28,6 +28,13 @@ def train_job(cfg: DictConfig) -> float:
     overrides = list(HydraConfig.get().overrides.task)
     _redact_hydra_files(run_dir)
     try:
+        from trainer.job.distributed import brief_to_follow  # light: no torch
+
+        brief = brief_to_follow()
+        if brief is not None:  # a rank other than 0: rank 0 is the operation
+            from trainer.job.distributed import follow
+
+            return follow(brief, run_dir)
         if not resolved["resume_operation"]:
             # A resumed operation is checked with its own config and bounds, in _continuation.
             validate(resolved)

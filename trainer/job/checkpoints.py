@@ -165,11 +165,21 @@ class StopRequest:
 
 
 class SafetyCheckpoints(Callback):
-    def __init__(self, checkpoint_dir: Path, every_minutes: float, stop: StopRequest) -> None:
+    """``agreement``: the budget callback, which decides at each step's end, on every rank at
+    once, whether any rank was asked to stop or is due a save; this callback must come after it.
+    A checkpoint write is a collective under DDP, and a stop must end every rank at the same step.
+    """
+
+    def __init__(
+        self, checkpoint_dir: Path, every_minutes: float, stop: StopRequest, agreement: Any = None
+    ) -> None:
         self.path = checkpoint_dir / LAST
         self.every_seconds = every_minutes * 60
         self.stop = stop
         self._last_save = time.monotonic()
+        self.agreement = agreement
+        if agreement is not None:
+            agreement.voters.extend([self._stop_requested, self._save_due])
 
     # These hooks are the first to run after Lightning has registered its SIGTERM handler.
     def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -185,22 +195,36 @@ class SafetyCheckpoints(Callback):
         trainer.save_checkpoint(self.path)
         self._last_save = time.monotonic()
 
-    def _stop_if_requested(self, trainer: Trainer) -> None:
-        if self.stop.reason is not None:
-            self._save(trainer)
-            raise TrainingInterrupted(self.stop.reason, trainer.global_step)
+    def _stop_requested(self) -> bool:
+        return self.stop.reason is not None
+
+    def _save_due(self) -> bool:
+        return time.monotonic() - self._last_save >= self.every_seconds
+
+    def _stop(self, trainer: Trainer) -> None:
+        self._save(trainer)
+        # Stopped by another rank's request: a signal (a cancel is rank 0's own), which the
+        # vote does not carry; SIGTERM, the one that clusters send, stands for it.
+        raise TrainingInterrupted(self.stop.reason or "SIGTERM", trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._stop_if_requested(trainer)
-        if time.monotonic() - self._last_save >= self.every_seconds:
+        if self.agreement is not None and self.agreement.agreed_votes:
+            stop, save = self.agreement.agreed_votes[:2]
+        else:
+            stop, save = self._stop_requested(), self._save_due()
+        if stop:
+            self._stop(trainer)
+        if save:
             self._save(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
             self._last_save = time.monotonic()  # ModelCheckpoint has just written last.ckpt
-            self._stop_if_requested(trainer)
+            # Under DDP a stop waits for the next step's agreement: one rank alone must not.
+            if trainer.world_size == 1 and self._stop_requested():
+                self._stop(trainer)
 
 
 class CancelWatch(Callback):

@@ -21,30 +21,23 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import EarlyStopping
-from lightning.pytorch.loggers import MLFlowLogger
 
 from budgets import BudgetMeter
-from budgets.callback import BudgetStopping
 from budgets.meter import milli_node_hours
-from budgets.schedule import BudgetDecay
 from trainer.data.device_augment import resolve_precision
 from trainer.data.input_size import auto_input_size, checked_size, is_auto
 from trainer.data.manifest import CheckStopped
 from trainer.errors import UserError
 from trainer.job.checkpoints import (
     AtomicCheckpointIO,
-    CancelWatch,
-    LatestBest,
-    SafetyCheckpoints,
     StopRequest,
     TrainingInterrupted,
     load_first_good,
 )
 from trainer.job.continuation import StartFrom
-from trainer.job.convergence import convergence_callbacks
+from trainer.job.distributed import tester, write_brief
+from trainer.job.fitting import Leader, fit_parts
 from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV
-from trainer.job.progress import ProgressReport
 from trainer.job.run_state import (
     CANCELLED,
     FAILED,
@@ -54,7 +47,7 @@ from trainer.job.run_state import (
     RunState,
     hold_run_dir,
 )
-from trainer.job.settings import lr_schedule, validate
+from trainer.job.settings import validate
 from trainer.job.work_history import WorkHistory, save_reserves
 from trainer.store.automl import (
     Operation,
@@ -363,66 +356,18 @@ def _train(job: Job) -> float:
     bytes_written = checkpoint_bytes(module)
     reserves = save_reserves(cfg["budget"], history, bytes_written)
 
-    budget = BudgetStopping(
-        job.meter, len(test_loader), reserves.recording, checkpoint_seconds=reserves.checkpoint
-    )
-    checkpoints = LatestBest(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
-        monitor=task["monitor"],
-        mode=task["monitor_mode"],
-        save_last=True,
-        save_top_k=1,
-        enable_version_counter=False,
-    )
-    convergence = convergence_callbacks(
-        cfg["early_stopping"], task.get("convergence_monitor", task["monitor"]),
-        task.get("convergence_monitor_mode", task["monitor_mode"]),
-        enabled=not cfg["budget"]["disable_early_stopping"],
+    parts = fit_parts(
+        cfg, run_dir, job.meter, reserves, len(test_loader), job.stop,
+        Leader(job.flush, lambda: job.store.cancel_requested(state.run_id), state.run_id),
     )  # fmt: skip
-    early_stopping = next((c for c in convergence if isinstance(c, EarlyStopping)), None)
-    progress = ProgressReport(
-        budget, task["monitor"], job.flush, early_stopping, cfg["checkpoint"]["cost_flush_seconds"]
-    )
-    safety = SafetyCheckpoints(
-        run_dir / "checkpoints", cfg["checkpoint"]["every_minutes"], job.stop
-    )
-    cancel_watch = CancelWatch(
-        lambda: job.store.cancel_requested(state.run_id),
-        cfg["checkpoint"]["cancel_poll_seconds"],
-        job.stop,
-    )
-    # The cancel watch and safety checkpoints come before the budget callback, so that their
-    # time is part of the step that the budget measures.
-    final_lr_factor = lr_schedule(cfg["optimizer"])
-    decay = None if final_lr_factor is None else BudgetDecay(budget, final_lr_factor)
-    callbacks = [cancel_watch, safety, budget, decay, checkpoints, progress, *convergence]
-
-    trainer_cfg = cfg["trainer"]
-    trainer = pl.Trainer(
-        accelerator=trainer_cfg["accelerator"],
-        devices=trainer_cfg["devices"],
-        num_nodes=trainer_cfg["num_nodes"],
-        precision=trainer_cfg["precision"],
-        max_epochs=-1,  # the budget and early stopping decide when training ends
-        num_sanity_val_steps=1,  # also times one validation batch before training starts
-        callbacks=[c for c in callbacks if c is not None],
-        plugins=[AtomicCheckpointIO()],
-        logger=MLFlowLogger(
-            experiment_name=cfg["mlflow"]["experiment_name"],
-            tracking_uri=cfg["mlflow"]["tracking_uri"],
-            run_id=state.run_id,
-        ),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=trainer_cfg["log_every_n_steps"],
-        default_root_dir=run_dir,
-    )
+    trainer, budget, checkpoints = parts.trainer, parts.budget, parts.checkpoints
+    brief = write_brief(cfg, run_dir, job, reserves, start_checkpoint, network)
     if job.stop.reason:  # interrupted during set-up
         raise TrainingInterrupted(job.stop.reason, 0)
     job.enter("training")
     # weights_only: the checkpoint may come from the store (see checkpoints.load_checkpoint).
     trainer.fit(module, train_loader, val_loader, ckpt_path=start_checkpoint, weights_only=True)
+    testing = tester(trainer, brief)  # one process from here on: every TEST image once
     job.stop.training_over = True  # testing and recording take seconds: a signal waits for them
     if budget.steps_done == 0:
         raise UserError(
@@ -437,7 +382,7 @@ def _train(job: Job) -> float:
     # The final model is the best one by the validation metric.
     best_path = checkpoints.best_model_path or checkpoints.last_model_path
     job.enter("testing")
-    test_results = trainer.test(
+    test_results = testing.test(
         module, test_loader, ckpt_path=best_path, verbose=False, weights_only=True
     )[0]
     tested = time.monotonic()  # from here to the recorded model: what the save reserve keeps

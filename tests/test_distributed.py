@@ -132,3 +132,55 @@ def test_sigterm_to_the_other_rank_stops_both_and_a_resume_goes_on(
     cost = int(read_json(run_dir / "model.json")[META]["trainCostMilliNodeHours"])
     assert cost <= budget
     assert read_json(run_dir / "metrics.json")["global_step"] > stopped_at
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie waiting for its parent to read its status does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_a_cancel_stops_both_ranks_and_leaves_no_process(
+    tmp_path: Path, trainer_home: Path, tiny_shapes: Path
+) -> None:
+    from tests.test_manage import cli, cli_json
+
+    process = start_trainer(
+        *FAST, *DDP, f"dataset.path={tiny_shapes}", "budget.disable_early_stopping=true",
+        "budget.train_budget_milli_node_hours=40", "checkpoint.cost_flush_seconds=1",
+        "checkpoint.cancel_poll_seconds=0.5", cwd=tmp_path, home=trainer_home,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: any(tmp_path.glob("runs/*/*/distributed_brief.json")))
+        (run_dir,) = run_dirs(tmp_path)
+        wait_for(lambda: read_json(run_dir / "state.json")["global_step"] >= 10)
+        (follower,) = [pid for pid in children(process.pid) if b"trainer" in
+                       Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
+        (operation,) = cli_json("operations", "list", cwd=tmp_path)["operations"]
+        assert cli("operations", "cancel", operation["name"], cwd=tmp_path).returncode == 0
+        _, stderr = process.communicate(timeout=90)
+    finally:
+        process.kill()
+    assert process.returncode == 1, stderr[-3000:]
+    assert "cancelled at global step" in stderr
+    wait_for(lambda: not running(follower), timeout=30)
+    assert read_json(run_dir / "state.json")["status"] == "CANCELLED"
+    assert run_dirs(tmp_path) == [run_dir]
+
+
+@pytest.mark.slow
+def test_two_processes_converge_together(
+    tmp_path: Path, trainer_home: Path, tiny_shapes: Path
+) -> None:
+    result = run_trainer(
+        *FAST, *DDP, f"dataset.path={tiny_shapes}", "budget.train_budget_milli_node_hours=40",
+        cwd=tmp_path, home=trainer_home,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path)
+    model = read_json(run_dir / "model.json")
+    assert model[META]["stopReason"] == "MODEL_CONVERGED"
+    assert int(model[META]["trainCostMilliNodeHours"]) < 40

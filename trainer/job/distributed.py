@@ -87,6 +87,7 @@ def write_brief(
             "config": cfg,
             "start_checkpoint": start_checkpoint,
             "pretrained_names": sorted(getattr(network, PRETRAINED_NAMES, ())),
+            "warm_restart": bool(job.start.base_model_id) and job.start.state is None,
             "reserves": {"recording": reserves.recording, "checkpoint": reserves.checkpoint},
             "spent_seconds": job.meter.elapsed_seconds(),
             "written": time.time(),
@@ -156,6 +157,7 @@ def follow(path: Path, run_dir: Path) -> float:
     network = kind.network(cfg, manifest.labels, None)  # DDP hands it rank 0's weights
     setattr(network, PRETRAINED_NAMES, frozenset(brief["pretrained_names"]))
     module = kind.module(network, manifest.labels, cfg)
+    module.warm_restart = bool(brief["warm_restart"])
     reserves = SaveReserves(**brief["reserves"])
     parts = fit_parts(cfg, run_dir, meter, reserves, len(loaders.test), stop, leader=None)
     log.info("rank %s follows the operation in %s", os.environ.get("LOCAL_RANK", "?"), run_dir)

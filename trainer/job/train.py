@@ -352,6 +352,8 @@ def _train(job: Job) -> float:
     job.enter("building the network", flush=False)
     network = kind.network(cfg, manifest.labels, _pretrained(job, kind, start_checkpoint))
     module = kind.module(network, manifest.labels, cfg)
+    # A training further (not a resume of one) warms its rate up from its first step.
+    module.warm_restart = bool(job.start.base_model_id) and job.start.state is None
     # With the network built, a type not yet measured here can learn from the others' figures.
     bytes_written = checkpoint_bytes(module)
     reserves = save_reserves(cfg["budget"], history, bytes_written)

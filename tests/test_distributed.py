@@ -94,6 +94,17 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def underway(process, cwd: Path) -> tuple[Path, int]:
+    """Once a started two-process training has trained 10 steps: its run directory and the
+    process ID of rank 1, a child of rank 0."""
+    wait_for(lambda: any(cwd.glob("runs/*/*/distributed_brief.json")))
+    (run_dir,) = run_dirs(cwd)
+    wait_for(lambda: read_json(run_dir / "state.json")["global_step"] >= 10)
+    (follower,) = [pid for pid in children(process.pid) if b"trainer" in
+                   Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
+    return run_dir, follower
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_other_rank_stops_both_and_a_resume_goes_on(
     tmp_path: Path, trainer_home: Path, tiny_shapes: Path
@@ -105,11 +116,7 @@ def test_sigterm_to_the_other_rank_stops_both_and_a_resume_goes_on(
         cwd=tmp_path, home=trainer_home,
     )  # fmt: skip
     try:
-        wait_for(lambda: any(tmp_path.glob("runs/*/*/distributed_brief.json")))
-        (run_dir,) = run_dirs(tmp_path)
-        wait_for(lambda: read_json(run_dir / "state.json")["global_step"] >= 10)
-        (follower,) = [pid for pid in children(process.pid) if b"trainer" in
-                       Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
+        run_dir, follower = underway(process, tmp_path)
         os.kill(follower, signal.SIGTERM)  # rank 1 only: its vote stops rank 0 too
         _, stderr = process.communicate(timeout=120)
     finally:
@@ -154,11 +161,7 @@ def test_a_cancel_stops_both_ranks_and_leaves_no_process(
         "checkpoint.cancel_poll_seconds=0.5", cwd=tmp_path, home=trainer_home,
     )  # fmt: skip
     try:
-        wait_for(lambda: any(tmp_path.glob("runs/*/*/distributed_brief.json")))
-        (run_dir,) = run_dirs(tmp_path)
-        wait_for(lambda: read_json(run_dir / "state.json")["global_step"] >= 10)
-        (follower,) = [pid for pid in children(process.pid) if b"trainer" in
-                       Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
+        run_dir, follower = underway(process, tmp_path)
         (operation,) = cli_json("operations", "list", cwd=tmp_path)["operations"]
         assert cli("operations", "cancel", operation["name"], cwd=tmp_path).returncode == 0
         _, stderr = process.communicate(timeout=90)

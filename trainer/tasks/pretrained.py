@@ -198,10 +198,9 @@ class FineTuning:
     hold_pretrained_batch_norm = False
     # Set by the job when this training goes on from another model's checkpoint (a training
     # further): it warms up too, from the step it starts at. Its rate starts again at the full
-    # rate for its own budget, and AdamW's moments from the base's last, slow steps would turn
-    # that rate into a jump that undoes much of the base's training (tests/test_resume.py:
-    # without it, the first validation loss was 0.78 of the base's first, from scratch; the test
-    # asks for less than 0.7, which the warm-up meets).
+    # rate for its own budget (optimizer.lr_schedule), after the base's last steps at a small
+    # one; a warm-up is the usual way to restart AdamW at a high rate. (On the 10-image
+    # validation split of tests/test_resume.py its effect is within the noise of a pass.)
     warm_restart = False
     _first_step: int | None = None
 

@@ -98,10 +98,12 @@ def check_image_package(package: Path, model: dict, model_type: str, files: set[
     meta = check_package(package, model, files)
     assert meta["task"] == "image_classification" and meta["modelType"] == model_type
     assert meta["input_size"] == [32, 32]
-    # The tolerance is 1e-4 of the logits' scale (at least 1): the export recorded both figures.
+    # The tolerance is 1e-4 of the logits' scale (at least 1), which depends on the training:
+    # a 21.6 s EfficientNet-B0 once reached logits of 184 (tolerance 0.018).
     verification = meta["verification"]
-    assert verification["tolerance"] >= 1e-4 and verification["tolerance"] < 1e-2
+    assert verification["tolerance"] >= 1e-4
     assert verification["maxAbsDifference"] < verification["tolerance"]
+    assert verification["top1Disagreements"] == 0
     labels = (package / "labels.txt").read_text().split()
     assert labels == sorted(["circle", "square", "triangle", "cross", "stripes_h", "stripes_v"])
 

@@ -3,13 +3,17 @@ launcher from `python -m trainer` (trainer/job/distributed.py)."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, read_json, run_dirs, run_trainer
+from tests.conftest import FAST, REPO, read_json, run_dirs, run_trainer
 from tests.test_resume import checkpoint_step, resume, start_trainer, wait_for
 from trainer.data.manifest import TEST, read_dataset
 
@@ -61,24 +65,120 @@ def test_two_processes_train_one_model_under_one_budget(
 
 def test_ranks_are_read_from_each_launchers_variables(monkeypatch) -> None:
     from trainer.errors import UserError
-    from trainer.job.distributed import BRIEF_ENV, brief_to_follow, is_rank_zero
+    from trainer.job.distributed import BRIEF_ENV, brief_to_follow, is_rank_zero, started_by_cluster
 
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID",
+             "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME")  # fmt: skip
     for name in (*names, BRIEF_ENV):
         monkeypatch.delenv(name, raising=False)
-    assert is_rank_zero() and brief_to_follow() is None  # one process
+    assert is_rank_zero() and brief_to_follow() is None and not started_by_cluster()
     monkeypatch.setenv("LOCAL_RANK", "1")  # Lightning's launcher's child: follows its brief
     monkeypatch.setenv(BRIEF_ENV, "/runs/x/distributed_brief.json")
     assert not is_rank_zero() and brief_to_follow() == Path("/runs/x/distributed_brief.json")
+    assert not started_by_cluster()
     monkeypatch.delenv(BRIEF_ENV)
-    monkeypatch.setenv("RANK", "3")  # torchrun started it: no brief to follow yet
-    with pytest.raises(UserError, match="torchrun and SLURM are not supported yet"):
+    monkeypatch.setenv("RANK", "3")  # an unknown launcher started it: refused
+    with pytest.raises(UserError, match="a launcher other than Lightning's, torchrun or srun"):
         brief_to_follow()
     monkeypatch.setenv("RANK", "0")
     assert is_rank_zero() and brief_to_follow() is None
-    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's rank 0 must not wait for the others
-    with pytest.raises(UserError, match="torchrun and SLURM are not supported yet"):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # its rank 0 must not wait for the others
+    with pytest.raises(UserError, match="a launcher other than"):
         brief_to_follow()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun: every rank joins the group
+    assert started_by_cluster() and brief_to_follow() is None
+    for name in ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # srun, one task per device
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert started_by_cluster() and brief_to_follow() is None
+    monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive allocation: Lightning's launcher
+    assert not started_by_cluster()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def on_nodes(
+    cwd: Path, home: Path, *args: str, launcher: str = "torchrun", nodes: int = 2
+) -> list[subprocess.CompletedProcess]:
+    """``python -m trainer`` on ``nodes`` simulated nodes of one process each, on localhost:
+    torchrun started once per node with its node rank, as on a cluster; or the processes that
+    ``srun`` would start, with the variables it sets for each task."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    env.update(VISION_TRAINER_HOME=str(home), PYTHONPATH=str(REPO))
+    trainer = [*args, "trainer.accelerator=cpu", "trainer.devices=1", f"trainer.num_nodes={nodes}",
+               "trainer.strategy=ddp"]  # fmt: skip
+    torchrun = [
+        str(Path(sys.executable).with_name("torchrun")), f"--nnodes={nodes}", "--nproc-per-node=1",
+        "--master-addr=127.0.0.1", f"--master-port={port}",
+    ]  # fmt: skip
+    slurm = {"SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": str(nodes),
+             "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": str(nodes), "SLURM_LOCALID": "0",
+             "SLURM_NODELIST": "localhost", "MASTER_PORT": str(port)}  # fmt: skip
+    started = []
+    for rank in range(nodes):
+        if launcher == "torchrun":
+            command, variables = [*torchrun, f"--node-rank={rank}", "-m", "trainer"], env
+        else:
+            task = {"SLURM_PROCID": str(rank), "SLURM_NODEID": str(rank)}
+            command, variables = [sys.executable, "-m", "trainer"], {**env, **slurm, **task}
+        started.append(subprocess.Popen(
+            [*command, *trainer], cwd=cwd, env=variables, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        ))  # fmt: skip
+    ended = []
+    for process in started:
+        try:
+            stdout, stderr = process.communicate(timeout=240)
+        finally:
+            process.kill()
+        ended.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return ended
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_two_nodes_are_one_operation_billed_for_two_nodes(
+    launcher: str, tmp_path: Path, trainer_home: Path, tiny_shapes: Path
+) -> None:
+    budget = 16  # 28.8 s on 2 nodes
+    node0, node1 = on_nodes(
+        tmp_path, trainer_home, *FAST, f"dataset.path={tiny_shapes}", "display_name=nodes",
+        f"budget.train_budget_milli_node_hours={budget}", "budget.disable_early_stopping=true",
+        launcher=launcher,
+    )  # fmt: skip
+    assert node0.returncode == 0, node0.stderr[-3000:]
+    assert node1.returncode == 0, node1.stderr[-3000:]
+    assert "rank 1 follows the operation" in node1.stderr
+    (run_dir,) = run_dirs(tmp_path)
+    # The other node's own Hydra run directory is gone: the training has one.
+    assert [p.parent for p in tmp_path.glob("runs/*/*/.hydra")] == [run_dir]
+    meta = read_json(run_dir / "model.json")[META]
+    assert meta["nodeCount"] == "2" and meta["stopReason"] == "BUDGET_REACHED"
+    spent = read_json(run_dir / "state.json")["spent_seconds"]
+    cost = int(meta["trainCostMilliNodeHours"])
+    assert cost == math.ceil(spent * 2 / 3.6) <= budget  # both nodes billed
+    assert cost > math.ceil(spent / 3.6)
+    assert read_json(run_dir / "state.json")["global_step"] > 0
+
+
+@pytest.mark.slow
+def test_a_torchrun_rank_zero_that_refuses_releases_the_other_nodes(
+    tmp_path: Path, trainer_home: Path, tiny_shapes: Path
+) -> None:
+    node0, node1 = on_nodes(
+        tmp_path, trainer_home, *FAST, f"dataset.path={tiny_shapes}",
+        "budget.train_budget_milli_node_hours=2", "budget.save_reserve_seconds=60",
+    )  # fmt: skip
+    assert node0.returncode != 0 and "too small" in node0.stderr, node0.stderr[-2000:]
+    assert node1.returncode == 0, node1.stderr[-2000:]  # not left waiting for a brief
+    assert "nothing to follow" in node1.stderr
+    assert run_dirs(tmp_path) == []
 
 
 def children(pid: int) -> list[int]:

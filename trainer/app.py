@@ -21,36 +21,71 @@ from trainer.tasks import task_configs
 # An absolute path: run as `-m trainer`, Hydra would look for a Python module named conf.
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def train_job(cfg: DictConfig) -> float:
-    for noisy in ("lightning.pytorch", "lightning.fabric", "mlflow", "alembic"):
+    for noisy in (
+        "lightning.pytorch",
+        "lightning.fabric",
+        "pytorch_lightning",
+        "mlflow",
+        "alembic",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = list(HydraConfig.get().overrides.task)
     _redact_hydra_files(run_dir)
     try:
-        from trainer.job.distributed import brief_to_follow  # light: no torch
+        from trainer.job import distributed  # light: no torch until a rank needs it
 
-        brief = brief_to_follow()
+        brief = distributed.brief_to_follow()
         if brief is not None:  # a rank other than 0: rank 0 is the operation
-            from trainer.job.distributed import follow
-
-            return follow(brief, run_dir)
-        if not resolved["resume_operation"]:
-            # A resumed operation is checked with its own config and bounds, in _continuation.
-            validate(resolved)
-        if resolved["detach"]:
-            return _detach(resolved, overrides, run_dir)
-        start = None
-        if resolved["resume_operation"] or resolved["base_model_id"]:
-            resolved, run_dir, start = _continuation(resolved, overrides, run_dir)
-        # Imported here so that a config error is reported before torch and Lightning load.
-        from trainer.job.train import run_training
-
-        return run_training(resolved, run_dir, start)
+            return distributed.follow(brief, run_dir)
+        if distributed.started_by_cluster():  # torchrun or srun started every rank
+            if distributed.join_cluster(resolved) != 0:
+                return distributed.follow_cluster_rank(resolved, run_dir)
+            try:
+                return _operation(resolved, overrides, run_dir)
+            finally:
+                distributed.release_followers()
+        return _operation(resolved, overrides, run_dir)
     except UserError as error:
         # SystemExit passes through Hydra's error reporting, which would print a traceback.
         print(f"error: {redact(error)}", file=sys.stderr)
         raise SystemExit(error.exit_code) from None
+
+
+def _operation(resolved: dict[str, Any], overrides: list[str], run_dir: Path) -> float:
+    """Global rank 0, or the only process: start, resume or train further an operation."""
+    from trainer.job import slurm  # light: no torch
+
+    slurm_key = slurm.job_key(overrides)
+    requeued = (
+        None
+        if resolved["resume_operation"]
+        else slurm.requeued_operation(resolved["home"], slurm_key)
+    )
+    if requeued is not None:  # the same command in a requeued SLURM job: the same operation
+        operation, status = requeued
+        if status in slurm.FINISHED:
+            print(f"{operation} ended {status} before SLURM requeued this job; nothing to do",
+                  file=sys.stderr)  # fmt: skip
+            return float("nan")
+        print(f"resuming {operation}: SLURM requeued this job", file=sys.stderr)
+        resolved = {**resolved, "resume_operation": operation.rsplit("/", 1)[-1]}
+    if not resolved["resume_operation"]:
+        # A resumed operation is checked with its own config and bounds, in _continuation.
+        validate(resolved)
+    if resolved["detach"]:
+        return _detach(resolved, overrides, run_dir)
+    start = None
+    if resolved["resume_operation"] or resolved["base_model_id"]:
+        resolved, run_dir, start = _continuation(resolved, overrides, run_dir)
+    # Imported here so that a config error is reported before torch and Lightning load.
+    from trainer.job.train import run_training
+
+    home = resolved["home"]
+    return run_training(
+        resolved, run_dir, start, on_open=lambda name, path: slurm.bind(home, slurm_key, name, path)
+    )
 
 
 def _redact_hydra_files(run_dir: Path) -> None:

@@ -39,6 +39,9 @@ LAST, BEST = "last.ckpt", "best.ckpt"
 
 
 CANCEL = "CANCEL"  # a stop requested through the store (`operations cancel`), not a signal
+# SIGUSR1 is what SLURM sends before a job's time limit (sbatch --signal=USR1@SECONDS); Lightning
+# would save an hpc_ckpt and requeue on it, without the operation's cost (trainer/job/slurm.py).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class TrainingInterrupted(Exception):
@@ -130,8 +133,8 @@ class LatestBest(ModelCheckpoint):
 
 
 class StopRequest:
-    """The first SIGINT or SIGTERM, or a cancel, asks training to stop cleanly; a second
-    signal exits at once."""
+    """The first SIGINT, SIGTERM or SIGUSR1, or a cancel, asks training to stop cleanly; a
+    second signal exits at once."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
@@ -139,9 +142,9 @@ class StopRequest:
         self._saved: dict[int, Any] = {}
 
     def install(self) -> None:
-        """Handle SIGINT and SIGTERM here; called again, it takes them back from whoever
+        """Handle the stop signals here; called again, it takes them back from whoever
         replaced the handlers since, and ``restore`` still restores the first ones."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             previous = signal.signal(signum, self._on_signal)
             self._saved.setdefault(signum, previous)
 

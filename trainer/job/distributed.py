@@ -15,8 +15,12 @@ What the ranks decide together goes through the budget callback's one collective
 the furthest rank's share of the budget spent, so that every replica steps alike. Convergence
 and the best checkpoint follow metrics that Lightning and torchmetrics reduce across ranks.
 
-Torchrun and SLURM start every rank themselves, before rank 0 could write a brief: not yet
-supported; such a launch is refused on every rank with exit status 2.
+Torchrun and SLURM (``srun``, one task per device) start every rank themselves, on every node,
+before rank 0 could write a brief. Then every rank joins the process group at once, as
+Lightning's cluster environment for that launcher describes it (``join_cluster``); rank 0 does
+its set-up while the others wait, and hands them the brief through a broadcast instead of a file
+(another node need not see rank 0's disk for that). Lightning finds the group already there and
+uses it. If rank 0 ends before training, it hands over nothing and the others leave quietly.
 """
 
 from __future__ import annotations
@@ -47,21 +51,107 @@ def is_rank_zero() -> bool:
     return all(int(os.environ.get(name, 0)) == 0 for name in ranks)
 
 
-def brief_to_follow() -> Path | None:
-    """The brief of a training that this process joins as a rank other than 0, else None.
+def started_by_cluster() -> bool:
+    """Whether torchrun or SLURM's ``srun`` started this process as one of several ranks (from
+    their variables alone: Lightning is not imported for a single process)."""
+    if os.environ.get(BRIEF_ENV):
+        return False  # a child of Lightning's own launcher
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return int(os.environ.get("WORLD_SIZE", 1)) > 1
+    interactive = os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive")
+    return int(os.environ.get("SLURM_NTASKS", 1)) > 1 and not interactive
 
-    A launcher that starts every rank itself (torchrun sets ``RANK`` and ``WORLD_SIZE``) is
-    refused on every rank, rank 0 included, which would otherwise wait for the others forever.
+
+def brief_to_follow() -> Path | None:
+    """The brief file of a training that this process joins as a child of Lightning's
+    launcher, else None (rank 0, a single process, or a rank that torchrun or srun started).
+
+    A rank that another launcher started (``RANK`` set, or a node rank other than 0, with no
+    brief) is refused, rank 0 included, which would otherwise wait for the others forever.
     """
     path = os.environ.get(BRIEF_ENV)
+    if started_by_cluster():
+        return None
     external = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1
     if (external or not is_rank_zero()) and not path:
         raise UserError(
-            "this process is one rank of a distributed training started by another launcher: "
-            "start the training with trainer.strategy=ddp and trainer.devices=N on one machine, "
-            "and Lightning starts the other ranks (torchrun and SLURM are not supported yet)"
+            "this process is one rank of a distributed training started by a launcher other "
+            "than Lightning's, torchrun or srun: start it with trainer.strategy=ddp and "
+            "trainer.devices=N (Lightning starts the other ranks), or under torchrun or srun"
         )
     return None if is_rank_zero() else Path(path)
+
+
+_handover = {"pending": False}  # rank 0 of a cluster launch owes the others its brief
+
+
+def join_cluster(cfg: dict[str, Any]) -> int:
+    """Join the process group of a torchrun or srun launch now, before ``fit``; return this
+    process's global rank.
+
+    The group is the one Lightning would make (same environment, address, backend); made now,
+    it carries rank 0's brief, and Lightning's DDP finds it and goes on with it. The timeout
+    covers rank 0's set-up, a cache build included, which the others wait through.
+    """
+    import datetime
+
+    import torch
+    import torch.distributed
+
+    environment = _cluster_environment()
+    os.environ.setdefault("MASTER_ADDR", environment.main_address)
+    os.environ.setdefault("MASTER_PORT", str(environment.main_port))
+    gpu = str(cfg["trainer"]["accelerator"]) != "cpu" and torch.cuda.is_available()
+    if gpu:  # NCCL needs each rank on its own device before the first collective
+        torch.cuda.set_device(environment.local_rank())
+    budget_seconds = milli_node_hours_seconds(cfg)
+    torch.distributed.init_process_group(
+        "nccl" if gpu else "gloo",
+        rank=environment.global_rank(),
+        world_size=environment.world_size(),
+        timeout=datetime.timedelta(seconds=budget_seconds + 600),
+    )
+    rank = environment.global_rank()
+    _handover["pending"] = rank == 0
+    return rank
+
+
+def milli_node_hours_seconds(cfg: dict[str, Any]) -> float:
+    """The wall-clock seconds of the training's budget on its nodes."""
+    budget = int(cfg["budget"]["train_budget_milli_node_hours"])
+    return budget * 3.6 / max(1, int(cfg["trainer"]["num_nodes"]))
+
+
+def _cluster_environment() -> Any:
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        return TorchElasticEnvironment()
+    return SLURMEnvironment()
+
+
+def receive_brief() -> dict[str, Any] | None:
+    """A rank that torchrun or srun started: rank 0's brief, once its set-up is done (None if
+    it ended before training)."""
+    import torch.distributed
+
+    box: list[Any] = [None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def release_followers() -> None:
+    """Rank 0 of a cluster launch that ends without handing over a brief (a refused budget, a
+    failed set-up): tell the others, which would otherwise wait for it until the timeout."""
+    if _handover["pending"]:
+        _hand_over(None)
+
+
+def _hand_over(brief: dict[str, Any] | None) -> None:
+    import torch.distributed
+
+    _handover["pending"] = False
+    torch.distributed.broadcast_object_list([brief], src=0)
 
 
 def may_launch_processes(trainer_cfg: dict[str, Any]) -> bool:
@@ -75,25 +165,28 @@ def write_brief(
     network: Any,
 ) -> Path | None:  # fmt: skip
     """Before ``fit``: what the other ranks need, in the run directory and the environment
-    they will inherit; None when this training runs in one process."""
+    they will inherit, or broadcast to the ranks that torchrun or srun started; None when this
+    training runs in one process."""
     if not may_launch_processes(cfg["trainer"]):
         return None
     from trainer.tasks.pretrained import PRETRAINED_NAMES
 
     path = run_dir / BRIEF_FILE
-    write_json_atomic(
-        path,
-        {
-            "config": cfg,
-            "start_checkpoint": start_checkpoint,
-            "pretrained_names": sorted(getattr(network, PRETRAINED_NAMES, ())),
-            "warm_restart": bool(job.start.base_model_id) and job.start.state is None,
-            "reserves": {"recording": reserves.recording, "checkpoint": reserves.checkpoint},
-            "spent_seconds": job.meter.elapsed_seconds(),
-            "written": time.time(),
-        },
-    )
-    os.environ[BRIEF_ENV] = str(path)
+    brief = {
+        "config": cfg,
+        "run_dir": str(run_dir.resolve()),
+        "start_checkpoint": start_checkpoint,
+        "pretrained_names": sorted(getattr(network, PRETRAINED_NAMES, ())),
+        "warm_restart": bool(job.start.base_model_id) and job.start.state is None,
+        "reserves": {"recording": reserves.recording, "checkpoint": reserves.checkpoint},
+        "spent_seconds": job.meter.elapsed_seconds(),
+        "written": time.time(),
+    }
+    write_json_atomic(path, brief)  # also a record of what the ranks started from
+    if _handover["pending"]:
+        _hand_over(brief)
+    else:
+        os.environ[BRIEF_ENV] = str(path)
     return path
 
 
@@ -127,7 +220,25 @@ def tester(trainer: Any, brief: Path | None) -> Any:
     )
 
 
-def follow(path: Path, run_dir: Path) -> float:
+def follow_cluster_rank(cfg: dict[str, Any], own_run_dir: Path) -> float:
+    """A rank other than 0 that torchrun or srun started: wait for rank 0's brief, follow it,
+    and leave no run directory of its own (rank 0's is the training's)."""
+    brief = receive_brief()
+    if brief is None:
+        log.info("rank 0 ended before training: nothing to follow")
+        return 0.0
+    brief["written"] = time.time()  # received now: another node's clock may differ
+    run_dir = Path(brief["run_dir"])
+    try:
+        return follow(brief, run_dir)
+    finally:
+        if own_run_dir.resolve() != run_dir:
+            import shutil  # Hydra made it for this process; it holds only Hydra's own files
+
+            shutil.rmtree(own_run_dir, ignore_errors=True)
+
+
+def follow(brief_or_path: Path | dict[str, Any], run_dir: Path) -> float:
     """Take part in rank 0's ``fit`` as described by its brief; write nothing, and return."""
     import lightning.pytorch as pl
     import torch.distributed
@@ -139,7 +250,9 @@ def follow(path: Path, run_dir: Path) -> float:
     from trainer.tasks import task_of
     from trainer.tasks.pretrained import PRETRAINED_NAMES
 
-    brief = json.loads(path.read_text())
+    brief = brief_or_path
+    if isinstance(brief, Path):
+        brief = json.loads(brief.read_text())
     cfg = brief["config"]
     # The meter goes on from rank 0's: the budget spent before the brief and since.
     spent = float(brief["spent_seconds"]) + max(0.0, time.time() - float(brief["written"]))
@@ -160,7 +273,7 @@ def follow(path: Path, run_dir: Path) -> float:
     module.warm_restart = bool(brief["warm_restart"])
     reserves = SaveReserves(**brief["reserves"])
     parts = fit_parts(cfg, run_dir, meter, reserves, len(loaders.test), stop, leader=None)
-    log.info("rank %s follows the operation in %s", os.environ.get("LOCAL_RANK", "?"), run_dir)
+    log.info("rank %s follows the operation in %s", _rank_name(), run_dir)
     try:
         parts.trainer.fit(
             module, loaders.train, loaders.val, ckpt_path=brief["start_checkpoint"],
@@ -169,10 +282,19 @@ def follow(path: Path, run_dir: Path) -> float:
     except TrainingInterrupted as interruption:
         # Rank 0 records the interruption; a follower leaves quietly (an exit code other than
         # 0 would make Lightning's launcher kill rank 0 while it records).
-        log.info("rank %s stopped: %s", os.environ.get("LOCAL_RANK", "?"), interruption)
+        log.info("rank %s stopped: %s", _rank_name(), interruption)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0.0
+
+
+def _rank_name() -> str:
+    """This process's global rank as its launcher set it (Lightning's launcher sets the local
+    rank only, on one machine)."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if name in os.environ:
+            return os.environ[name]
+    return "?"
 
 
 class _FollowerJob:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from trainer.data.device_augment import resolve_precision
 from trainer.data.input_size import auto_input_size, checked_size, is_auto
 from trainer.data.manifest import CheckStopped
 from trainer.errors import UserError
+from trainer.job import slurm
 from trainer.job.checkpoints import (
     AtomicCheckpointIO,
     StopRequest,
@@ -212,8 +214,12 @@ class CostFlusher:
                 self._warned = True
 
 
-def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = None) -> float:
-    """Train one model as ``cfg`` says; return its best validation metric (for sweepers)."""
+def run_training(
+    cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = None,
+    on_open: Callable[[str, Path], None] | None = None,
+) -> float:  # fmt: skip
+    """Train one model as ``cfg`` says; return its best validation metric (for sweepers).
+    ``on_open`` hears the operation's name and run directory once it is on record."""
     start = start or StartFrom()
     settings = validate(cfg)
     spent_before = start.state.spent_seconds if start.state else 0.0
@@ -245,6 +251,8 @@ def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = N
     log.info("operation %s %s for %s in %s", operation.name, verb, job.model_name, run_dir)
     job.stop.install()
     job.flush()
+    if on_open is not None:
+        on_open(operation.name, run_dir)
     try:
         with CostFlusher(job, cfg["checkpoint"]["cost_flush_seconds"]):
             return _train(job)
@@ -258,6 +266,8 @@ def run_training(cfg: dict[str, Any], run_dir: Path, start: StartFrom | None = N
             _end_unfinished(job, INTERRUPTED, ABORTED, f"{interruption}; continue with {hint}")
             print(f"error: {interruption}; checkpoint and cost saved; continue with {hint}",
                   file=sys.stderr, flush=True)  # fmt: skip
+            if interruption.reason == slurm.REQUEUE_SIGNAL:  # the job's time limit is near
+                slurm.requeue()
         raise SystemExit(interruption.exit_code) from None
     except BaseException as error:
         code = 2 if isinstance(error, UserError) else INTERNAL

@@ -3,6 +3,7 @@ launcher from `python -m trainer` (trainer/job/distributed.py)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, REPO, read_json, run_dirs, run_trainer
+from tests.conftest import FAST, REPO, read_json, run_dir_of, run_dirs, run_trainer
 from tests.test_resume import checkpoint_step, resume, start_trainer, wait_for
 from trainer.data.manifest import TEST, read_dataset
 
@@ -287,3 +288,18 @@ def test_two_processes_converge_together(
     model = read_json(run_dir / "model.json")
     assert model[META]["stopReason"] == "MODEL_CONVERGED"
     assert int(model[META]["trainCostMilliNodeHours"]) < 40
+
+    # Trained further on two processes: a new model from the base's best checkpoint.
+    further = run_trainer(
+        *FAST, *DDP, f"dataset.path={tiny_shapes}", f"base_model_id={model['name']}",
+        "budget.train_budget_milli_node_hours=12", "budget.disable_early_stopping=true",
+        cwd=tmp_path, home=trainer_home,
+    )  # fmt: skip
+    assert further.returncode == 0, further.stderr[-3000:]
+    assert "rank 1 follows the operation" in further.stderr
+    base_step = checkpoint_step(run_dir / "checkpoints" / "best.ckpt")
+    assert f"global step {base_step})" in further.stderr  # from the base, not from scratch
+    new = read_json(run_dir_of(tmp_path, json.loads(further.stdout)) / "model.json")
+    assert new[META]["baseModelId"] == model["name"].rsplit("/", 1)[1] != new["name"]
+    assert int(new[META]["trainCostMilliNodeHours"]) <= 12
+    assert len(run_dirs(tmp_path)) == 2

@@ -165,11 +165,15 @@ def test_a_killed_build_resumes_where_it_stopped(
         assert np.array_equal(a.source_hw, b.source_hw)
 
 
-def loaders_for(folder: Path, home: Path, cache: str):
+def loaders_for(
+    folder: Path, home: Path, cache: str = "on", compile_: bool = False, batch_size: int = 8,
+    seed: int = 3, **data: object,
+):  # fmt: skip
+    """The loaders of a training on ``folder`` on the CPU; ``data`` overrides the data config."""
     cfg = {
         "model": {"input_size": SIZE},
         "data": {
-            "batch_size": 8,
+            "batch_size": batch_size,
             "num_workers": 0,
             "crop_scale": SCALE,
             "horizontal_flip": True,
@@ -178,9 +182,10 @@ def loaders_for(folder: Path, home: Path, cache: str):
             "cache": cache,
             "cache_max_gb": 1,
             "cache_num_workers": "auto",
+            **data,
         },
-        "trainer": {"accelerator": "cpu", "channels_last": "auto", "compile": False},
-        "seed": 3,
+        "trainer": {"accelerator": "cpu", "channels_last": "auto", "compile": compile_},
+        "seed": seed,
         "home": str(home),
     }
     return make_loaders(read_dataset(folder), cfg, remaining_seconds=3600)

@@ -169,6 +169,18 @@ def normalize(
     return images.sub_(mean_t).div_(std_t)
 
 
+def evaluation_pixels(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) cached pixels as the evaluation transform's float (B, 3, H, W) tensors.
+
+    The very arithmetic of ``v2.ToDtype(scale=True)`` and ``v2.Normalize`` (a float conversion,
+    a multiplication by 1/255, a subtraction, a division), so that cached VALIDATE batches equal
+    decoded ones bit for bit, on the host or on the device. ``mean`` and ``std``: (3,) tensors on
+    the batch's device, made once (a tensor built from a list per batch is a copy to the GPU).
+    """
+    pixels = images.permute(0, 3, 1, 2).to(torch.float32).mul_(1.0 / 255).contiguous()
+    return pixels.sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+
+
 def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     """``auto``: bf16 autocast on a CUDA GPU that supports it, full precision elsewhere."""
     if str(precision) != "auto":

@@ -3,18 +3,21 @@
 Evaluation and prediction resize the whole image to the model's input size (no crop), scale to
 [0, 1] and normalize; exported models document the same rule.
 
-With the decoded-image cache (``image_cache``), the TRAIN and VALIDATE loaders read its
-memory-mapped arrays instead: TRAIN batches stay uint8 and are cropped, flipped and normalized on
-the device (``device_augment``); VALIDATE batches are normalized here, into the very tensors the
-evaluation transform makes. TEST images are decoded as always (see ``image_cache.SPLITS``).
+With the decoded-image cache (``image_cache``), the TRAIN and VALIDATE loaders read its arrays
+instead, without a DataLoader (``cache_batches``): held on the device when
+``data.cache_on_device`` says so (``CachePlacement``), else read ahead from the memory map by
+threads. TRAIN batches stay uint8 and are cropped, flipped and normalized on the device
+(``device_augment``); VALIDATE batches are normalized into the very tensors the evaluation
+transform makes. TEST images are decoded as always (see ``image_cache.SPLITS``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +27,22 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from trainer.data.device_augment import DeviceAugment, DevicePlan, resolve_channels_last
+from trainer.data.cache_batches import (
+    CachedBatches,
+    DeviceBatches,
+    HostBatches,
+    fits_on_device,
+    held_bytes,
+)
+from trainer.data.device_augment import (
+    DeviceAugment,
+    DevicePlan,
+    evaluation_pixels,
+    resolve_channels_last,
+)
 from trainer.data.image_cache import CachedSplit, CacheOutcome, prepare_cache
 from trainer.data.manifest import TEST, TRAIN, VALIDATE, Item, Manifest
+from trainer.data.settings import cache_on_device_mode, cache_on_device_share
 
 log = logging.getLogger("trainer")
 
@@ -126,6 +142,7 @@ class CachedImages(Dataset):
         self.targets = torch.tensor([index_of[item.label] for item in self.items])
         self.device_plan: DevicePlan | None = None
         self._array: np.memmap | None = None  # opened in the process that reads, not pickled
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None  # mean and std, made once
 
     def __len__(self) -> int:
         return len(self.items)
@@ -134,20 +151,36 @@ class CachedImages(Dataset):
         return {**self.__dict__, "_array": None}
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        return self.batch(np.asarray(indices, dtype=np.int64))
+
+    def pixels(self, indices: np.ndarray, pin: bool = False) -> torch.Tensor:
+        """The uint8 (B, H, W, 3) rows of ``indices``, in pinned memory when ``pin``."""
         if self._array is None:
             self._array = self.split.open()
-        rows = self.rows[np.asarray(indices, dtype=np.int64)]
-        images = torch.from_numpy(self._array[rows])  # (B, H, W, 3), contiguous
-        targets = self.targets[torch.as_tensor(indices, dtype=torch.long)]
+        images = torch.empty(
+            (len(indices), *self.split.shape[1:]), dtype=torch.uint8, pin_memory=pin
+        )
+        # Straight into the batch: one copy, during which NumPy releases the GIL.
+        np.take(self._array, self.rows[indices], axis=0, out=images.numpy(), mode="clip")
+        return images
+
+    def batch(self, indices: np.ndarray, pin: bool = False) -> tuple[torch.Tensor, ...]:
+        """One batch as the loaders hand it over; every tensor pinned when ``pin``."""
+        images = self.pixels(indices, pin)
+        targets = self.targets[torch.from_numpy(indices)]
         if self.train:
-            return images, targets, torch.from_numpy(self.split.source_hw[rows])
-        images = images.permute(0, 3, 1, 2)  # a channels_last view: no copy
-        pixels = v2.functional.to_dtype_image(images, torch.float32, scale=True)
-        pixels = v2.functional.normalize_image(pixels.contiguous(), self.mean, self.std)
-        return pixels, targets
+            hw = torch.from_numpy(self.split.source_hw[self.rows[indices]])
+            return images, *_pinned((targets, hw), pin)
+        if self._stats is None:
+            self._stats = torch.tensor(self.mean), torch.tensor(self.std)
+        return _pinned((evaluation_pixels(images, *self._stats), targets), pin)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         return tuple(part[0] for part in self.__getitems__([index]))
+
+
+def _pinned(tensors: tuple[torch.Tensor, ...], pin: bool) -> tuple[torch.Tensor, ...]:
+    return tuple(t.pin_memory() for t in tensors) if pin else tensors
 
 
 def already_batched(batch: Any) -> Any:
@@ -157,8 +190,8 @@ def already_batched(batch: Any) -> Any:
 
 @dataclass
 class Loaders:
-    train: DataLoader
-    val: DataLoader
+    train: Iterable  # a DataLoader, or the cache's DeviceBatches or HostBatches
+    val: Iterable
     test: DataLoader
     cache: CacheOutcome
 
@@ -173,7 +206,10 @@ def make_loaders(
     data_cfg, trainer_cfg = cfg["data"], cfg["trainer"]
     size, mean, std = cfg["model"]["input_size"], data_cfg["mean"], data_cfg["std"]
     crop_scale, flip = data_cfg["crop_scale"], data_cfg["horizontal_flip"]
-    # Keys added with the cache: an operation resumed from an older config goes without them.
+    # Keys added with the cache: an operation resumed from an older config goes without them
+    # (and without the device path). Checked before a build that may take minutes.
+    device_mode = cache_on_device_mode(data_cfg.get("cache_on_device", "off"))
+    share = cache_on_device_share(data_cfg.get("cache_on_device_share", 1))
     dataset_path = (cfg.get("dataset") or {}).get("path")
     outcome = prepare_cache(
         manifest, data_cfg.get("cache", "off"), data_cfg.get("cache_max_gb", 0), size,
@@ -192,37 +228,100 @@ def make_loaders(
     plan.batch_size = min(int(data_cfg["batch_size"]), len(splits[TRAIN]))  # the step's shape
     augment = train_transform(size, mean, std, crop_scale, flip)
     evaluate = eval_transform(size, mean, std)
-    datasets = {
+    datasets: dict[str, Dataset] = {
         name: LabelledImages(items, manifest.labels, augment if name == TRAIN else evaluate)
         for name, items in splits.items()
     }
-    workers = {name: int(data_cfg["num_workers"]) for name in splits}
-    if outcome.cache is not None:
-        plan.augment = DeviceAugment(size, mean, std, crop_scale, flip)
-        cache_workers = _cache_workers(data_cfg.get("cache_num_workers", "auto"), accelerator)
-        for name in (TRAIN, VALIDATE):
-            datasets[name] = CachedImages(
-                outcome.cache.split(name), splits[name], manifest.labels, mean, std, name == TRAIN
-            )
-            workers[name] = cache_workers
-    datasets[TRAIN].device_plan = plan
     batch_size, seed = int(data_cfg["batch_size"]), int(cfg["seed"])
     # A compiled step is compiled again for a new batch shape: the last, smaller batch of each
     # epoch would be a slow step. Dropping it (its images are shuffled into other epochs)
     # keeps one shape.
     drop_last = compile_ and len(splits[TRAIN]) > batch_size
-    return Loaders(
-        make_loader(datasets[TRAIN], batch_size, workers[TRAIN], True, seed, drop_last),
-        make_loader(datasets[VALIDATE], batch_size, workers[VALIDATE], False, seed),
-        make_loader(datasets[TEST], batch_size, workers[TEST], False, seed),
-        outcome,
-    )
+    loaders: dict[str, Iterable] = {}
+    if outcome.cache is not None:
+        plan.augment = DeviceAugment(size, mean, std, crop_scale, flip)
+        for name in (TRAIN, VALIDATE):
+            datasets[name] = CachedImages(
+                outcome.cache.split(name), splits[name], manifest.labels, mean, std, name == TRAIN
+            )
+        placement = CachePlacement(
+            device_mode, share, _on_gpu(accelerator),
+            _cache_workers(data_cfg.get("cache_num_workers", "auto"), accelerator),
+        )  # fmt: skip
+        loaders = placement.loaders(datasets, batch_size, seed, drop_last)
+    datasets[TRAIN].device_plan = plan
+    workers = int(data_cfg["num_workers"])
+    for name, shuffle in ((TRAIN, True), (VALIDATE, False), (TEST, False)):
+        if name not in loaders:
+            last = drop_last and name == TRAIN
+            loaders[name] = make_loader(datasets[name], batch_size, workers, shuffle, seed, last)
+    return Loaders(loaders[TRAIN], loaders[VALIDATE], loaders[TEST], outcome)
+
+
+@dataclass
+class CachePlacement:
+    """Where each cached split's batches come from: held on the device, or read ahead from the
+    memory map (``cache_batches``), by ``data.cache_on_device`` and the device's memory."""
+
+    mode: str  # data.cache_on_device
+    share: float  # data.cache_on_device_share
+    on_gpu: bool
+    threads: int  # data.cache_num_workers, resolved
+    memory_bytes: int | None = None  # the device's; read from the GPU when None
+
+    def loaders(
+        self, datasets: dict[str, Any], batch_size: int, seed: int, drop_last: bool
+    ) -> dict[str, CachedBatches]:
+        """TRAIN first: the one read at every step gets the device's memory if one must go."""
+        memory = self.memory_bytes if self.memory_bytes is not None else _device_memory(self.on_gpu)
+        device = partial(_training_device, self.on_gpu)
+        held, loaders = 0, {}
+        for name in (TRAIN, VALIDATE):
+            dataset, train = datasets[name], name == TRAIN
+            last, need = drop_last and train, held + held_bytes(dataset)
+            if fits_on_device(self.mode, self.on_gpu, need, memory, self.share):
+                held = need
+                loaders[name] = DeviceBatches(dataset, batch_size, train, seed, last, device)
+            else:
+                loaders[name] = HostBatches(
+                    dataset, batch_size, train, seed, last, self.threads, self.on_gpu
+                )
+        log.info("image cache: %s; data.cache_on_device=%s (%s)", self.describe(loaders),
+                 self.mode, self.held_note(held, memory))  # fmt: skip
+        return loaders
+
+    def held_note(self, held: int, memory: int) -> str:
+        note = f"{held / 1e9:.2f} GB held"
+        if self.on_gpu:  # what auto judges by
+            note += f", {self.share:g} of the GPU's {memory / 1e9:.1f} GB allowed"
+        return note
+
+    def describe(self, loaders: dict[str, CachedBatches]) -> str:
+        readers = f"{self.threads} threads" if self.threads else "the training loop"
+        host = f"read from the memory map by {readers}" + (", pinned" if self.on_gpu else "")
+        ways = {"device": "held on the device", "host": host}
+        return ", ".join(f"{name} {ways[loader.path]}" for name, loader in loaders.items())
+
+
+def _on_gpu(accelerator: str) -> bool:
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def _device_memory(on_gpu: bool) -> int:
+    if not on_gpu:
+        return 0
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
+def _training_device(on_gpu: bool) -> torch.device:
+    """Where the model trains, asked when an epoch starts: a DDP rank's GPU is set by then."""
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
 
 
 def _cache_workers(value: Any, accelerator: str) -> int:
     """``auto``: none on the CPU (a read is a copy); on a GPU, a few to overlap reads and steps."""
     if str(value) != "auto":
         return int(value)
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+    if _on_gpu(accelerator):
         return min(4, max(1, (os.cpu_count() or 2) // 2))
     return 0

@@ -10,7 +10,7 @@ from typing import Any
 from budgets import BudgetOutOfBounds, check_budget
 from trainer import CONF_DIR
 from trainer.data.input_size import checked_size, is_auto
-from trainer.data.settings import cache_mode
+from trainer.data.settings import cache_mode, cache_on_device_mode, cache_on_device_share
 from trainer.errors import UserError
 from trainer.store.automl import Parent
 from trainer.store.resources import check_name
@@ -50,6 +50,8 @@ def validate(cfg: dict[str, Any]) -> TrainSettings:
             "per label or an AutoML CSV, or leave it out to use the bundled demo dataset"
         )
     cache_mode(cfg["data"].get("cache", "off"))  # a typo is refused before any work
+    cache_on_device_mode(cfg["data"].get("cache_on_device", "off"))
+    cache_on_device_share(cfg["data"].get("cache_on_device_share", 1))
     model = cfg["model"]
     if not is_auto(model.get("input_size", "auto")):
         checked_size(model["input_size"], "model.input_size")

@@ -53,9 +53,10 @@ class ImageClassification:
         if seconds:
             log.info("image cache: %.1f s (%.1f milli-node-hours) of this training's cost went "
                      "to building it", seconds, seconds * job.nodes / 3.6)  # fmt: skip
-        return Loaders(
-            loaders.train, loaders.val, loaders.test, {"cacheBuildSeconds": round(seconds, 3)}
-        )
+        # 1 when TRAIN batches are drawn on the device (data.cache_on_device), 0 otherwise.
+        on_device = float(getattr(loaders.train, "path", "") == "device")
+        metrics = {"cacheBuildSeconds": round(seconds, 3), "cacheOnDevice": on_device}
+        return Loaders(loaders.train, loaders.val, loaders.test, metrics)
 
     def typical_size(self, manifest: Any) -> tuple[int, int] | None:
         return median_size(item.path for item in even_sample(manifest.split(datasets.TRAIN)))

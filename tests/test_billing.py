@@ -114,6 +114,8 @@ def test_a_kill_while_checking_the_files_loses_at_most_a_flush_and_one_resume_ru
         resumed.wait(timeout=30)
 
 
+# Slow (make test-all): the suite's kill during the TEST pass covers the same flusher.
+@pytest.mark.slow
 def test_a_kill_while_building_the_cache_loses_at_most_a_flush(
     slow_data: Path, tmp_path: Path, trainer_home: Path
 ) -> None:

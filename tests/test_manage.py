@@ -223,6 +223,9 @@ def test_detach_progress_and_cancel(tmp_path: Path, trainer_home: Path, tiny_sha
     assert read_json(run_dir / "state.json")["status"] == "CANCELLED"
 
 
+# Slow (make test-all): the suite cancels through the store in test_through_a_tracking_server
+# and test_detach_progress_and_cancel.
+@pytest.mark.slow
 def test_cancel_a_foreground_run(tmp_path: Path, trainer_home: Path, tiny_shapes: Path) -> None:
     process = start_trainer(*LONG, f"dataset.path={tiny_shapes}", cwd=tmp_path, home=trainer_home)
     try:

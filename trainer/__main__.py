@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import sys
 
-MANAGEMENT = ("models", "operations", "predict", "weights", "--tracking-uri", "-h", "--help")
+MANAGEMENT = (
+    "models",
+    "operations",
+    "predict",
+    "weights",
+    "sweeps",
+    "--tracking-uri",
+    "-h",
+    "--help",
+)
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""The management verbs: `python -m trainer models ...`, `operations ...`, `weights ...`.
+"""The management verbs: `python -m trainer models ...`, `operations ...`, `weights ...`,
+`sweeps ...`.
 
 A plain argparse CLI rather than Hydra: these verbs read and change the store, they take no
 training config, and they must answer quickly, so nothing here imports torch or Lightning.
@@ -16,6 +17,7 @@ from typing import Any
 from trainer.errors import UserError
 from trainer.store.automl import progress_of, resource_id
 from trainer.store.resources import redact
+from trainer.sweep.verbs import add_sweep_verbs, run_sweep_verb
 from trainer.tasks import add_predict_options, task_name_of_model
 from trainer.weights import add_weights_verbs, download
 
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = operations.add_parser("cancel", help="stop a training cooperatively")
     cancel.add_argument("id")
     add_weights_verbs(resources)
+    add_sweep_verbs(resources)
     return parser
 
 
@@ -102,6 +105,9 @@ def run(argv: list[str]) -> int:
     try:
         if args.resource == "weights":  # the torch hub cache, not the store
             download(args)
+            return 0
+        if args.resource == "sweeps":  # the sweep's folder under the home
+            run_sweep_verb(args, print_table, print_fields)
             return 0
         catalog = Catalog(args.tracking_uri, EXPERIMENT)
         handler = HANDLERS[(args.resource, getattr(args, "verb", None))]

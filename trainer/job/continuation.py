@@ -216,10 +216,27 @@ def for_resume(store: Any, operation_id: str) -> tuple[Path, RunState]:
     hold_run_dir(run_dir)  # before reading its state: a second resume is refused here
     state = RunState.load(run_dir)
     state.at_least(run.data.tags.get(SPENT_SECONDS))
-    if state.status in ("SUCCEEDED", "CANCELLED"):
+    if state.status == "CANCELLED" or (
+        state.status == "SUCCEEDED" and _stop_reason(run_dir) != "BUDGET_REACHED"
+    ):
         raise UserError(
-            f"operation {name} has {state.status.lower()}; only interrupted ones can be resumed"
+            f"operation {name} has {state.status.lower()}; only interrupted ones, and finished "
+            "ones that stopped BUDGET_REACHED (given a larger budget), can be resumed"
         )
+    if state.status == "SUCCEEDED":
+        # A sweep's promotion, or a user's: the same model trains on from its last checkpoint,
+        # optimizer state and step included, up to the larger budget given.
+        log.info("operation %s stopped BUDGET_REACHED: it goes on with a larger budget", name)
     if state.still_running():
         raise UserError(f"operation {name} is still running (process {state.pid}); stop it first")
     return run_dir, state
+
+
+def _stop_reason(run_dir: Path) -> str:
+    """The recorded model's stop reason, from the run directory's model.json."""
+    try:
+        model = json.loads((run_dir / "model.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    metadata = next((v for k, v in model.items() if k.endswith("ModelMetadata")), {})
+    return str(metadata.get("stopReason", "")) if isinstance(metadata, dict) else ""

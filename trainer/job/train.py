@@ -39,7 +39,7 @@ from trainer.job.checkpoints import (
 from trainer.job.continuation import StartFrom
 from trainer.job.distributed import tester, write_brief
 from trainer.job.fitting import Leader, fit_parts
-from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV
+from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV, PARENT_RUN_ENV
 from trainer.job.run_state import (
     CANCELLED,
     FAILED,
@@ -311,6 +311,9 @@ def _open_operation(
         "task": task["name"],
         "run_dir": str(run_dir.resolve()),
     }
+    parent_run = os.environ.pop(PARENT_RUN_ENV, None)
+    if parent_run:  # a sweep's trial: its run is a child of the sweep's (MLflow's own tag)
+        tags["mlflow.parentRunId"] = parent_run
     # Files and the store keep the config without the tracking URI's credentials, if any.
     saved = redacted_config(cfg)
     run_id = store.start_run(display_name, tags, saved)

@@ -1,0 +1,494 @@
+"""A sweep under one total budget: Optuna asks, the ledger admits, trials train, rungs promote.
+
+Each trial is a ``python -m trainer`` process of its own: an operation with a model, run to its
+rung's budget. When a slot is free the sweep first promotes a paused trial that ranks in the
+best 1/factor of its rung (``rungs.promotable``), continuing its operation from its own last
+checkpoint with the next rung's budget (``resume_operation=``: same model, optimizer state and
+step kept), and otherwise asks Optuna for a new trial at the first rung. Either starts only when
+the ledger (``budgets/ledger.py``) admits its whole grant, so the trials' costs add up to at most
+the sweep's budget, whatever ends them. Optuna is told each trial's first-rung metric, where
+every trial was trained alike; later rungs are this sweep's own record.
+
+The sweep's process may die: its trials run in sessions of their own and go on; ``sweeps
+resume`` adopts those still running, settles those that ended, and goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from budgets.ledger import SweepLedger, TrialState
+from trainer.errors import UserError
+from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV, PARENT_RUN_ENV
+from trainer.store.resources import new_id, utc_now
+from trainer.sweep import record
+from trainer.sweep.record import RungRecord, TrialRecord
+from trainer.sweep.rungs import RungResult, promotable, rung_budgets
+from trainer.sweep.space import SearchSpace, parse_space
+
+log = logging.getLogger("trainer")
+
+POLL_SECONDS = 0.5
+SAMPLERS = ("tpe", "random", "grid")
+EXECUTORS = ("local", "slurm", "submitit_local")
+
+
+@dataclass
+class Settings:
+    budget: int
+    rungs: list[int]
+    factor: int
+    parallel: int
+    gpus_per_trial: int
+    sampler: str
+    seed: int
+    executor: str
+    slurm: dict[str, Any]
+    storage: str | None
+    max_trials: int | None
+
+
+def settings_of(sweep: dict[str, Any]) -> Settings:
+    """The sweep group's values, checked: a bad one is one line and exit 2, before any work."""
+    budget = sweep.get("budget_milli_node_hours")
+    if budget is None:
+        raise UserError("a sweep needs its total: sweep.budget_milli_node_hours=N")
+    budget, low, high = (int(sweep[k]) for k in ("budget_milli_node_hours",
+                         "min_trial_milli_node_hours", "max_trial_milli_node_hours"))  # fmt: skip
+    if low < 1 or low > high:
+        raise UserError(f"sweep.min_trial_milli_node_hours={low} must be at least 1 and at most "
+                        f"sweep.max_trial_milli_node_hours={high}")  # fmt: skip
+    if budget < low:
+        raise UserError(f"sweep.budget_milli_node_hours={budget} is below one trial of the first "
+                        f"rung (sweep.min_trial_milli_node_hours={low})")  # fmt: skip
+    parallel = int(sweep["parallel"])
+    if parallel < 1:
+        raise UserError(f"sweep.parallel={parallel} must be at least 1")
+    for key, allowed in (("sampler", SAMPLERS), ("executor", EXECUTORS)):
+        if sweep[key] not in allowed:
+            raise UserError(f"sweep.{key}={sweep[key]!r}: use one of {', '.join(allowed)}")
+    factor = int(sweep["reduction_factor"])
+    rungs = rung_budgets(low, factor, high, str(sweep["pruning"]))
+    max_trials = sweep.get("max_trials")
+    return Settings(
+        budget, rungs, factor, parallel, int(sweep.get("gpus_per_trial") or 0), sweep["sampler"],
+        int(sweep.get("seed") or 0), sweep["executor"], dict(sweep.get("slurm") or {}),
+        sweep.get("storage"), None if max_trials is None else int(max_trials),
+    )  # fmt: skip
+
+
+def start_sweep(cfg: DictConfig, arguments: list[str], groups: dict[str, Any]) -> float:
+    """A new sweep of ``arguments`` (Hydra overrides) on the composed config ``cfg``; run it to
+    its end and return the best metric found."""
+    sweep_cfg = OmegaConf.to_container(cfg.sweep, resolve=True)
+    settings = settings_of(sweep_cfg)
+    space = parse_space(arguments, cfg, groups)
+    bounds = OmegaConf.to_container(cfg.budget, resolve=True)
+    low, high = int(bounds["min_milli_node_hours"]), int(bounds["max_milli_node_hours"])
+    if settings.rungs[0] < low or settings.rungs[-1] > high:
+        raise UserError(
+            f"the sweep's rungs {settings.rungs} must lie within the model type's budget bounds "
+            f"{low}-{high} milli-node-hours: set sweep.min_trial_milli_node_hours and "
+            "sweep.max_trial_milli_node_hours, or budget.min_milli_node_hours"
+        )
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    mlflow_cfg = OmegaConf.to_container(cfg.mlflow, resolve=True)
+    sweep_id = new_id(record.ID_PREFIX)
+    folder = record.sweeps_root(str(cfg.home)) / sweep_id
+    (folder / "trials").mkdir(parents=True)
+    SweepLedger.create(folder / "ledger.json", settings.budget)
+    tracking_uri = _absolute(str(mlflow_cfg["tracking_uri"]))
+    parent_run = _parent_run(tracking_uri, mlflow_cfg["experiment_name"], sweep_id, sweep_cfg)
+    record.write_sweep(folder, {
+        "name": f"sweeps/{sweep_id}", "createTime": utc_now(), "status": record.RUNNING,
+        "settings": sweep_cfg, "rungs": settings.rungs, "arguments": arguments,
+        "fixed": space.fixed, "distributions": _distributions_json(space),
+        "monitor": task["monitor"], "maximize": task["monitor_mode"] == "max",
+        "idPrefix": task["id_prefix"], "home": str(Path(str(cfg.home)).resolve()),
+        "cwd": os.getcwd(), "trackingUri": tracking_uri,
+        "experiment": mlflow_cfg["experiment_name"], "parentRunId": parent_run,
+        "pid": os.getpid(),
+    })  # fmt: skip
+    print(f"sweeps/{sweep_id}", flush=True)
+    log.info("sweep %s: %s milli-node-hours, rungs %s, %d at once; watch it with: "
+             "python -m trainer sweeps get %s", sweep_id, settings.budget, settings.rungs,
+             settings.parallel, sweep_id)  # fmt: skip
+    return Sweep(folder).run()
+
+
+def _absolute(tracking_uri: str) -> str:
+    """A relative SQLite path names the same store for trials started in the sweep's cwd, and
+    for the verbs run anywhere."""
+    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).resolve()}"
+    return tracking_uri
+
+
+def _parent_run(tracking_uri: str, experiment: str, sweep_id: str, settings: dict) -> str:
+    from trainer.store.store import Store
+
+    store = Store(tracking_uri, experiment)
+    return store.start_run(f"sweep-{sweep_id}", {"sweep_id": sweep_id}, {"sweep": settings})
+
+
+def _distributions_json(space: SearchSpace) -> dict[str, str]:
+    from optuna.distributions import distribution_to_json
+
+    return {key: distribution_to_json(d) for key, d in space.distributions.items()}
+
+
+class Sweep:
+    """A sweep's loop over its folder's records; run again by ``sweeps resume``."""
+
+    def __init__(self, folder: Path) -> None:
+        from optuna.distributions import json_to_distribution
+
+        self.folder = folder
+        self.record = record.read_sweep(folder)
+        self.settings = settings_of(self.record["settings"])
+        self.ledger = SweepLedger(folder / "ledger.json")
+        self.space = SearchSpace(
+            {k: json_to_distribution(v) for k, v in self.record["distributions"].items()},
+            list(self.record["fixed"]),
+        )
+        self.trials = {t.number: t for t in record.read_trials(folder)}
+        self.processes: dict[int, subprocess.Popen | None] = {}
+        self.study = self._study()
+        self._stop_signal: str | None = None
+        self._cancel_sent: set[int] = set()
+        self._gave_up = False
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> float:
+        self._adopt()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while True:
+                self._reap()
+                if self._stopping():
+                    self._cancel_running()
+                elif len(self.processes) < self.settings.parallel:
+                    self._fill_slots()
+                if not self.processes:
+                    break
+                time.sleep(POLL_SECONDS)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return self._finish()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signal.Signals(signum).name
+        log.warning("%s: the sweep stops its trials (their cost stays on record)",
+                    self._stop_signal)  # fmt: skip
+
+    def _stopping(self) -> bool:
+        if self._stop_signal is not None:
+            return True
+        return bool(record.read_sweep(self.folder).get("cancelRequested"))
+
+    def _fill_slots(self) -> None:
+        if self._failing():
+            return
+        while len(self.processes) < self.settings.parallel:
+            if not (self._promote() or self._new_trial()):
+                return
+
+    def _failing(self) -> bool:
+        """The last trials all failed before a result: new ones would too (a bad value of the
+        space, a dataset that cannot train); the sweep stops starting them and says why."""
+        ended = sorted((t for t in self.trials.values() if t.results), key=lambda t: t.number)
+        recent = ended[-max(3, self.settings.parallel) :]
+        if len(recent) < max(3, self.settings.parallel):
+            return False
+        if any(t.state != TrialState.FAILED.value for t in recent):
+            return False
+        if not self._gave_up:
+            last = recent[-1]
+            lines = (self.folder / "trials" / f"{last.number}.log").read_text().splitlines()
+            log.error("the last %d trials failed; the sweep starts no more. Trial %d said: %s",
+                      len(recent), last.number, lines[-1] if lines else "nothing")  # fmt: skip
+            self._gave_up = True
+        return True
+
+    def _promote(self) -> bool:
+        """Promote the best paused trial of the highest rung that has one due, if it fits."""
+        maximize = self.record["maximize"]
+        for rung in reversed(range(len(self.settings.rungs) - 1)):
+            results = [RungResult(t.number, r.value) for t in self.trials.values()
+                       for r in t.results[rung : rung + 1] if r.value is not None]  # fmt: skip
+            paused = [t.number for t in self.trials.values()
+                      if t.rung == rung and t.state == TrialState.PAUSED.value]  # fmt: skip
+            for number in promotable(results, paused, self.settings.factor, maximize):
+                trial, limit = self.trials[number], self.settings.rungs[rung + 1]
+                if self.ledger.admit(str(number), limit):
+                    trial.rung, trial.state = rung + 1, TrialState.RUNNING.value
+                    log.info("trial %d promoted to rung %d (%d milli-node-hours)",
+                             number, rung + 1, limit)  # fmt: skip
+                    self._launch(trial, limit, resume=True)
+                    return True
+        return False
+
+    def _new_trial(self) -> bool:
+        first = self.settings.rungs[0]
+        started = len(self.study.trials)
+        if self.settings.max_trials is not None and started >= self.settings.max_trials:
+            return False
+        if self.settings.sampler == "grid" and started >= math.prod(
+            len(v) for v in self.space.grid().values()
+        ):
+            return False
+        if self.ledger.available() < first:
+            return False
+        asked = self.study.ask(self.space.distributions)
+        trial = TrialRecord(
+            asked.number, asked.params, new_id(self.record["idPrefix"]),
+            new_id(self.record["idPrefix"]), str(self.folder / "trials" / str(asked.number)),
+        )  # fmt: skip
+        if not self.ledger.admit(str(trial.number), first):  # only this process admits
+            self.study.tell(asked.number, state=_optuna_state("FAIL"))
+            return False
+        self.trials[trial.number] = trial
+        log.info(
+            "trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in trial.params.items())
+        )
+        self._launch(trial, first, resume=False)
+        return True
+
+    # -- trials ------------------------------------------------------------------------------
+
+    def _launch(self, trial: TrialRecord, limit: int, resume: bool) -> None:
+        budget = f"budget.train_budget_milli_node_hours={limit}"
+        if resume:  # the same operation goes on from its own last checkpoint
+            args = [f"resume_operation={trial.operation}", budget,
+                    f"hydra.run.dir={trial.run_dir}", "hydra.output_subdir=null"]  # fmt: skip
+        else:
+            args = [*self.space.overrides(trial.params), budget,
+                    f"display_name={self.record['name'].split('/')[1]}_{trial.number}",
+                    f"hydra.run.dir={trial.run_dir}"]  # fmt: skip
+        env = {
+            **os.environ,
+            PARENT_RUN_ENV: self.record["parentRunId"],
+            "MLFLOW_TRACKING_URI": self.record["trackingUri"],
+            "VISION_TRAINER_HOME": self.record["home"],
+        }
+        if not resume:
+            env.update({OPERATION_ID_ENV: trial.operation, MODEL_ID_ENV: trial.model})
+        slot = len(self.processes)
+        if self.settings.gpus_per_trial > 0:  # each trial on its own GPUs
+            first = slot * self.settings.gpus_per_trial
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(
+                str(first + i) for i in range(self.settings.gpus_per_trial)
+            )
+        command = [sys.executable, "-m", "trainer", *args]
+        process = self._start(command, env, trial)
+        trial.pid = process.pid if process is not None else None
+        trial.save(self.folder)
+        self.processes[trial.number] = process
+
+    def _start(self, command: list[str], env: dict[str, str], trial: TrialRecord) -> Any:
+        if self.settings.executor != "local":
+            from trainer.sweep.slurm import submit
+
+            return submit(command, env, trial, self.folder, self.settings, self.record["cwd"])
+        with (self.folder / "trials" / f"{trial.number}.log").open("ab") as output:
+            # A session of its own: the trial outlives a sweep killed or closed with its terminal.
+            return subprocess.Popen(
+                command, cwd=self.record["cwd"], env=env, stdin=subprocess.DEVNULL,
+                stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+    def _adopt(self) -> None:
+        """Trials left running by an earlier process of this sweep: watched until they end."""
+        for number in self.ledger.running():
+            trial = self.trials.get(int(number))
+            if trial is not None:
+                self.processes[trial.number] = None  # not our child: watched by its pid
+
+    def _reap(self) -> None:
+        for number, process in list(self.processes.items()):
+            trial = self.trials[number]
+            if process is None:
+                ended = not record.process_alive(trial.pid)
+            else:
+                ended = process.poll() is not None
+            if ended:
+                del self.processes[number]
+                self._ended(trial)
+
+    def _ended(self, trial: TrialRecord) -> None:
+        """Settle a trial whose process has ended, from what its training put on record."""
+        limit = self.settings.rungs[trial.rung]
+        result, state = trial_outcome(Path(trial.run_dir), self.record["monitor"], limit)
+        final = trial.rung == len(self.settings.rungs) - 1
+        if state is TrialState.PAUSED and final:
+            state = TrialState.DONE
+        if self._stopping() and state is TrialState.PAUSED:
+            state = TrialState.CANCELLED
+        self.ledger.settle(str(trial.number), result.cost, state)
+        trial.state, trial.pid = state.value, None
+        trial.results = [*trial.results[: trial.rung], result]
+        trial.save(self.folder)
+        if trial.rung == 0:  # Optuna compares trials at the rung all of them ran
+            if result.value is None:
+                self.study.tell(trial.number, state=_optuna_state("FAIL"), skip_if_finished=True)
+            else:
+                self.study.tell(trial.number, result.value, skip_if_finished=True)
+        log.info("trial %d %s at rung %d: cost %d, %s %s", trial.number, state.value,
+                 trial.rung, result.cost, self.record["monitor"], result.value)  # fmt: skip
+        self._tag_child_run(trial)
+
+    def _cancel_running(self) -> None:
+        from trainer.store.catalog import Catalog
+
+        catalog = Catalog(self.record["trackingUri"], self.record["experiment"])
+        for number in set(self.processes) - self._cancel_sent:
+            try:
+                catalog.cancel(self.trials[number].operation)
+                self._cancel_sent.add(number)
+            except UserError:
+                pass  # not on record yet (asked again at the next poll), or ended meanwhile
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def _finish(self) -> float:
+        """Close the paused trials (pruned), put the sweep on record, draw its pictures."""
+        for trial in self.trials.values():
+            if trial.state == TrialState.PAUSED.value:
+                self.ledger.close(str(trial.number), TrialState.PRUNED)
+                trial.state = TrialState.PRUNED.value
+                trial.save(self.folder)
+                self._tag_child_run(trial)
+        current = record.read_sweep(self.folder)
+        stopped = current.get("cancelRequested") or self._stop_signal
+        current["status"] = record.CANCELLED if stopped else record.SUCCEEDED
+        current["updateTime"] = utc_now()
+        record.write_sweep(self.folder, current)
+        best = record.best_trial(list(self.trials.values()), self.record["maximize"])
+        self._record_parent(best, current["status"])
+        spent = self.ledger.spent()
+        log.info("sweep %s %s: cost %d of %d milli-node-hours; best model %s (%s %s)",
+                 self.record["name"], current["status"], spent, self.ledger.budget,
+                 best.model if best else "none", self.record["monitor"],
+                 best.value if best else None)  # fmt: skip
+        return float(best.value) if best and best.value is not None else float("nan")
+
+    def _record_parent(self, best: TrialRecord | None, status: str) -> None:
+        from trainer.store.store import Store
+        from trainer.sweep.pictures import draw
+
+        store = Store(self.record["trackingUri"], self.record["experiment"])
+        run_id = self.record["parentRunId"]
+        tags = {"sweep_state": status, "costMilliNodeHours": str(self.ledger.spent()),
+                "bestModelId": best.model if best else ""}  # fmt: skip
+        store.set_tags(run_id, tags)
+        pictures = draw(self.folder, list(self.trials.values()), self.study, self.record)
+        store.log_files(run_id, pictures, "sweep")
+        store.end_run(run_id, "FINISHED" if status == record.SUCCEEDED else "KILLED")
+
+    def _tag_child_run(self, trial: TrialRecord) -> None:
+        """The trial's own MLflow run (a child of the sweep's): its rung, cost and state."""
+        import json
+
+        state_file = Path(trial.run_dir) / "state.json"
+        if not state_file.is_file():
+            return
+        from trainer.store.store import Store
+
+        run_id = json.loads(state_file.read_text())["run_id"]
+        store = Store(self.record["trackingUri"], self.record["experiment"])
+        store.set_tags(run_id, {"sweep_trial": str(trial.number), "sweep_rung": str(trial.rung),
+                                "sweep_trial_state": trial.state,
+                                "sweep_cost": str(trial.cost)})  # fmt: skip
+
+    def _study(self) -> Any:
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = self.settings.storage or JournalStorage(
+            JournalFileBackend(str(self.folder / "study.journal"))
+        )
+        samplers = {
+            "tpe": lambda: optuna.samplers.TPESampler(seed=self.settings.seed),
+            "random": lambda: optuna.samplers.RandomSampler(seed=self.settings.seed),
+            "grid": lambda: optuna.samplers.GridSampler(self.space.grid(), seed=self.settings.seed),
+        }
+        return optuna.create_study(
+            study_name=self.record["name"].split("/")[1], storage=storage,
+            sampler=samplers[self.settings.sampler](), load_if_exists=True,
+            direction="maximize" if self.record["maximize"] else "minimize",
+        )  # fmt: skip
+
+
+def trial_outcome(run_dir: Path, monitor: str, limit: int) -> tuple[RungRecord, TrialState]:
+    """What a trial's training left on record when its process ended.
+
+    A training that ended by itself wrote its cost (SUCCEEDED with its model, or FAILED,
+    INTERRUPTED, CANCELLED with the cost so far). One killed without a word (kill -9, a lost
+    node) is settled at its whole grant: its last recorded cost may be a flush behind, and the
+    sweep's sum of costs must stay a guarantee.
+    """
+    import json
+
+    def read(name: str) -> dict[str, Any]:
+        try:
+            return json.loads((run_dir / name).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    state, model, metrics = read("state.json"), read("model.json"), read("metrics.json")
+    status = state.get("status", "")
+    step = int(state.get("global_step") or 0)
+    if status == "SUCCEEDED" and model:
+        meta = next(v for k, v in model.items() if k.endswith("ModelMetadata"))
+        value = metrics.get(f"best_{monitor}")
+        stop = meta["stopReason"]
+        result = RungRecord(limit, int(meta["trainCostMilliNodeHours"]),
+                            None if value is None else float(value), stop, step)  # fmt: skip
+        converged = stop == "MODEL_CONVERGED"
+        return result, TrialState.CONVERGED if converged else TrialState.PAUSED
+    if status in ("FAILED", "INTERRUPTED", "CANCELLED"):
+        nodes = int(((state.get("config") or {}).get("trainer") or {}).get("num_nodes", 1))
+        cost = math.ceil(float(state.get("spent_seconds") or 0) * nodes / 3.6)
+        ended = TrialState.CANCELLED if status == "CANCELLED" else TrialState.FAILED
+        return RungRecord(limit, cost, None, status, step), ended
+    if not state:  # refused before it opened an operation: nothing on record, nothing billed
+        return RungRecord(limit, 0, None, "REFUSED", 0), TrialState.FAILED
+    return RungRecord(limit, limit, None, "KILLED", step), TrialState.FAILED
+
+
+def _optuna_state(name: str) -> Any:
+    import optuna
+
+    return getattr(optuna.trial.TrialState, name)
+
+
+def resume_sweep(home: str, sweep_id: str, budget: int | None) -> float:
+    """``sweeps resume``: the sweep goes on, with a larger total budget if given."""
+    folder = record.sweep_folder(home, sweep_id)
+    current = record.read_sweep(folder)
+    if current["status"] == record.RUNNING and record.process_alive(current.get("pid")):
+        raise UserError(f"sweep {sweep_id} is running (process {current['pid']})")
+    if budget is not None:
+        try:
+            SweepLedger(folder / "ledger.json").raise_budget(budget)
+        except ValueError as error:
+            raise UserError(f"sweep.budget_milli_node_hours={budget}: {error}") from None
+        current["settings"]["budget_milli_node_hours"] = budget
+    current.update(status=record.RUNNING, pid=os.getpid(), cancelRequested=False)
+    record.write_sweep(folder, current)
+    return Sweep(folder).run()

@@ -1,0 +1,136 @@
+"""``python -m trainer sweeps list|get|cancel|resume``: sweeps as the other verbs show resources,
+a table or ``--json``. They read the sweep's folder under the home; ``cancel`` also asks the
+running trials to stop through the store, as ``operations cancel`` does."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import UserError
+from trainer.sweep import record
+
+CANCEL_WAIT_SECONDS = 300  # a trial stops within seconds of a cancel: checkpoint, cost, exit
+
+
+def default_home() -> str:
+    """conf/config.yaml's ``home``, as the training resolves it."""
+    fallback = Path(os.environ.get("HOME", "~")) / ".cache" / "vision_trainer"
+    return os.environ.get("VISION_TRAINER_HOME", str(fallback))
+
+
+def add_sweep_verbs(resources: Any) -> None:
+    sweeps = resources.add_parser("sweeps", help="hyperparameter sweeps under one budget")
+    sweeps.add_argument("--home", default=default_home(), help="(default: $VISION_TRAINER_HOME)")
+    verbs = sweeps.add_subparsers(dest="verb", required=True)
+    listing = verbs.add_parser("list", help="list sweeps")
+    listing.add_argument("--json", action="store_true")
+    get = verbs.add_parser("get", help="one sweep: its trials, cost and best model")
+    get.add_argument("id", help="a sweep ID, bare or sweeps/SWP123")
+    get.add_argument("--json", action="store_true")
+    cancel = verbs.add_parser("cancel", help="stop a sweep and its running trials")
+    cancel.add_argument("id")
+    resume = verbs.add_parser("resume", help="go on with a stopped sweep")
+    resume.add_argument("id")
+    resume.add_argument("budget", nargs="?", help="sweep.budget_milli_node_hours=M: a new total")
+
+
+def run_sweep_verb(args: argparse.Namespace, print_table: Any, print_fields: Any) -> None:
+    verbs = {"list": _list, "get": _get, "cancel": _cancel, "resume": _resume}
+    verbs[args.verb](args, print_table, print_fields)
+
+
+def _list(args: argparse.Namespace, print_table: Any, print_fields: Any) -> None:
+    root = record.sweeps_root(args.home)
+    folders = sorted(root.glob("*/sweep.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    sweeps = [record.summary(path.parent) for path in folders]
+    if args.json:
+        for sweep in sweeps:
+            sweep.pop("trials")
+        print(json.dumps({"sweeps": sweeps}, indent=2))
+        return
+    rows = [[s["name"].split("/")[1], s["status"], s["budgetMilliNodeHours"],
+             s["costMilliNodeHours"], str(len(s["trials"])), s["bestModelId"],
+             s["createTime"][:19].replace("T", " ")] for s in sweeps]  # fmt: skip
+    print_table(["ID", "status", "budget", "cost", "trials", "best model", "created (UTC)"], rows)
+
+
+def _get(args: argparse.Namespace, print_table: Any, print_fields: Any) -> None:
+    sweep = record.summary(record.sweep_folder(args.home, args.id))
+    if args.json:
+        print(json.dumps(sweep, indent=2))
+        return
+    trials = sweep.pop("trials")
+    keep = ("name", "status", "budgetMilliNodeHours", "costMilliNodeHours",
+            "grantedMilliNodeHours", "rungs", "monitor", "bestModelId", "createTime")  # fmt: skip
+    print_fields({key: sweep[key] for key in keep if key in sweep})
+    params = sorted({key for trial in trials for key in trial["params"]})
+    rows = [
+        [str(t["number"]), *(_short(t["params"].get(k)) for k in params), str(t["rung"]),
+         str(t["cost"]), _short(t["value"]), t["state"], t["model"]]
+        for t in trials
+    ]  # fmt: skip
+    print_table(["trial", *params, "rung", "cost", sweep["monitor"], "state", "model"], rows)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _cancel(args: argparse.Namespace, print_table: Any, print_fields: Any) -> None:
+    """Ask the sweep to stop; it cancels its running trials and settles them. A sweep whose
+    process is gone has its trials cancelled here, and settled by ``sweeps resume``."""
+    folder = record.sweep_folder(args.home, args.id)
+    sweep = record.read_sweep(folder)
+    if sweep["status"] != record.RUNNING:
+        raise UserError(f"sweep {args.id} has already ended ({sweep['status']}): nothing to cancel")
+    sweep["cancelRequested"] = True
+    record.write_sweep(folder, sweep)
+    if not record.process_alive(sweep.get("pid")):
+        _cancel_trials(folder, sweep)
+    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+    while time.monotonic() < deadline and _still_running(folder, sweep):
+        time.sleep(0.5)
+    if _still_running(folder, sweep):
+        raise UserError(f"sweep {args.id} asked to stop, still running after "
+                        f"{CANCEL_WAIT_SECONDS} s: see its trials' logs in {folder}")  # fmt: skip
+    print(f"cancelled {sweep['name']}")
+
+
+def _cancel_trials(folder: Path, sweep: dict[str, Any]) -> None:
+    from trainer.store.catalog import Catalog
+
+    catalog = Catalog(sweep["trackingUri"], sweep["experiment"])
+    for trial in record.read_trials(folder):
+        if record.process_alive(trial.pid):
+            with contextlib.suppress(UserError):  # ended meanwhile
+                catalog.cancel(trial.operation)
+
+
+def _still_running(folder: Path, sweep: dict[str, Any]) -> bool:
+    trials = record.read_trials(folder)
+    return record.process_alive(sweep.get("pid")) or any(
+        record.process_alive(t.pid) for t in trials
+    )
+
+
+def _resume(args: argparse.Namespace, print_table: Any, print_fields: Any) -> None:
+    budget = None
+    if args.budget is not None:
+        key, _, value = args.budget.partition("=")
+        if key != "sweep.budget_milli_node_hours" or not value.isdigit():
+            raise UserError(
+                f"{args.budget!r}: give the new total as sweep.budget_milli_node_hours=M"
+            )
+        budget = int(value)
+    import logging
+
+    from trainer.sweep.runner import resume_sweep
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
+    resume_sweep(args.home, args.id, budget)

@@ -186,7 +186,6 @@ def test_training_further_continues_from_the_base_model(
     assert model[META]["baseModelId"] == base["name"].rsplit("/", 1)[1]
     assert int(model[META]["trainCostMilliNodeHours"]) <= 4  # its own cost, not the base's
 
-    base_run = read_json(base_dir / "state.json")["run_id"]
     further_dir = run_dir_of(cwd, model)
     further_run = read_json(further_dir / "state.json")["run_id"]
     further_curve = val_history(cwd, further_run)
@@ -196,13 +195,15 @@ def test_training_further_continues_from_the_base_model(
     base_step = checkpoint_step(base_dir / "checkpoints" / "best.ckpt")
     assert f"global step {base_step})" in result.stderr
     assert further_curve[0][0] > base_step > 0
-    base_loss = val_history(cwd, base_run, "val_loss")
-    further_loss = val_history(cwd, further_run, "val_loss")
-    # The restored step above is the witness that the base's checkpoint was loaded. The losses
-    # only confirm it: the base (21.6 s, its rate falling with its budget) ends about 1.45
-    # from 1.79 (chance: ln 6), and on 10 images a pass moves by 0.2, so the first pass here
-    # is only asked to beat a network's first pass from scratch on the same data.
-    assert further_loss[0][1] < base_loss[0][1]
+    # The weights it started from are the base's, exactly: its start.ckpt is the base's best
+    # checkpoint without the callbacks' state. (The first validation losses were compared once:
+    # on 10 images, after a pass at a rate warming up, they were noise, 1.84 against 1.79.)
+    import torch
+
+    started = torch.load(further_dir / "start.ckpt", weights_only=True)["state_dict"]
+    based = torch.load(base_dir / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    assert started.keys() == based.keys()
+    assert all(torch.equal(started[key], based[key]) for key in based)
 
 
 def refusal(result) -> str:

@@ -192,6 +192,7 @@ def test_a_sweep_promotes_by_continuing_and_its_costs_fit_its_budget(
     opened = [parse_time(read_json(Path(trials[n]["run_dir"]) / "operation.json")["metadata"]
                          ["createTime"]) for n in (0, 1)]  # fmt: skip
     assert abs((opened[0] - opened[1]).total_seconds()) < 10
+    assert {trials[0]["slot"], trials[1]["slot"]} == {0, 1}  # each its own (GPUs, where any)
     assert int(sweep["costMilliNodeHours"]) <= budget
     assert operation_costs(sweep) <= int(sweep["costMilliNodeHours"]) <= budget
 

@@ -50,6 +50,7 @@ class TrialRecord:
     rung: int = 0  # the index of the rung it runs or last ran
     state: str = "RUNNING"  # the ledger's state, mirrored for the verbs
     pid: int | None = None
+    slot: int = 0  # which of the sweep.parallel slots (and so which GPUs) it runs in
     results: list[RungRecord] = field(default_factory=list)
 
     @property

@@ -286,7 +286,9 @@ class Sweep:
         }
         if not resume:
             env.update({OPERATION_ID_ENV: trial.operation, MODEL_ID_ENV: trial.model})
-        slot = len(self.processes)
+        taken = {self.trials[n].slot for n in self.processes}
+        trial.slot = min(set(range(self.settings.parallel)) - taken)
+        slot = trial.slot
         if self.settings.gpus_per_trial > 0:  # each trial on its own GPUs
             first = slot * self.settings.gpus_per_trial
             env["CUDA_VISIBLE_DEVICES"] = ",".join(

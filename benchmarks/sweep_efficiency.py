@@ -14,8 +14,12 @@ metric; a hold-out of 1,200 images from the same generator as well, since the TE
 images), the trials run and the sum of their costs against B. Targets (issue 13): (a) >= (b)
 and (a) >= (c), and the sum of costs <= B in every row.
 
-    .venv/bin/python benchmarks/sweep_efficiency.py [--budget 72] [--min-rung 8]
-        [--max-rung 24] [--grant 12] [--parallel 2]
+    .venv/bin/python benchmarks/sweep_efficiency.py [--budget 150] [--min-rung 10]
+        [--max-rung 90] [--grant 30] [--parallel 1]
+
+On a 2-core machine one trial at a time: two at once halve each trial's cores, and at 8
+milli-node-hours a trial then trained too little to rank (72 milli-node-hours, 2 at once: most
+first-rung trials at chance, some too small to train a step).
 """
 
 from __future__ import annotations
@@ -103,11 +107,11 @@ def single_row(root: Path, data: Path, holdout: Path, budget: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=int, default=72)
-    parser.add_argument("--min-rung", type=int, default=8)
-    parser.add_argument("--max-rung", type=int, default=24)
-    parser.add_argument("--grant", type=int, default=12, help="(b)'s equal grant per trial")
-    parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--budget", type=int, default=150)
+    parser.add_argument("--min-rung", type=int, default=10)
+    parser.add_argument("--max-rung", type=int, default=90)
+    parser.add_argument("--grant", type=int, default=30, help="(b)'s equal grant per trial")
+    parser.add_argument("--parallel", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)

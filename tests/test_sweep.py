@@ -220,6 +220,11 @@ def test_a_sweep_promotes_by_continuing_and_its_costs_fit_its_budget(
     )
     assert len(children) == len([t for t in trials.values()
                                  if (Path(t["run_dir"]) / "state.json").is_file()])  # fmt: skip
+    child = next(c for c in children if c.data.tags["sweep_trial"] == str(promoted[0]["number"]))
+    assert child.data.params["optimizer.lr"] == str(promoted[0]["params"]["optimizer.lr"])
+    assert child.data.tags["sweep_rung"] == "1" and child.data.tags["sweep_cost"] == str(
+        second["cost"]
+    )
     parent = client.get_run(sweep["parentRunId"])
     assert parent.data.tags["bestModelId"] == sweep["bestModelId"] != ""
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}

@@ -401,8 +401,11 @@ class Sweep:
         store.end_run(run_id, "FINISHED" if status == record.SUCCEEDED else "KILLED")
 
     def _tag_child_run(self, trial: TrialRecord) -> None:
-        """The trial's own MLflow run (a child of the sweep's): its rung, cost and state."""
+        """The trial's own MLflow run (a child of the sweep's): its searched parameters, and
+        its rung, cost and state."""
         import json
+
+        from mlflow.entities import Param
 
         state_file = Path(trial.run_dir) / "state.json"
         if not state_file.is_file():
@@ -414,6 +417,9 @@ class Sweep:
         store.set_tags(run_id, {"sweep_trial": str(trial.number), "sweep_rung": str(trial.rung),
                                 "sweep_trial_state": trial.state,
                                 "sweep_cost": str(trial.cost)})  # fmt: skip
+        if trial.rung == 0 and trial.results:  # once: MLflow keeps a parameter's first value
+            params = [Param(key, str(value)) for key, value in trial.params.items()]
+            store.client.log_batch(run_id, params=params)
 
     def _study(self) -> Any:
         import optuna

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from trainer.data.input_size import checked_size
 from trainer.errors import UserError
 from trainer.job.run_state import RunState, hold_run_dir
-from trainer.store.automl import bare_id
+from trainer.store.automl import bare_id, recorded_details
 from trainer.store.resources import (
     SPENT_SECONDS,
     check_id,
@@ -217,7 +217,8 @@ def for_resume(store: Any, operation_id: str) -> tuple[Path, RunState]:
     state = RunState.load(run_dir)
     state.at_least(run.data.tags.get(SPENT_SECONDS))
     if state.status == "CANCELLED" or (
-        state.status == "SUCCEEDED" and _stop_reason(run_dir) != "BUDGET_REACHED"
+        state.status == "SUCCEEDED"
+        and recorded_details(run_dir).get("stopReason") != "BUDGET_REACHED"
     ):
         raise UserError(
             f"operation {name} has {state.status.lower()}; only interrupted ones, and finished "
@@ -230,13 +231,3 @@ def for_resume(store: Any, operation_id: str) -> tuple[Path, RunState]:
     if state.still_running():
         raise UserError(f"operation {name} is still running (process {state.pid}); stop it first")
     return run_dir, state
-
-
-def _stop_reason(run_dir: Path) -> str:
-    """The recorded model's stop reason, from the run directory's model.json."""
-    try:
-        model = json.loads((run_dir / "model.json").read_text())
-    except (OSError, ValueError):
-        return ""
-    metadata = next((v for k, v in model.items() if k.endswith("ModelMetadata")), {})
-    return str(metadata.get("stopReason", "")) if isinstance(metadata, dict) else ""

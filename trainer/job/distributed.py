@@ -104,22 +104,21 @@ def join_cluster(cfg: dict[str, Any]) -> int:
     gpu = str(cfg["trainer"]["accelerator"]) != "cpu" and torch.cuda.is_available()
     if gpu:  # NCCL needs each rank on its own device before the first collective
         torch.cuda.set_device(environment.local_rank())
-    budget_seconds = milli_node_hours_seconds(cfg)
+    from budgets import BudgetMeter
+
+    trainer_cfg, budget_cfg = cfg["trainer"], cfg["budget"]
+    meter = BudgetMeter(
+        int(budget_cfg["train_budget_milli_node_hours"]), int(trainer_cfg["num_nodes"])
+    )
     torch.distributed.init_process_group(
         "nccl" if gpu else "gloo",
         rank=environment.global_rank(),
         world_size=environment.world_size(),
-        timeout=datetime.timedelta(seconds=budget_seconds + 600),
+        timeout=datetime.timedelta(seconds=meter.limit_seconds() + 600),
     )
     rank = environment.global_rank()
     _handover["pending"] = rank == 0
     return rank
-
-
-def milli_node_hours_seconds(cfg: dict[str, Any]) -> float:
-    """The wall-clock seconds of the training's budget on its nodes."""
-    budget = int(cfg["budget"]["train_budget_milli_node_hours"])
-    return budget * 3.6 / max(1, int(cfg["trainer"]["num_nodes"]))
 
 
 def _cluster_environment() -> Any:

@@ -155,6 +155,16 @@ def add_months(timestamp: str, months: int) -> str:
     )
 
 
+def recorded_details(run_dir: Path) -> dict[str, Any]:
+    """The figures a training recorded in its run directory's ``model_details.json`` (every
+    task's, where a video Model's metadata holds none); empty when it recorded no model."""
+    try:
+        details = json.loads((run_dir / "model_details.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return details if isinstance(details, dict) else {}
+
+
 def details_of(model: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
     """A stored model's figures and expiry time: its metadata, then its registry tags (which
     hold every figure, where a video Model's metadata holds none). A model recorded before

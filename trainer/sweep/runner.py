@@ -15,6 +15,7 @@ resume`` adopts those still running, settles those that ended, and goes on.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from budgets.ledger import SweepLedger, TrialState
 from trainer.errors import UserError
 from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV, PARENT_RUN_ENV
+from trainer.store.automl import recorded_details
 from trainer.store.resources import new_id, utc_now
 from trainer.sweep import record
 from trainer.sweep.record import RungRecord, TrialRecord
@@ -352,13 +355,24 @@ class Sweep:
                  trial.rung, result.cost, self.record["monitor"], result.value)  # fmt: skip
         self._tag_child_run(trial)
 
-    def _cancel_running(self) -> None:
+    @cached_property
+    def store(self) -> Any:
+        """The sweep's MLflow store, opened once: its runs and its trials' runs."""
+        from trainer.store.store import Store
+
+        return Store(self.record["trackingUri"], self.record["experiment"])
+
+    @cached_property
+    def catalog(self) -> Any:
+        """The same store as the verbs read it: what ``operations cancel`` goes through."""
         from trainer.store.catalog import Catalog
 
-        catalog = Catalog(self.record["trackingUri"], self.record["experiment"])
+        return Catalog(self.record["trackingUri"], self.record["experiment"])
+
+    def _cancel_running(self) -> None:
         for number in set(self.processes) - self._cancel_sent:
             try:
-                catalog.cancel(self.trials[number].operation)
+                self.catalog.cancel(self.trials[number].operation)
                 self._cancel_sent.add(number)
             except UserError:
                 pass  # not on record yet (asked again at the next poll), or ended meanwhile
@@ -388,11 +402,9 @@ class Sweep:
         return float(best.value) if best and best.value is not None else float("nan")
 
     def _record_parent(self, best: TrialRecord | None, status: str) -> None:
-        from trainer.store.store import Store
         from trainer.sweep.pictures import draw
 
-        store = Store(self.record["trackingUri"], self.record["experiment"])
-        run_id = self.record["parentRunId"]
+        store, run_id = self.store, self.record["parentRunId"]
         tags = {"sweep_state": status, "costMilliNodeHours": str(self.ledger.spent()),
                 "bestModelId": best.model if best else ""}  # fmt: skip
         store.set_tags(run_id, tags)
@@ -403,17 +415,13 @@ class Sweep:
     def _tag_child_run(self, trial: TrialRecord) -> None:
         """The trial's own MLflow run (a child of the sweep's): its searched parameters, and
         its rung, cost and state."""
-        import json
-
         from mlflow.entities import Param
 
         state_file = Path(trial.run_dir) / "state.json"
         if not state_file.is_file():
             return
-        from trainer.store.store import Store
-
         run_id = json.loads(state_file.read_text())["run_id"]
-        store = Store(self.record["trackingUri"], self.record["experiment"])
+        store = self.store
         store.set_tags(run_id, {"sweep_trial": str(trial.number), "sweep_rung": str(trial.rung),
                                 "sweep_trial_state": trial.state,
                                 "sweep_cost": str(trial.cost)})  # fmt: skip
@@ -450,7 +458,6 @@ def trial_outcome(run_dir: Path, monitor: str, limit: int) -> tuple[RungRecord, 
     node) is settled at its whole grant: its last recorded cost may be a flush behind, and the
     sweep's sum of costs must stay a guarantee.
     """
-    import json
 
     def read(name: str) -> dict[str, Any]:
         try:
@@ -458,14 +465,13 @@ def trial_outcome(run_dir: Path, monitor: str, limit: int) -> tuple[RungRecord, 
         except (OSError, ValueError):
             return {}
 
-    state, model, metrics = read("state.json"), read("model.json"), read("metrics.json")
+    state, metrics, details = read("state.json"), read("metrics.json"), recorded_details(run_dir)
     status = state.get("status", "")
     step = int(state.get("global_step") or 0)
-    if status == "SUCCEEDED" and model:
-        meta = next(v for k, v in model.items() if k.endswith("ModelMetadata"))
+    if status == "SUCCEEDED" and details:
         value = metrics.get(f"best_{monitor}")
-        stop = meta["stopReason"]
-        result = RungRecord(limit, int(meta["trainCostMilliNodeHours"]),
+        stop = details["stopReason"]
+        result = RungRecord(limit, int(details["trainCostMilliNodeHours"]),
                             None if value is None else float(value), stop, step)  # fmt: skip
         converged = stop == "MODEL_CONVERGED"
         return result, TrialState.CONVERGED if converged else TrialState.PAUSED

@@ -22,26 +22,29 @@ from trainer.job.work_history import WorkHistory, save_reserves
 class Scripted(LightningModule):
     """Validation accuracy at epoch ``e`` is ``script[e]``; training is a trivial SGD step."""
 
-    def __init__(self, script: list[float]) -> None:
+    def __init__(self, script: list[float], losses: list[float] | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
-        self.script = script
+        self.script, self.losses = script, losses
 
     def training_step(self, batch, batch_idx):
         return (self.weight * batch[0]).sum()
 
     def validation_step(self, batch, batch_idx) -> None:
         self.log("val_accuracy", self.script[min(self.current_epoch, len(self.script) - 1)])
+        if self.losses:
+            self.log("val_loss", self.losses[min(self.current_epoch, len(self.losses) - 1)])
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=1.0)
 
 
 def fit(
-    script: list[float], callbacks: list, checkpointing: bool = False
-) -> tuple[Trainer, Scripted]:
+    script: list[float], callbacks: list, checkpointing: bool = False,
+    losses: list[float] | None = None,
+) -> tuple[Trainer, Scripted]:  # fmt: skip
     loader = DataLoader(TensorDataset(torch.ones(1, 1)), batch_size=1)
-    module = Scripted(script)
+    module = Scripted(script, losses)
     trainer = Trainer(
         max_epochs=len(script), callbacks=callbacks, logger=False,
         enable_checkpointing=checkpointing,
@@ -258,3 +261,24 @@ def test_of_two_equal_scores_the_later_pass_is_kept_as_the_best(tmp_path) -> Non
     assert best.state_key.startswith("ModelCheckpoint{")  # older checkpoints resume with it
     fit([0.2, 0.8, 0.5, 0.8, 0.6], [best], checkpointing=True)
     assert torch.load(tmp_path / "best.ckpt", weights_only=True)["epoch"] == 3
+
+
+def test_the_best_pass_is_judged_by_the_loss_and_its_accuracy_reported(tmp_path) -> None:
+    """An image classifier's best model is the pass with the lowest validation loss, not one
+    whose accuracy on a small split jumped; best_val_accuracy is that pass's accuracy."""
+    from trainer.job.checkpoints import LatestBest
+
+    best = LatestBest(
+        tmp_path, "best", monitor="val_loss", mode="min", reported="val_accuracy", save_top_k=1
+    )
+    fit([0.2, 0.9, 0.5, 0.7], [best], checkpointing=True, losses=[1.0, 0.8, 0.6, 0.7])
+    saved = torch.load(tmp_path / "best.ckpt", weights_only=True)
+    assert saved["epoch"] == 2
+    assert best.reported_score == 0.5
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert state["reported_score"] == 0.5  # a resumed training reports it too
+    again = LatestBest(
+        tmp_path, "best", monitor="val_loss", mode="min", reported="val_accuracy", save_top_k=1
+    )
+    again.load_state_dict(state)
+    assert again.reported_score == 0.5

@@ -228,6 +228,11 @@ def test_a_training_starts_from_cached_weights_at_the_datas_size_and_records_bot
     # Convergence followed the validation loss (conf/task/image_classification.yaml).
     callbacks = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
     assert any("val_loss_smoothed" in key for key in callbacks if key.startswith("EarlyStopping"))
+    # ... and so did the choice of the best model, whose accuracy is the one reported.
+    kept = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)["callbacks"]
+    (best,) = [v for k, v in kept.items() if k.startswith("ModelCheckpoint")]
+    assert best["monitor"] == "val_loss"
+    assert metrics["best_val_accuracy"] == pytest.approx(best["reported_score"])
     # Training further keeps the base model's size and says what it started from.
     model_id = json.loads((run_dir / "model.json").read_text())["name"].rsplit("/", 1)[1]
     further = run_trainer(*args, data, f"base_model_id={model_id}",

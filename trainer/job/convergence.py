@@ -6,8 +6,8 @@ Two things made short trainings stop long before they had converged
 - A validation metric on a small split is noisy: one lucky pass sets a best that the next five
   do not beat although the model is still improving. Decisions therefore follow the median of
   the metric over the last ``smoothing_window`` passes, logged beside it as
-  ``<metric>_smoothed``; the best checkpoint is still chosen by the metric itself, as DESIGN.md
-  says.
+  ``<metric>_smoothed``; the best checkpoint is chosen by the metric itself, the same metric
+  (``task.convergence_monitor``), so that convergence and the model kept agree.
 - At the optimizer's starting learning rate the metric often stalls while a lower rate would
   improve it. After ``lr_drop_patience`` passes without improvement the rate is multiplied by
   ``lr_drop_factor`` (torch's ``ReduceLROnPlateau``), up to ``lr_drops`` times.

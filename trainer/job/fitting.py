@@ -59,20 +59,21 @@ def fit_parts(
     budget = BudgetStopping(
         meter, test_batches, reserves.recording, checkpoint_seconds=reserves.checkpoint
     )
+    # What says the model has converged also says which pass gave the best model.
+    judge = task.get("convergence_monitor", task["monitor"])
+    judge_mode = task.get("convergence_monitor_mode", task["monitor_mode"])
     checkpoints = LatestBest(
         dirpath=run_dir / "checkpoints",
         filename="best",
-        monitor=task["monitor"],
-        mode=task["monitor_mode"],
+        monitor=judge,
+        mode=judge_mode,
+        reported=task["monitor"],
         save_last=True,
         save_top_k=1,
         enable_version_counter=False,
     )
-    convergence = convergence_callbacks(
-        cfg["early_stopping"], task.get("convergence_monitor", task["monitor"]),
-        task.get("convergence_monitor_mode", task["monitor_mode"]),
-        enabled=not cfg["budget"]["disable_early_stopping"],
-    )  # fmt: skip
+    early = not cfg["budget"]["disable_early_stopping"]
+    convergence = convergence_callbacks(cfg["early_stopping"], judge, judge_mode, enabled=early)
     early_stopping = next((c for c in convergence if isinstance(c, EarlyStopping)), None)
     progress = cancel_watch = logger = None
     if leader is not None:

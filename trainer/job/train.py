@@ -392,9 +392,10 @@ def _train(job: Job) -> float:
             f"{reserves.checkpoint:.1f} s for checkpoints: budget.save_reserve_seconds); raise it"
         )
     stop_reason = BUDGET_REACHED if budget.stopped_by_budget else MODEL_CONVERGED
-    best_score = float(checkpoints.best_model_score or trainer.callback_metrics[task["monitor"]])
+    reported = checkpoints.reported_score
+    best_score = float(trainer.callback_metrics[task["monitor"]] if reported is None else reported)
 
-    # The final model is the best one by the validation metric.
+    # The final model is the best one by the validation metric that judges convergence.
     best_path = checkpoints.best_model_path or checkpoints.last_model_path
     job.enter("testing")
     test_results = testing.test(

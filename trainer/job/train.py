@@ -234,13 +234,16 @@ def run_training(
         _refuse_missing_weights(cfg)
     hold_run_dir(run_dir)  # one process per operation: a second resume is refused
     _import_what_the_store_uses()  # importing code is not the operation's work
+    if cfg["dataset"]["path"]:
+        # A dataset that cannot train is refused in one line before any operation is opened
+        # or billed, as a bad setting is: its listing tells (labels, splits), without decoding
+        # a file.
+        task_of(cfg).read_manifest(cfg, check_files=False)
+    # Creating a tracking database that does not exist yet (1 s, MLflow's schema migrations)
+    # is the store's set-up, done once for every operation to come, not this one's work.
+    store = Store(cfg["mlflow"]["tracking_uri"], cfg["mlflow"]["experiment_name"])
     meter.start()  # from here on, everything is the operation's work and billed
     started_at, opened = time.time(), time.monotonic()
-    if cfg["dataset"]["path"]:
-        # A dataset that cannot train is refused in one line before any operation is opened:
-        # its listing tells (labels, splits), without decoding a file.
-        task_of(cfg).read_manifest(cfg, check_files=False)
-    store = Store(cfg["mlflow"]["tracking_uri"], cfg["mlflow"]["experiment_name"])
     operation, state = _open_operation(cfg, settings.display_name, start, store, run_dir)
     state.piece_started = started_at
     job = Job(

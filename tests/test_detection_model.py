@@ -29,7 +29,7 @@ from trainer.tasks.object_detection.module import (
     ServingDetector,
     normalized_detections,
 )
-from trainer.tasks.object_detection.networks import MODEL_TYPES, build_detector
+from trainer.tasks.object_detection.networks import build_detector, detectors
 from trainer.tasks.object_detection.predict import detection_record
 
 # A 100 x 50 picture, black but for a white block at x 20..40, y 10..30 (pixels).
@@ -126,9 +126,8 @@ def _classes(model: torch.nn.Module) -> int:
     raise AssertionError(type(model).__name__)
 
 
-@pytest.mark.parametrize("model_type", list(MODEL_TYPES))
-def test_detectors_build_from_scratch_for_our_labels(model_type: str) -> None:
-    constructor, _ = MODEL_TYPES[model_type]
+@pytest.mark.parametrize("constructor", sorted(detectors()))
+def test_detectors_build_from_scratch_for_our_labels(constructor: str) -> None:
     model = build_detector(constructor, num_labels=3, input_size=(96, 128))
     assert _classes(model) == 4  # three labels and the background
     assert (model.transform.min_size, model.transform.max_size) == ((96,), 128)

@@ -14,26 +14,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import yaml
 from torch import nn
 from torchvision.models import detection
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from trainer import CONF_DIR
 from trainer.errors import UserError
 from trainer.tasks.image_classification.networks import _settle_batch_norm
 from trainer.tasks.pretrained import LocalWeights, load_matching
 
-# The model types in latency order (fastest first within mobile and within cloud), with the
-# constructor each one names and the input size it is meant for ([height, width]); the Hydra
-# model-type configs should carry the same values. Measured on the 2-core CPU at batch 1: see
-# trainer/README.md.
-MODEL_TYPES: dict[str, tuple[str, tuple[int, int]]] = {
-    "mobile-low-latency-1": ("ssdlite320_mobilenet_v3_large", (320, 320)),
-    "mobile-versatile-1": ("fasterrcnn_mobilenet_v3_large_320_fpn", (320, 320)),
-    "mobile-high-accuracy-1": ("fasterrcnn_mobilenet_v3_large_fpn", (512, 512)),
-    "cloud-low-latency-1": ("fcos_resnet50_fpn", (512, 512)),
-    "cloud-high-accuracy-1": ("fasterrcnn_resnet50_fpn_v2", (640, 640)),
-}
-CONSTRUCTORS = frozenset(constructor for constructor, _ in MODEL_TYPES.values())
+
+def detectors() -> frozenset[str]:
+    """The detectors that conf/task_model/object_detection/ names: the only builders a config
+    (or a stored one) may name. Each is built and checked by tests/test_detection_model.py."""
+    folder = CONF_DIR / "task_model" / "object_detection"
+    models = (yaml.safe_load(path.read_text()).get("model", {}) for path in folder.glob("*.yaml"))
+    return frozenset(model["constructor"] for model in models if "constructor" in model)
+
+
 MAX_DETECTIONS = 100
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,8 +50,8 @@ def build_detector(
 
     Images go in as float tensors in [0, 1]; the detector normalizes them with ``mean``/``std``.
     """
-    if constructor not in CONSTRUCTORS:
-        known = ", ".join(sorted(CONSTRUCTORS))
+    if constructor not in detectors():
+        known = ", ".join(sorted(detectors()))
         raise UserError(f"model.constructor={constructor!r} is not a detector; use one of {known}")
     height, width = (int(v) for v in input_size)
     builder = getattr(detection, constructor)

@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -285,12 +286,6 @@ def dataset(name: str, root: Path) -> tuple[Path, Path | None, tuple[str, ...], 
     return data, None, ("task=object_detection",), plain
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["shapes", "digits", "detection"])
@@ -335,8 +330,8 @@ def main() -> None:
         if any("error" in trained for trained, _ in runs):
             met["accuracy"] = False
             continue
-        ours = median([trained["score"] for trained, _ in runs])
-        theirs = median([baseline["score"] for _, baseline in runs])
+        ours = statistics.median([trained["score"] for trained, _ in runs])
+        theirs = statistics.median([baseline["score"] for _, baseline in runs])
         met["accuracy"] &= ours >= theirs
         if len(runs) > 1:
             print(f"{name:>9} {budget:>3} mnh  median of {len(runs)}: trainer {ours:.3f}, "

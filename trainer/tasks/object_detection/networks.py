@@ -13,6 +13,7 @@ predicted boxes come back in input-size pixels.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 
 import yaml
 from torch import nn
@@ -25,6 +26,7 @@ from trainer.tasks.image_classification.networks import _settle_batch_norm
 from trainer.tasks.pretrained import LocalWeights, load_matching
 
 
+@cache  # the configs do not change while a process runs
 def detectors() -> frozenset[str]:
     """The detectors that conf/task_model/object_detection/ names: the only builders a config
     (or a stored one) may name. Each is built and checked by tests/test_detection_model.py."""

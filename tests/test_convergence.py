@@ -41,11 +41,12 @@ class Scripted(LightningModule):
 
 def fit(
     script: list[float], callbacks: list, checkpointing: bool = False,
-    losses: list[float] | None = None,
+    losses: list[float] | None = None, plugins: list | None = None,
 ) -> tuple[Trainer, Scripted]:  # fmt: skip
     loader = DataLoader(TensorDataset(torch.ones(1, 1)), batch_size=1)
     module = Scripted(script, losses)
     trainer = Trainer(
+        plugins=plugins,
         max_epochs=len(script), callbacks=callbacks, logger=False,
         enable_checkpointing=checkpointing,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
@@ -282,3 +283,26 @@ def test_the_best_pass_is_judged_by_the_loss_and_its_accuracy_reported(tmp_path)
     )
     again.load_state_dict(state)
     assert again.reported_score == 0.5
+
+
+def test_last_is_a_link_beside_a_new_best_and_the_final_step_when_training_stops(tmp_path) -> None:
+    """Lightning writes last.ckpt only at a pass that wrote a new best, so a training that ended
+    on a worse pass left last.ckpt at an earlier step: a resume with a larger budget (a sweep's
+    promotion) would have trained those steps again."""
+    import os
+
+    from trainer.job.checkpoints import AtomicCheckpointIO, LatestBest
+
+    best = LatestBest(
+        tmp_path, "best", monitor="val_accuracy", mode="max", save_last=True, save_top_k=1,
+        enable_version_counter=False,
+    )  # fmt: skip
+    early = EarlyStopping("val_accuracy", mode="max", patience=1)
+    trainer, _ = fit(
+        [0.2, 0.8, 0.5, 0.4], [best, early], checkpointing=True, plugins=[AtomicCheckpointIO()]
+    )
+    assert trainer.global_step == 3  # stopped after the pass at 0.5
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert torch.load(tmp_path / "best.ckpt", weights_only=True)["global_step"] == 2
+    # At the new best, last.ckpt was that same file, not a second write of it.
+    assert os.path.samefile(tmp_path / "last.prev.ckpt", tmp_path / "best.ckpt")

@@ -183,6 +183,33 @@ def test_fine_tuning_warms_up_slows_the_pretrained_layers_and_survives_a_checkpo
     assert len(resumed.configure_optimizers().param_groups) == 2
 
 
+def test_adamw_is_fused_on_the_cpu_also_when_resuming_a_checkpoint_that_was_not(
+    tmp_path: Path,
+) -> None:
+    """torch's default AdamW on the CPU loops over the parameters in Python; a checkpoint's
+    optimizer groups carry the kernel choice of the training that wrote it."""
+
+    def train(steps: int, ckpt_path: Path | None = None) -> pl.Trainer:
+        module = ImageClassifier(build_backbone(SMALL, 3, None), 3, lr=1e-3, weight_decay=0.0)
+        data = TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,)))
+        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+        trainer.fit(module, DataLoader(data, batch_size=2), ckpt_path=ckpt_path)
+        return trainer
+
+    first = train(2)
+    assert all(group["fused"] for group in first.optimizers[0].param_groups)
+    first.save_checkpoint(tmp_path / "old.ckpt")
+    saved = torch.load(tmp_path / "old.ckpt", weights_only=True)
+    for group in saved["optimizer_states"][0]["param_groups"]:
+        group["fused"] = None  # as torch's default wrote it before
+    torch.save(saved, tmp_path / "old.ckpt")
+    resumed = train(4, tmp_path / "old.ckpt")
+    assert resumed.global_step == 4
+    assert all(group["fused"] for group in resumed.optimizers[0].param_groups)
+
+
 def test_input_size_from_the_median_rounded_up_to_the_stride_within_the_types_sizes(
     tmp_path: Path,
 ) -> None:

@@ -6,7 +6,9 @@
 - ``SafetyCheckpoints`` writes ``last.ckpt`` every ``every_minutes`` of training (so long epochs
   are covered) and, when a stop is requested by a signal, writes it and raises
   ``TrainingInterrupted`` at the next step boundary.
-- ``LatestBest`` is Lightning's ``ModelCheckpoint`` keeping the later of two equal scores.
+- ``LatestBest`` is Lightning's ``ModelCheckpoint`` keeping the later of two equal scores. It
+  also keeps ``last.ckpt``: beside each new best (as a hard link to it, not a second write) and
+  at the end of training.
 - ``StopRequest`` turns the first SIGINT or SIGTERM into that cooperative stop; a second one
   exits at once, leaving the last good checkpoint.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -69,19 +72,45 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temp = _temporary(path)
         try:
             with temp.open("wb") as handle:
                 torch.save(checkpoint, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-            if path.exists():
-                os.replace(path, previous(path))
-            os.replace(temp, path)
-            fsync_directory(path.parent)
+            _put_in_place(temp, path)
         finally:
             temp.unlink(missing_ok=True)
+
+
+def link_checkpoint(source: Path, path: Path) -> None:
+    """``path`` becomes the same file as ``source`` (a hard link; a copy where the filesystem
+    has none), atomically, the old one kept as ``*.prev.ckpt``. Sharing a file is safe because
+    no checkpoint is ever written in place: a new one is a new file renamed over the name."""
+    temp = _temporary(path)
+    temp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, temp)
+        except OSError:
+            shutil.copyfile(source, temp)
+            with temp.open("rb") as handle:
+                os.fsync(handle.fileno())
+        _put_in_place(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _temporary(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _put_in_place(temp: Path, path: Path) -> None:
+    if path.exists():
+        os.replace(path, previous(path))
+    os.replace(temp, path)
+    fsync_directory(path.parent)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -121,12 +150,20 @@ class LatestBest(ModelCheckpoint):
 
     The best pass may be judged by another metric than the one reported (an image classifier's
     loss, its accuracy reported); ``reported_score`` is the reported metric of the model kept.
+
+    ``last.ckpt`` (``save_last``): Lightning writes it only at a validation that wrote a new
+    best, as a second file of the same state; here it is a hard link to that best (a write of
+    18 MB saved, 0.045 s of each such pass for MobileNetV3-Small on 2 cores). And it is written
+    at the end of training when its last pass was not a new best: a resume with a
+    larger budget (a sweep's promotion) goes on from the final step, not from the last best.
+    Between those, ``SafetyCheckpoints`` writes it every ``checkpoint.every_minutes``.
     """
 
     def __init__(self, *args: Any, reported: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.reported = reported or self.monitor
         self.reported_score: float | None = None
+        self._best_written_at: int | None = None  # the global step of the last best written
 
     @property
     def state_key(self) -> str:
@@ -147,6 +184,28 @@ class LatestBest(ModelCheckpoint):
         value = monitor_candidates.get(self.reported)
         self.reported_score = None if value is None else float(value)
         super()._update_best_and_save(current, trainer, monitor_candidates)
+        self._best_written_at = trainer.global_step
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        beside_best = Path(filepath).name == LAST and self._best_written_at == trainer.global_step
+        # Only where every write makes a new file: one in place would change both names.
+        atomic = isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+        if not (beside_best and atomic and self.best_model_path):
+            super()._save_checkpoint(trainer, filepath)
+            return
+        if trainer.is_global_zero:
+            link_checkpoint(Path(self.best_model_path), Path(filepath))
+        trainer.strategy.barrier("LatestBest.link")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # Run after the epoch's validation and after early stopping has judged it (Lightning
+        # puts checkpoint callbacks last); ``should_stop`` is agreed on by every rank.
+        ending = self.save_last and trainer.should_stop
+        if ending and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def check_monitor_top_k(self, trainer: Trainer, current: torch.Tensor | None = None) -> bool:
         if current is None or self.save_top_k != 1 or not self.best_k_models:
@@ -247,11 +306,10 @@ class SafetyCheckpoints(Callback):
             self._save(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._last_save = time.monotonic()  # ModelCheckpoint has just written last.ckpt
-            # Under DDP a stop waits for the next step's agreement: one rank alone must not.
-            if trainer.world_size == 1 and self._stop_requested():
-                self._stop(trainer)
+        # The clock is not reset here: a validation writes last.ckpt only beside a new best.
+        # Under DDP a stop waits for the next step's agreement: one rank alone must not.
+        if not trainer.sanity_checking and trainer.world_size == 1 and self._stop_requested():
+            self._stop(trainer)
 
 
 class CancelWatch(Callback):

@@ -216,7 +216,10 @@ class FineTuning:
         groups = [{"params": fresh}, {"params": pretrained}] if pretrained else [{"params": fresh}]
         for group, rate in zip(groups, self.group_rates(), strict=True):
             group["lr"] = rate
-        return torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(
+            groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+            fused=fused_adamw(self.device.type),
+        )  # fmt: skip
 
     def group_rates(self) -> list[float]:
         """The configured rate of each optimizer group: the fresh layers', then (when there are
@@ -254,3 +257,20 @@ class FineTuning:
         names = checkpoint.get(PRETRAINED_NAMES)
         if isinstance(names, list):
             setattr(self.backbone, PRETRAINED_NAMES, frozenset(map(str, names)))
+        # A saved optimizer's groups carry its kernel choice, which loading would bring back:
+        # the device this training runs on chooses (a CPU training's checkpoint, trained
+        # further on a GPU, must not clip gradients through a fused optimizer there).
+        if self._trainer is None:  # loaded outside a training: no optimizer is built
+            return
+        fused = fused_adamw(self._trainer.strategy.root_device.type)
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                group["fused"] = fused
+
+
+def fused_adamw(device_type: str) -> bool:
+    """Whether AdamW runs as one fused kernel: on the CPU, where torch's default loops over the
+    parameters in Python (8 ms of a 32-image MobileNetV3-Small step on 2 cores, against 1.4 ms
+    fused). On a GPU torch already defaults to its multi-tensor kernels, and Lightning refuses
+    to clip gradients (detectors do) through a fused optimizer under mixed precision."""
+    return device_type == "cpu"

@@ -34,7 +34,8 @@ class BudgetStopping(Callback):
         safety_factor: float = 1.25,
         checkpoint_seconds: float | None = None,
     ) -> None:
-        """``save_seconds``: what recording the model takes after the TEST pass;
+        """``save_seconds``: what the end of a training takes besides the TEST pass's batches
+        (recording the model, mostly);
         ``checkpoint_seconds``: what an epoch boundary's checkpoint writes take before one is
         measured (``save_seconds`` when not given)."""
         self.meter = meter
@@ -47,6 +48,7 @@ class BudgetStopping(Callback):
         self.eval_epoch_end = WorkEstimator(safety_factor=safety_factor)
         # What a boundary takes beyond its validation pass: the checkpoint writes, mostly.
         self.boundary_saving = WorkEstimator(safety_factor=safety_factor)
+        self._longest_saving: float | None = None  # of the whole training, not a window
         self._last_validation_seconds = 0.0
         self.stopped_by_budget = False
         self.steps_done = 0
@@ -73,8 +75,15 @@ class BudgetStopping(Callback):
         return batches + 2 * self.eval_epoch_end.estimate(prior_seconds=0.0) + self.save_seconds
 
     def boundary_estimate(self, val_batches: int) -> float:
-        prior = val_batches * self.eval_batch_estimate() + self.checkpoint_seconds
-        return self.boundary.estimate(prior_seconds=prior)
+        validation = val_batches * self.eval_batch_estimate()
+        recent = self.boundary.estimate(prior_seconds=validation + self.checkpoint_seconds)
+        if self._longest_saving is None:
+            return recent
+        # A stop's boundary always writes a checkpoint (the final last.ckpt), where the recent
+        # ones may have written none (no new best for a while): the longest write seen is
+        # kept on top of a validation pass.
+        validation += self.eval_epoch_end.estimate(prior_seconds=0.0)
+        return max(recent, validation + self._longest_saving * self.boundary.safety_factor)
 
     def reserve_after_step(self, val_batches: int) -> float:
         """Seconds to keep after the next step: a stop's epoch boundary, then finalization."""
@@ -107,6 +116,7 @@ class BudgetStopping(Callback):
             self.boundary.record(now - self._last_step_ended)
             saving = now - self._last_step_ended - self._last_validation_seconds
             self.boundary_saving.record(saving)
+            self._longest_saving = max(saving, self._longest_saving or 0.0)
             self._last_validation_seconds = 0.0
         self._epoch_ended = False
         self._step_started = now

@@ -49,6 +49,8 @@ class Workload:
     fetch: float = 0.0  # loading a batch, between one step's end and the next step's start
     eval_end: float = 0.0  # work at the end of each evaluation pass (a detector's mAP)
     checkpoint: float | None = None  # an epoch boundary's checkpoint writes (default: save)
+    # Which epochs' boundaries write (a new best); a stop's boundary always does (last.ckpt).
+    writes: Callable[[int], bool] = lambda epoch: True
 
 
 def simulate(
@@ -82,7 +84,7 @@ def simulate(
 
     validate(1)  # Lightning's sanity check (num_sanity_val_steps=1)
     callback.on_train_start(trainer, None)
-    steps = itertools.count()
+    steps, epochs = itertools.count(), itertools.count()
     while not trainer.should_stop:
         for index in range(work.steps_per_epoch):
             clock.advance(work.fetch)
@@ -92,7 +94,8 @@ def simulate(
             if trainer.should_stop:
                 break
         validate(work.val_batches)
-        clock.advance(work.save if work.checkpoint is None else work.checkpoint)
+        if work.writes(next(epochs)) or trainer.should_stop:
+            clock.advance(work.save if work.checkpoint is None else work.checkpoint)
         callback.on_train_epoch_end(trainer, None)
     # The TEST pass, the evaluation computed from it (as long again as a pass's end), the save.
     clock.advance(work.final_eval_batches * work.val_batch + 2 * work.eval_end + work.save)
@@ -229,6 +232,16 @@ def test_an_epoch_boundary_s_saving_is_measured_apart_from_its_validation() -> N
     _, callback = simulate(30, work, checkpoint_prior=0.5)
     assert callback.boundary.longest() == pytest.approx(4 * 0.4 + 0.7)
     assert callback.boundary_saving.longest() == pytest.approx(0.7)
+
+
+def test_a_stop_s_checkpoint_write_is_kept_after_boundaries_that_wrote_none() -> None:
+    """A plateau's boundaries write nothing (no new best) while the stop's boundary writes
+    last.ckpt: the last twenty boundaries alone would not keep room for it."""
+    work = Workload(step=lambda i: 0.3, checkpoint=2.0, steps_per_epoch=5,
+                    writes=lambda epoch: epoch < 3)  # fmt: skip
+    meter, callback = simulate(30, work, checkpoint_prior=2.5)
+    assert callback.stopped_by_budget and callback.steps_done > 5 * 25  # a long plateau
+    assert meter.elapsed_seconds() <= meter.limit_seconds()
 
 
 def test_a_20_milli_node_hour_training_spends_at_least_095_of_it(tmp_path) -> None:

@@ -1,7 +1,8 @@
 """How long saving work took on this machine lately, for the budget's reserves.
 
 Two kinds of work cannot be measured before the budget callback must keep room for them:
-recording the model after the TEST pass (building the evaluation, its files and plots, logging
+recording the model: everything after training but the TEST pass's batches (the TEST pass's
+set-up, after DDP the switch to one process, building the evaluation, its files and plots, logging
 the network and checkpoint to MLflow, registering the model) and the checkpoint writes of the
 first epoch boundary. A fixed reserve has to cover a loaded machine and a slow store, 20 s by
 default, which is most of a small budget (2 to 10 milli-node-hours are 7 to 36 s), and it was

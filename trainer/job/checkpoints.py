@@ -190,7 +190,7 @@ class LatestBest(ModelCheckpoint):
         beside_best = Path(filepath).name == LAST and self._best_written_at == trainer.global_step
         # Only where every write makes a new file: one in place would change both names.
         atomic = isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
-        if not (beside_best and atomic and self.best_model_path):
+        if not (beside_best and atomic):  # a best written at this step has its path set
             super()._save_checkpoint(trainer, filepath)
             return
         if trainer.is_global_zero:

@@ -274,11 +274,13 @@ class TrainerWithOptimizer(FakeTrainer):
 
 
 def decayed_rates(
-    lr: float, spent_before: float = 0.0, factor_before: float | None = None, drop_at: int = -1
-) -> list[float]:
+    lr: float, spent_before: float = 0.0, factor_before: float | None = None, drop_at: int = -1,
+    anneal_at: int = -1, anneal_steps: int = 0, follow_budget: bool = True,
+) -> list[float]:  # fmt: skip
     """The rate at each step of a 10 milli-node-hour training of 1 s steps (36 s, none of it
     set-up), driven through the budget and decay callbacks; ``drop_at``: the step before which
-    something else (a drop on a plateau) multiplies the rate by 0.2."""
+    something else (a drop on a plateau) multiplies the rate by 0.2; ``anneal_at``: the step
+    before which convergence asks for an annealing over ``anneal_steps``."""
     import torch
 
     from budgets.schedule import FACTOR, BudgetDecay
@@ -286,7 +288,7 @@ def decayed_rates(
     clock = FakeClock()
     meter = BudgetMeter(10, clock=clock, spent_before_seconds=spent_before)
     budget = BudgetStopping(meter, final_eval_batches=0, save_seconds=0.0, checkpoint_seconds=0.0)
-    decay = BudgetDecay(budget, final_factor=0.02)
+    decay = BudgetDecay(budget, final_factor=0.02, follow_budget=follow_budget)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
     if factor_before is not None:
         optimizer.param_groups[0][FACTOR] = factor_before
@@ -296,6 +298,9 @@ def decayed_rates(
     for index in itertools.count():
         if index == drop_at:
             optimizer.param_groups[0]["lr"] *= 0.2
+        if index == anneal_at:
+            decay.anneal(anneal_steps)
+        trainer.global_step = index
         budget.on_train_batch_start(trainer, None, None, index)
         decay.on_train_batch_start(trainer, None, None, index)
         rates.append(optimizer.param_groups[0]["lr"])
@@ -319,6 +324,32 @@ def test_a_drop_by_something_else_is_kept_under_the_decay() -> None:
     plain, dropped = decayed_rates(1.0), decayed_rates(1.0, drop_at=10)
     assert dropped[:10] == plain[:10]
     assert dropped[20] == pytest.approx(0.2 * plain[20])
+
+
+def test_an_annealing_falls_from_the_rate_s_line_to_its_floor_over_its_steps() -> None:
+    plain = decayed_rates(1.0)
+    annealed = decayed_rates(1.0, anneal_at=10, anneal_steps=5)
+    assert annealed[:10] == plain[:10] and len(annealed) == len(plain)
+    # Linear from where the line stood, the last of the five steps at the floor, then held.
+    start = plain[10]  # the line at step 10
+    assert annealed[10] == pytest.approx(start + (0.02 - start) / 5)
+    assert annealed[12] == pytest.approx(start + 3 * (0.02 - start) / 5)
+    assert annealed[14:] == pytest.approx([0.02] * (len(annealed) - 14))
+    # A constant schedule holds the rate until it is asked to anneal.
+    constant = decayed_rates(1.0, anneal_at=20, anneal_steps=4, follow_budget=False)
+    assert constant[:20] == pytest.approx([1.0] * 20)
+    assert constant[20:24] == pytest.approx([0.755, 0.51, 0.265, 0.02])
+    assert constant[24:] == pytest.approx([0.02] * (len(constant) - 24))
+
+
+def test_an_annealing_asked_for_is_kept_in_the_checkpoint() -> None:
+    from budgets.schedule import BudgetDecay
+
+    decay = BudgetDecay(None, final_factor=0.02)  # type: ignore[arg-type]
+    decay.anneal(7)
+    restored = BudgetDecay(None, final_factor=0.02)  # type: ignore[arg-type]
+    restored.load_state_dict(decay.state_dict())
+    assert restored.state_dict() == {"annealing": None, "anneal_steps": 7}
 
 
 def test_a_resumed_operation_goes_on_from_where_its_rate_stood() -> None:

@@ -6,16 +6,24 @@ follows a script, a second or two each.
 
 from __future__ import annotations
 
+import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainer.job.convergence import LearningRateDrop, SmoothedMetric, convergence_callbacks
+from budgets.schedule import BudgetDecay
+from trainer.job.convergence import (
+    AnnealThenStop,
+    LearningRateDrop,
+    SmoothedMetric,
+    convergence_callbacks,
+)
 from trainer.job.work_history import WorkHistory, save_reserves
 
 
@@ -125,6 +133,45 @@ def test_a_plateau_stops_training_on_the_smoothed_metric_too() -> None:
     trainer, _ = fit([0.2, 0.5, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7], callbacks)
     # The median reaches 0.7 at epoch 3 and stays there: three passes later, training stops.
     assert trainer.current_epoch == 7
+
+
+class Rates(Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def annealing_callbacks(patience: int) -> tuple[list[Callback], Rates]:
+    """Early stopping that anneals first, driving a constant schedule's ``BudgetDecay``."""
+    decay = BudgetDecay(SimpleNamespace(fraction_spent=0.0), 0.02, follow_budget=False)  # type: ignore[arg-type]
+    settings = {**config(1, patience), "anneal_before_stopping": True}
+    rates = Rates()
+    callbacks = convergence_callbacks(settings, "val_accuracy", "max", True, anneal=decay.anneal)
+    return [decay, *callbacks, rates], rates
+
+
+def test_the_first_plateau_anneals_the_rate_and_the_second_stops_training() -> None:
+    plain = convergence_callbacks(config(1, 3), "val_accuracy", "max", enabled=True)
+    assert fit([0.1, 0.5] + [0.5] * 20, plain)[0].current_epoch == 5  # best 1, then 2-4
+    callbacks, rates = annealing_callbacks(3)
+    trainer, _ = fit([0.1, 0.5] + [0.5] * 20, callbacks)
+    # Epochs 2-4 exhaust the patience: the rate anneals over the next three steps (one a pass)
+    # to 0.02 of itself, and epochs 5-7 are a whole patience again.
+    assert trainer.current_epoch == 8
+    assert rates.rates == pytest.approx([1.0] * 5 + [1 - 0.98 / 3, 1 - 2 * 0.98 / 3, 0.02])
+    early_stopping = next(c for c in callbacks if isinstance(c, AnnealThenStop))
+    fresh = AnnealThenStop("val_accuracy_smoothed", anneal=print)
+    fresh.load_state_dict(copy.deepcopy(early_stopping.state_dict()))
+    assert fresh.annealed  # a resumed training does not anneal twice
+
+
+def test_a_model_that_improves_while_the_rate_anneals_trains_on() -> None:
+    callbacks, rates = annealing_callbacks(3)
+    trainer, _ = fit([0.1, 0.5, 0.5, 0.5, 0.5, 0.6, 0.7] + [0.7] * 10, callbacks)
+    assert trainer.current_epoch == 10  # annealed after epoch 4; best at 6; 7-9 a plateau
+    assert rates.rates[-1] == pytest.approx(0.02)
 
 
 def test_the_learning_rate_drops_after_each_plateau_even_without_early_stopping() -> None:

@@ -52,7 +52,12 @@ def test_run_directory_holds_the_model_and_operation(trained) -> None:
     metrics = read_json(run_dir / "metrics.json")
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_loss"] > 0
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    # Before it was called converged, the rate annealed to its floor (conf/early_stopping).
+    assert "the learning rate anneals to its floor" in result.stderr
+    (group,) = torch.load(run_dir / "checkpoints" / "last.ckpt")["optimizer_states"][0][
+        "param_groups"
+    ]
+    assert group["budget_lr_factor"] == pytest.approx(0.02)
 
     # The Model JSON is printed at the end; the operation name is logged at the start.
     assert json.loads(result.stdout) == model

@@ -73,7 +73,11 @@ def fit_parts(
         enable_version_counter=False,
     )
     early = not cfg["budget"]["disable_early_stopping"]
-    convergence = convergence_callbacks(cfg["early_stopping"], judge, judge_mode, enabled=early)
+    follow_budget, final_lr_factor = lr_schedule(cfg["optimizer"])
+    decay = BudgetDecay(budget, final_lr_factor, follow_budget)
+    convergence = convergence_callbacks(
+        cfg["early_stopping"], judge, judge_mode, enabled=early, anneal=decay.anneal
+    )
     early_stopping = next((c for c in convergence if isinstance(c, EarlyStopping)), None)
     progress = cancel_watch = logger = None
     if leader is not None:
@@ -92,8 +96,6 @@ def fit_parts(
     safety = SafetyCheckpoints(
         run_dir / "checkpoints", cfg["checkpoint"]["every_minutes"], stop, agreement=budget
     )
-    final_lr_factor = lr_schedule(cfg["optimizer"])
-    decay = None if final_lr_factor is None else BudgetDecay(budget, final_lr_factor)
     # The cancel watch comes before the budget callback, so that its time is part of the step
     # that the budget measures; the safety checkpoints after it, as they act on its agreement.
     callbacks = [cancel_watch, budget, safety, decay, checkpoints, progress, *convergence]

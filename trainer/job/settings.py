@@ -66,17 +66,17 @@ def validate(cfg: dict[str, Any]) -> TrainSettings:
     return TrainSettings(budget, nodes, display_name, dataset_path)
 
 
-def lr_schedule(optimizer: dict[str, Any]) -> float | None:
-    """``optimizer.lr_schedule``'s final rate factor (budgets/schedule.py), None when constant."""
+def lr_schedule(optimizer: dict[str, Any]) -> tuple[bool, float]:
+    """Whether the rate follows the budget (``optimizer.lr_schedule``: budget_linear, or
+    constant), and the final rate factor, which an annealing before convergence also reaches
+    (budgets/schedule.py)."""
     schedule = optimizer.get("lr_schedule", "constant")
-    if schedule == "constant":
-        return None
-    final = optimizer.get("final_lr_factor", 0.02)
-    if schedule != "budget_linear":
+    if schedule not in ("budget_linear", "constant"):
         raise UserError(f"optimizer.lr_schedule={schedule!r}: use budget_linear or constant")
+    final = optimizer.get("final_lr_factor", 0.02)
     if not _non_negative_number(final) or not 0 < float(final) <= 1:
         raise UserError(f"optimizer.final_lr_factor={final!r} must lie in (0, 1]")
-    return float(final)
+    return schedule == "budget_linear", float(final)
 
 
 def _non_negative_number(value: Any) -> bool:

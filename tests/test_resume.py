@@ -200,7 +200,12 @@ def test_training_further_continues_from_the_base_model(
     # on 10 images, after a pass at a rate warming up, they were noise, 1.84 against 1.79.)
     import torch
 
-    started = torch.load(further_dir / "start.ckpt", weights_only=True)["state_dict"]
+    start = torch.load(further_dir / "start.ckpt", weights_only=True)
+    # Its convergence, best-model tracking and rate schedule start afresh (the base's had a
+    # state: an annealing before convergence would have held the new model's rate at its floor).
+    assert start["callbacks"] == {}
+    assert "BudgetDecay" in torch.load(base_dir / "checkpoints" / "best.ckpt")["callbacks"]
+    started = start["state_dict"]
     based = torch.load(base_dir / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
     assert started.keys() == based.keys()
     assert all(torch.equal(started[key], based[key]) for key in based)

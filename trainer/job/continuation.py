@@ -55,7 +55,7 @@ class StartFrom:
     labels: list[str] | None = None
     state: RunState | None = None  # set when resuming an operation
     base_model_id: str = ""
-    strip_callback_state: bool = False  # a new model restarts early stopping and best-tracking
+    strip_callback_state: bool = False  # a new model restarts convergence, best-tracking, schedule
     # The base model's checkpoint from the store, when no local one is good: called once the
     # budget's meter runs, since downloading is the operation's work too.
     fetch: Callable[[], Path | None] | None = None

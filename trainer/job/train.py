@@ -83,9 +83,6 @@ warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended befor
 
 MODEL_CONVERGED = "MODEL_CONVERGED"
 BUDGET_REACHED = "BUDGET_REACHED"
-# Callback state that a new model trained from a base model does not inherit: its convergence
-# and best-model tracking start afresh.
-FRESH_FOR_A_NEW_MODEL = ("EarlyStopping", "ModelCheckpoint", "SmoothedMetric", "LearningRateDrop")
 CANCELLED_CODE, ABORTED, INTERNAL = 1, 10, 13  # google.rpc.Code
 # What a training does before its first step, in order (Job.enter names them).
 SETUP_PHASES = (
@@ -646,11 +643,9 @@ def _start_checkpoint(job: Job) -> str | None:
         )
     path, checkpoint = found
     if job.start.strip_callback_state:
-        checkpoint["callbacks"] = {
-            key: value
-            for key, value in checkpoint.get("callbacks", {}).items()
-            if not key.startswith(FRESH_FOR_A_NEW_MODEL)
-        }
+        # A new model inherits none of the callbacks' state: its convergence, best-model tracking
+        # and rate schedule (an annealing the base went through) start afresh.
+        checkpoint["callbacks"] = {}
         path = job.run_dir / "start.ckpt"
         AtomicCheckpointIO().save_checkpoint(checkpoint, path)
     log.info("starting from %s (global step %s)", path, checkpoint.get("global_step", 0))

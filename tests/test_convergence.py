@@ -23,6 +23,7 @@ from trainer.job.convergence import (
     LearningRateDrop,
     SmoothedMetric,
     convergence_callbacks,
+    passes_before_stopping,
 )
 from trainer.job.work_history import WorkHistory, save_reserves
 
@@ -165,6 +166,25 @@ def test_the_first_plateau_anneals_the_rate_and_the_second_stops_training() -> N
     fresh = AnnealThenStop("val_accuracy_smoothed", anneal=print)
     fresh.load_state_dict(copy.deepcopy(early_stopping.state_dict()))
     assert fresh.annealed  # a resumed training does not anneal twice
+
+
+def test_the_annealing_early_stopping_keeps_its_state_under_early_stopping_s_key() -> None:
+    # A checkpoint written before the annealing existed resumes the patience count.
+    plain, annealing = (
+        EarlyStopping("val_loss", mode="min"),
+        AnnealThenStop("val_loss", anneal=print),
+    )
+    assert annealing.state_key == plain.state_key
+
+
+def test_the_time_left_counts_the_annealing_s_patience_until_it_has_begun() -> None:
+    plain = EarlyStopping("val_loss", patience=3)
+    annealing = AnnealThenStop("val_loss", patience=3, anneal=print)
+    plain.wait_count = annealing.wait_count = 1
+    assert passes_before_stopping(plain) == 2
+    assert passes_before_stopping(annealing) == 5
+    annealing.annealed = True
+    assert passes_before_stopping(annealing) == 2
 
 
 def test_a_model_that_improves_while_the_rate_anneals_trains_on() -> None:

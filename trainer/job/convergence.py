@@ -223,12 +223,27 @@ class AnnealThenStop(EarlyStopping):
         )  # fmt: skip
         return False, None
 
+    @property
+    def state_key(self) -> str:
+        # Early stopping's own key: an operation checkpointed before the annealing existed (or
+        # with it turned off) resumes its patience count.
+        return f"EarlyStopping{ {'monitor': self.monitor, 'mode': self.mode}!r}"
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "annealed": self.annealed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.annealed = bool(state_dict.get("annealed"))
+
+
+def passes_before_stopping(early_stopping: EarlyStopping) -> int:
+    """Passes without improvement after which training would stop: what is left of the
+    patience, and a whole patience more where the rate anneals first."""
+    left = max(0, early_stopping.patience - early_stopping.wait_count)
+    if isinstance(early_stopping, AnnealThenStop) and not early_stopping.annealed:
+        left += early_stopping.patience
+    return left
 
 
 def convergence_callbacks(

@@ -16,6 +16,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 
 from budgets.callback import BudgetStopping
+from trainer.job.convergence import passes_before_stopping
 
 log = logging.getLogger("trainer")
 LIVE_EVERY_SECONDS = 0.5  # how often the live status line is redrawn
@@ -72,8 +73,7 @@ class ProgressReport(Callback):
         if self.early_stopping is None or epochs_done == 0:
             return left
         epoch_seconds = (time.monotonic() - self._train_started) / epochs_done
-        patience_left = self.early_stopping.patience - self.early_stopping.wait_count
-        return min(left, max(0, patience_left) * epoch_seconds)
+        return min(left, passes_before_stopping(self.early_stopping) * epoch_seconds)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._train_started = time.monotonic()

@@ -53,7 +53,7 @@ class BudgetDecay(Callback):
         if self.annealing is None:
             self._anneal_steps = max(1, steps)
 
-    def factor(self, fraction_spent: float, step: int = 0) -> float:
+    def factor(self, fraction_spent: float, step: int) -> float:
         line = max(self.final_factor, 1.0 - fraction_spent) if self.follow_budget else 1.0
         if self.annealing is None:
             return line

@@ -47,6 +47,13 @@ def smoothed_name(monitor: str) -> str:
     return f"{monitor}_smoothed"
 
 
+def steps_per_pass(trainer: Trainer) -> int | None:
+    """Optimizer steps in a training pass, None where Lightning does not know (an iterable
+    without a length)."""
+    batches = trainer.num_training_batches
+    return None if batches == float("inf") else int(batches)
+
+
 class SmoothedMetric(Callback):
     """Puts the median of ``monitor`` over the last ``window`` passes in the callback metrics.
 
@@ -83,16 +90,16 @@ class SmoothedMetric(Callback):
         self.gained = False  # a median has improved on the first since
         self.value: float | None = None  # the last median
 
-    def _patiences(self, steps_per_pass: float | None) -> tuple[int, int]:
+    def _patiences(self, steps_per_pass: int | None) -> tuple[int, int]:
         """Passes of patience, and of patience before the first gain: at least
         ``min_patience_steps`` optimizer steps, once the steps of a pass are known."""
         patience, slow = self.configured
-        if steps_per_pass and steps_per_pass != float("inf"):
+        if steps_per_pass:
             patience = max(patience, math.ceil(self.min_patience_steps / steps_per_pass))
         return patience, max(slow or 2 * patience, patience)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.patience, self.slow_patience = self._patiences(trainer.num_training_batches)
+        self.patience, self.slow_patience = self._patiences(steps_per_pass(trainer))
         if self.early_stopping is not None:
             self.early_stopping.patience = self.patience if self.gained else self.slow_patience
 
@@ -204,8 +211,7 @@ class AnnealThenStop(EarlyStopping):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        batches = trainer.num_training_batches
-        self.steps_per_pass = int(batches) if batches != float("inf") else 1
+        self.steps_per_pass = steps_per_pass(trainer) or 1
 
     def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
         should_stop, reason = super()._evaluate_stopping_criteria(current)
@@ -227,7 +233,7 @@ class AnnealThenStop(EarlyStopping):
     def state_key(self) -> str:
         # Early stopping's own key: an operation checkpointed before the annealing existed (or
         # with it turned off) resumes its patience count.
-        return f"EarlyStopping{ {'monitor': self.monitor, 'mode': self.mode}!r}"
+        return super().state_key.replace(type(self).__qualname__, EarlyStopping.__qualname__, 1)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "annealed": self.annealed}

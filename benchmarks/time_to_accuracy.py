@@ -20,6 +20,10 @@ budget's seconds, before rounding up) and fixed seconds (its set-up phases
 from metrics.json, and recording the model after the TEST pass). Runs are interleaved per cell,
 since epoch times on small VMs swing between phases.
 
+Each repeat draws its own seed (42, 43, ...), the same for both sides: a plain loop with a
+constant rate and a fixed seed is one trajectory, and a cell decided on one draw of each side
+says which was luckier, not which is better.
+
 Targets (issue 17): the trainer >= the plain loop in every cell (by the medians of the
 scores, with ``--repeats``); utilization >= 0.95 at 20 milli-node-hours and above for a
 training that stopped BUDGET_REACHED.
@@ -71,13 +75,15 @@ def write_detection(folder: Path) -> Path:
 
 
 def through_trainer(
-    budget: int, dataset: Path, root: Path, name: str, *overrides: str, holdout: Path | None = None
-) -> dict:
+    budget: int, dataset: Path, root: Path, name: str, *overrides: str, seed: int = SEED,
+    holdout: Path | None = None,
+) -> dict:  # fmt: skip
     run_dir = root / "runs" / f"{name}_{budget}"
     command = [
         sys.executable, "-m", "trainer", f"dataset.path={dataset}",
         "budget.min_milli_node_hours=1", f"budget.train_budget_milli_node_hours={budget}",
-        f"display_name=tta_{name}_{budget}", f"hydra.run.dir={run_dir}", *overrides,
+        f"display_name=tta_{name}_{budget}", f"hydra.run.dir={run_dir}", f"seed={seed}",
+        *overrides,
     ]  # fmt: skip
     environment = {
         **os.environ,
@@ -164,17 +170,18 @@ def trainer_holdout(run_dir: Path, holdout: Path | None) -> float:
 
 
 def plain_classification(
-    budget: int, folder: Path, input_size: int, flip: bool, holdout: Path | None = None
-) -> dict:
+    budget: int, folder: Path, input_size: int, flip: bool, holdout: Path | None = None,
+    seed: int = SEED,
+) -> dict:  # fmt: skip
     started = time.monotonic()
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     manifest = read_dataset(folder)
     size = [input_size, input_size]
     augment = train_transform(size, MEAN, STD, CROP, flip)
     train = LabelledImages(manifest.split(TRAIN), manifest.labels, augment)
     test = LabelledImages(manifest.split(TEST), manifest.labels, eval_transform(size, MEAN, STD))
-    train_loader = make_loader(train, BATCH, 0, True, SEED)
-    test_loader = make_loader(test, BATCH, 0, False, SEED)
+    train_loader = make_loader(train, BATCH, 0, True, seed)
+    test_loader = make_loader(test, BATCH, 0, False, seed)
     model = build_backbone(CLASSIFIER, len(manifest.labels), None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
 
@@ -198,7 +205,7 @@ def plain_classification(
     }  # fmt: skip
 
 
-def plain_detection(budget: int, csv: Path, input_size: int) -> dict:
+def plain_detection(budget: int, csv: Path, input_size: int, seed: int = SEED) -> dict:
     from torchmetrics.detection import MeanAveragePrecision
 
     from trainer.tasks.object_detection.data import read_detection_dataset
@@ -211,15 +218,15 @@ def plain_detection(budget: int, csv: Path, input_size: int) -> dict:
     from trainer.tasks.object_detection.networks import build_detector
 
     started = time.monotonic()
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     manifest = read_detection_dataset(csv)
     size = (input_size, input_size)
     train = DetectionImages(
         manifest.split(TRAIN), manifest.labels, detection_train_transform(size, True)
     )
     test = DetectionImages(manifest.split(TEST), manifest.labels, detection_eval_transform(size))
-    train_loader = make_detection_loader(train, DETECTION_BATCH, 0, True, SEED)
-    test_loader = make_detection_loader(test, DETECTION_BATCH, 0, False, SEED)
+    train_loader = make_detection_loader(train, DETECTION_BATCH, 0, True, seed)
+    test_loader = make_detection_loader(test, DETECTION_BATCH, 0, False, seed)
     model = build_detector(DETECTOR, len(manifest.labels), size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
 
@@ -293,8 +300,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads for every run")
     parser.add_argument(
         "--repeats", type=int, default=1,
-        help="run every dataset's budgets this many times, each time in a fresh home and store; "
-        "cells compare the medians (a 56-image TEST split moves by 2 images between runs)",
+        help="run every dataset's budgets this many times, each time in a fresh home and store "
+        "and with its own seed; cells compare the medians (a 56-image TEST split moves by 2 "
+        "images between runs)",
     )  # fmt: skip
     args = parser.parse_args()
     if args.threads:
@@ -309,11 +317,15 @@ def main() -> None:
             for repeat in range(args.repeats):
                 root = Path(scratch) / name / f"run{repeat}"  # a fresh home and store
                 root.mkdir()
+                seed = SEED + repeat
                 for budget in args.budgets:
-                    trained = through_trainer(budget, data, root, name, *overrides, holdout=holdout)
-                    baseline = plain(budget)
+                    trained = through_trainer(
+                        budget, data, root, name, *overrides, seed=seed, holdout=holdout
+                    )
+                    baseline = plain(budget, seed=seed)
                     cells.setdefault((name, budget), []).append((trained, baseline))
-                    print(f"{name:>9} {budget:>3} mnh | trainer {trainer_cell(trained)} | plain "
+                    print(f"{name:>9} {budget:>3} mnh seed {seed} | trainer "
+                          f"{trainer_cell(trained)} | plain "
                           f"{baseline['score']:.3f} {baseline['epochs']} ep"
                           f"{holdout_text(trained, baseline)}", flush=True)  # fmt: skip
     print()

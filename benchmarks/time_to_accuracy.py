@@ -75,7 +75,7 @@ def write_detection(folder: Path) -> Path:
 
 
 def through_trainer(
-    budget: int, dataset: Path, root: Path, name: str, *overrides: str, seed: int = SEED,
+    budget: int, dataset: Path, root: Path, name: str, *overrides: str, seed: int,
     holdout: Path | None = None,
 ) -> dict:  # fmt: skip
     run_dir = root / "runs" / f"{name}_{budget}"
@@ -170,8 +170,8 @@ def trainer_holdout(run_dir: Path, holdout: Path | None) -> float:
 
 
 def plain_classification(
-    budget: int, folder: Path, input_size: int, flip: bool, holdout: Path | None = None,
-    seed: int = SEED,
+    budget: int, folder: Path, input_size: int, flip: bool, *, seed: int,
+    holdout: Path | None = None,
 ) -> dict:  # fmt: skip
     started = time.monotonic()
     torch.manual_seed(seed)
@@ -205,7 +205,7 @@ def plain_classification(
     }  # fmt: skip
 
 
-def plain_detection(budget: int, csv: Path, input_size: int, seed: int = SEED) -> dict:
+def plain_detection(budget: int, csv: Path, input_size: int, *, seed: int) -> dict:
     from torchmetrics.detection import MeanAveragePrecision
 
     from trainer.tasks.object_detection.data import read_detection_dataset

@@ -84,18 +84,18 @@ class SmoothedMetric(Callback):
         patience = early_stopping.patience if early_stopping else 0
         self.configured = (patience, patience_before_first_gain)
         self.min_patience_steps = min_patience_steps
-        self.patience, self.slow_patience = self._patiences(steps_per_pass=None)
+        self.patience, self.slow_patience = self._patiences(pass_steps=None)
         self.recent: list[float] = []
         self.first: float | None = None  # the first median
         self.gained = False  # a median has improved on the first since
         self.value: float | None = None  # the last median
 
-    def _patiences(self, steps_per_pass: int | None) -> tuple[int, int]:
+    def _patiences(self, pass_steps: int | None) -> tuple[int, int]:
         """Passes of patience, and of patience before the first gain: at least
         ``min_patience_steps`` optimizer steps, once the steps of a pass are known."""
         patience, slow = self.configured
-        if steps_per_pass:
-            patience = max(patience, math.ceil(self.min_patience_steps / steps_per_pass))
+        if pass_steps:
+            patience = max(patience, math.ceil(self.min_patience_steps / pass_steps))
         return patience, max(slow or 2 * patience, patience)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -207,11 +207,11 @@ class AnnealThenStop(EarlyStopping):
 
     def __init__(self, *args: Any, anneal: Callable[[int], None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.anneal, self.annealed, self.steps_per_pass = anneal, False, 1
+        self.anneal, self.annealed, self.pass_steps = anneal, False, 1
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self.steps_per_pass = steps_per_pass(trainer) or 1
+        self.pass_steps = steps_per_pass(trainer) or 1
 
     def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
         should_stop, reason = super()._evaluate_stopping_criteria(current)
@@ -221,7 +221,7 @@ class AnnealThenStop(EarlyStopping):
             return should_stop, reason
         self.annealed, self.wait_count = True, 0
         self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
-        self.anneal(self.patience * self.steps_per_pass)
+        self.anneal(self.patience * self.pass_steps)
         log.info(
             "%s has not improved for %d passes: the learning rate anneals to its floor over"
             " the next %d before training is called converged", self.monitor, self.patience,

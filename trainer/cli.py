@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from trainer import front_door
 from trainer.errors import UserError
 from trainer.store.automl import progress_of, resource_id
 from trainer.store.resources import redact
@@ -26,7 +27,13 @@ EXPERIMENT = "vision-trainer"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer",
+        usage=front_door.USAGE,
+        description=front_door.description(),
+        epilog=front_door.epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--tracking-uri",
         default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI),

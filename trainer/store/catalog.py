@@ -48,8 +48,8 @@ class Catalog:
         found = [
             (model, details_of(model, m.tags))
             for m in self.reader.registered_models()
-            if m.description
-            for model in [json.loads(m.description)]
+            for model in [m.resource()]
+            if model is not None  # another project's entry in a shared registry
         ]
         return sorted(found, key=lambda pair: pair[0]["createTime"], reverse=True)
 
@@ -62,7 +62,7 @@ class Catalog:
         wanted = model_id
         model_id = bare_id(model_id, "models")
         found = self.reader.registered_model(model_id)
-        model = json.loads(found.description) if found and found.description else None
+        model = found.resource() if found else None
         if model is None or (wanted.startswith("projects/") and wanted != model["name"]):
             raise UserError(f"model {wanted!r} is not in {self.tracking_uri}")
         return model, found.tags

@@ -19,12 +19,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+# The registered-model tag that holds this project's Model resource (AutoML's JSON). The
+# description is a short Markdown summary for MLflow's UI; the previous release kept the JSON
+# there instead, and it is still read from there when the tag is absent.
+MODEL_TAG = "model_json"
+
 
 @dataclass
 class RegisteredModel:
     name: str
     description: str
     tags: dict[str, str] = field(default_factory=dict)
+
+    def resource(self) -> dict[str, Any] | None:
+        """The Model resource this project recorded: the ``model_json`` tag, or for an entry
+        registered by the previous release, its description. None for an entry that is not
+        this project's (the registry is shared): the verbs pass it by."""
+        if MODEL_TAG in self.tags:
+            return _model_resource(self.tags[MODEL_TAG])
+        return _model_resource(self.description)
+
+
+def _model_resource(text: str | None) -> dict[str, Any] | None:
+    try:
+        found = json.loads(text or "")
+    except ValueError:
+        return None
+    fields = ("name", "displayName", "createTime")
+    if isinstance(found, dict) and all(isinstance(found.get(key), str) for key in fields):
+        return found
+    return None
 
 
 @dataclass

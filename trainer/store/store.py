@@ -17,7 +17,7 @@ from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
 from trainer.store.automl import FIGURES, resource_id
-from trainer.store.reader import StoreReader, local_artifact_root, open_reader
+from trainer.store.reader import MODEL_TAG, StoreReader, local_artifact_root, open_reader
 from trainer.store.resources import SPENT_SECONDS, check_id
 
 # Listing requirements explicitly saves MLflow ~8 s of inferring them on every log_model call.
@@ -53,6 +53,35 @@ def metadata_tags(model: dict[str, Any], details: dict[str, Any]) -> dict[str, s
     }
     tags.update({key: str(details[key]) for key in FIGURES})
     return tags
+
+
+def model_summary(tags: dict[str, str]) -> str:
+    """A registered model's description: what MLflow's UI shows first, in Markdown. The Model
+    resource itself is the ``model_json`` tag, where the verbs read it."""
+    model_id = tags["model_id"]
+    lines = [
+        f"**`{tags['display_name']}`**, trained by vision-trainer under a budget",
+        "",
+        f"- task: {tags.get('task')}, model type: `{tags.get('modelType')}`",
+        f"- budget: {tags.get('trainBudgetMilliNodeHours')} milli-node-hours, "
+        f"cost: {tags.get('trainCostMilliNodeHours')}, stopped: {tags.get('stopReason')}",
+        f"- created: {_when(tags['create_time'])}, expires: {_when(tags['expire_time'])}",
+        f"- model: `{tags['model_name']}`",
+    ]
+    if tags.get("operation"):
+        lines.append(f"- operation: `{tags['operation']}`")
+    if tags.get("baseModelId"):
+        lines.append(f"- trained further from: `{tags['baseModelId']}`")
+    lines += [
+        "",
+        f"The AutoML Model resource is the `{MODEL_TAG}` tag: "
+        f"`python -m trainer models get {model_id} --json`.",
+    ]
+    return "\n".join(lines)
+
+
+def _when(timestamp: str) -> str:
+    return f"{timestamp[:19].replace('T', ' ')} UTC" if timestamp else "never"
 
 
 def _artifact_location(tracking_uri: str) -> str | None:
@@ -178,7 +207,11 @@ class Store:
             if earlier.get("run_id") != run_id:
                 raise RuntimeError(f"model ID {model_id} is registered by another run")
             self.client.delete_registered_model(model_id)
-        self.client.create_registered_model(model_id, tags=tags, description=json.dumps(model))
+        self.client.create_registered_model(
+            model_id,
+            tags={**tags, MODEL_TAG: json.dumps(model)},
+            description=model_summary(tags),
+        )
         self.client.create_model_version(
             model_id,
             logged.model_uri,

@@ -31,8 +31,9 @@ class BudgetedSweeper(Sweeper):
 
         assert self.config is not None
         choices = OmegaConf.to_container(self.config.hydra.runtime.choices)
+        assert isinstance(choices, dict)  # Hydra's group -> chosen option
         try:
-            return start_sweep(self.config, arguments, choices)
+            return start_sweep(self.config, arguments, {str(k): v for k, v in choices.items()})
         except UserError as error:
             import sys
 

@@ -23,10 +23,11 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -36,9 +37,15 @@ from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV, PARENT_RUN_ENV
 from trainer.store.automl import recorded_details
 from trainer.store.resources import new_id, utc_now
 from trainer.sweep import record
-from trainer.sweep.record import RungRecord, TrialRecord
+from trainer.sweep.record import RungRecord, SweepRecord, SweepStatus, TrialRecord
 from trainer.sweep.rungs import RungResult, promotable, rung_budgets
 from trainer.sweep.space import SearchSpace, parse_space
+
+if TYPE_CHECKING:
+    import optuna
+
+    from trainer.store.catalog import Catalog
+    from trainer.store.store import Store
 
 log = logging.getLogger("trainer")
 
@@ -47,10 +54,19 @@ SAMPLERS = ("tpe", "random", "grid")
 EXECUTORS = ("local", "slurm", "submitit_local")
 
 
-@dataclass
+class TrialProcess(Protocol):
+    """A running trial as the sweep polls it: a child process, or a submitit job."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+
+@dataclass(frozen=True)
 class Settings:
     budget: int
-    rungs: list[int]
+    rungs: tuple[int, ...]
     factor: int
     parallel: int
     gpus_per_trial: int
@@ -82,7 +98,7 @@ def settings_of(sweep: dict[str, Any]) -> Settings:
         if sweep[key] not in allowed:
             raise UserError(f"sweep.{key}={sweep[key]!r}: use one of {', '.join(allowed)}")
     factor = int(sweep["reduction_factor"])
-    rungs = rung_budgets(low, factor, high, str(sweep["pruning"]))
+    rungs = tuple(rung_budgets(low, factor, high, str(sweep["pruning"])))
     max_trials = sweep.get("max_trials")
     return Settings(
         budget, rungs, factor, parallel, int(sweep.get("gpus_per_trial") or 0), sweep["sampler"],
@@ -94,40 +110,48 @@ def settings_of(sweep: dict[str, Any]) -> Settings:
 def start_sweep(cfg: DictConfig, arguments: list[str], groups: dict[str, Any]) -> float:
     """A new sweep of ``arguments`` (Hydra overrides) on the composed config ``cfg``; run it to
     its end and return the best metric found."""
-    sweep_cfg = OmegaConf.to_container(cfg.sweep, resolve=True)
+    sweep_cfg = _section(cfg, "sweep")
     settings = settings_of(sweep_cfg)
     space = parse_space(arguments, cfg, groups)
-    bounds = OmegaConf.to_container(cfg.budget, resolve=True)
+    bounds = _section(cfg, "budget")
     low, high = int(bounds["min_milli_node_hours"]), int(bounds["max_milli_node_hours"])
     if settings.rungs[0] < low or settings.rungs[-1] > high:
         raise UserError(
-            f"the sweep's rungs {settings.rungs} must lie within the model type's budget bounds "
-            f"{low}-{high} milli-node-hours: set sweep.min_trial_milli_node_hours and "
+            f"the sweep's rungs {list(settings.rungs)} must lie within the model type's budget "
+            f"bounds {low}-{high} milli-node-hours: set sweep.min_trial_milli_node_hours and "
             "sweep.max_trial_milli_node_hours, or budget.min_milli_node_hours"
         )
-    task = OmegaConf.to_container(cfg.task, resolve=True)
-    mlflow_cfg = OmegaConf.to_container(cfg.mlflow, resolve=True)
+    task = _section(cfg, "task")
+    mlflow_cfg = _section(cfg, "mlflow")
     sweep_id = new_id(record.ID_PREFIX)
     folder = record.sweeps_root(str(cfg.home)) / sweep_id
     (folder / "trials").mkdir(parents=True)
     SweepLedger.create(folder / "ledger.json", settings.budget)
     tracking_uri = _absolute(str(mlflow_cfg["tracking_uri"]))
-    parent_run = _parent_run(tracking_uri, mlflow_cfg["experiment_name"], sweep_id, sweep_cfg)
-    record.write_sweep(folder, {
-        "name": f"sweeps/{sweep_id}", "createTime": utc_now(), "status": record.RUNNING,
-        "settings": sweep_cfg, "rungs": settings.rungs, "arguments": arguments,
-        "fixed": space.fixed, "distributions": _distributions_json(space),
-        "monitor": task["monitor"], "maximize": task["monitor_mode"] == "max",
-        "idPrefix": task["id_prefix"], "home": str(Path(str(cfg.home)).resolve()),
-        "cwd": os.getcwd(), "trackingUri": tracking_uri,
-        "experiment": mlflow_cfg["experiment_name"], "parentRunId": parent_run,
-        "pid": os.getpid(),
-    })  # fmt: skip
+    experiment = str(mlflow_cfg["experiment_name"])
+    parent_run = _parent_run(tracking_uri, experiment, sweep_id, sweep_cfg)
+    record.write_sweep(folder, SweepRecord(
+        name=f"sweeps/{sweep_id}", create_time=utc_now(), status=SweepStatus.RUNNING,
+        settings=sweep_cfg, rungs=settings.rungs, arguments=tuple(arguments),
+        fixed=tuple(space.fixed), distributions=_distributions_json(space),
+        monitor=str(task["monitor"]), maximize=task["monitor_mode"] == "max",
+        id_prefix=str(task["id_prefix"]), home=str(Path(str(cfg.home)).resolve()),
+        cwd=os.getcwd(), tracking_uri=tracking_uri, experiment=experiment,
+        parent_run_id=parent_run, pid=os.getpid(),
+    ))  # fmt: skip
     print(f"sweeps/{sweep_id}", flush=True)
     log.info("sweep %s: %s milli-node-hours, rungs %s, %d at once; watch it with: "
-             "python -m trainer sweeps get %s", sweep_id, settings.budget, settings.rungs,
+             "python -m trainer sweeps get %s", sweep_id, settings.budget, list(settings.rungs),
              settings.parallel, sweep_id)  # fmt: skip
     return Sweep(folder).run()
+
+
+def _section(cfg: DictConfig, key: str) -> dict[str, Any]:
+    """One group of the composed config, resolved into plain values."""
+    section = OmegaConf.to_container(cfg[key], resolve=True)
+    if not isinstance(section, dict):
+        raise UserError(f"{key} must be a group of keys, not {section!r}")
+    return {str(k): v for k, v in section.items()}
 
 
 def _absolute(tracking_uri: str) -> str:
@@ -138,7 +162,7 @@ def _absolute(tracking_uri: str) -> str:
     return tracking_uri
 
 
-def _parent_run(tracking_uri: str, experiment: str, sweep_id: str, settings: dict) -> str:
+def _parent_run(tracking_uri: str, experiment: str, sweep_id: str, settings: dict[str, Any]) -> str:
     from trainer.store.store import Store
 
     store = Store(tracking_uri, experiment)
@@ -159,14 +183,14 @@ class Sweep:
 
         self.folder = folder
         self.record = record.read_sweep(folder)
-        self.settings = settings_of(self.record["settings"])
+        self.settings = settings_of(self.record.settings)
         self.ledger = SweepLedger(folder / "ledger.json")
         self.space = SearchSpace(
-            {k: json_to_distribution(v) for k, v in self.record["distributions"].items()},
-            list(self.record["fixed"]),
+            {k: json_to_distribution(v) for k, v in self.record.distributions.items()},
+            list(self.record.fixed),
         )
         self.trials = {t.number: t for t in record.read_trials(folder)}
-        self.processes: dict[int, subprocess.Popen | None] = {}
+        self.processes: dict[int, TrialProcess | None] = {}
         self.study = self._study()
         self._stop_signal: str | None = None
         self._cancel_sent: set[int] = set()
@@ -192,7 +216,7 @@ class Sweep:
                 signal.signal(signum, handler)
         return self._finish()
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop_signal = signal.Signals(signum).name
         log.warning("%s: the sweep stops its trials (their cost stays on record)",
                     self._stop_signal)  # fmt: skip
@@ -200,7 +224,7 @@ class Sweep:
     def _stopping(self) -> bool:
         if self._stop_signal is not None:
             return True
-        return bool(record.read_sweep(self.folder).get("cancelRequested"))
+        return record.read_sweep(self.folder).cancel_requested
 
     def _fill_slots(self) -> None:
         if self._failing():
@@ -216,7 +240,7 @@ class Sweep:
         recent = ended[-max(3, self.settings.parallel) :]
         if len(recent) < max(3, self.settings.parallel):
             return False
-        if any(t.state != TrialState.FAILED.value for t in recent):
+        if any(t.state is not TrialState.FAILED for t in recent):
             return False
         if not self._gave_up:
             last = recent[-1]
@@ -228,16 +252,16 @@ class Sweep:
 
     def _promote(self) -> bool:
         """Promote the best paused trial of the highest rung that has one due, if it fits."""
-        maximize = self.record["maximize"]
+        maximize = self.record.maximize
         for rung in reversed(range(len(self.settings.rungs) - 1)):
             results = [RungResult(t.number, r.value) for t in self.trials.values()
                        for r in t.results[rung : rung + 1] if r.value is not None]  # fmt: skip
             paused = [t.number for t in self.trials.values()
-                      if t.rung == rung and t.state == TrialState.PAUSED.value]  # fmt: skip
+                      if t.rung == rung and t.state is TrialState.PAUSED]  # fmt: skip
             for number in promotable(results, paused, self.settings.factor, maximize):
                 trial, limit = self.trials[number], self.settings.rungs[rung + 1]
                 if self.ledger.admit(str(number), limit):
-                    trial.rung, trial.state = rung + 1, TrialState.RUNNING.value
+                    trial.rung, trial.state = rung + 1, TrialState.RUNNING
                     log.info("trial %d promoted to rung %d (%d milli-node-hours)",
                              number, rung + 1, limit)  # fmt: skip
                     self._launch(trial, limit, resume=True)
@@ -257,11 +281,11 @@ class Sweep:
             return False
         asked = self.study.ask(self.space.distributions)
         trial = TrialRecord(
-            asked.number, asked.params, new_id(self.record["idPrefix"]),
-            new_id(self.record["idPrefix"]), str(self.folder / "trials" / str(asked.number)),
+            asked.number, asked.params, new_id(self.record.id_prefix),
+            new_id(self.record.id_prefix), str(self.folder / "trials" / str(asked.number)),
         )  # fmt: skip
         if not self.ledger.admit(str(trial.number), first):  # only this process admits
-            self.study.tell(asked.number, state=_optuna_state("FAIL"))
+            self.study.tell(asked.number, state=_failed())
             return False
         self.trials[trial.number] = trial
         log.info(
@@ -279,13 +303,13 @@ class Sweep:
                     f"hydra.run.dir={trial.run_dir}", "hydra.output_subdir=null"]  # fmt: skip
         else:
             args = [*self.space.overrides(trial.params), budget,
-                    f"display_name={self.record['name'].split('/')[1]}_{trial.number}",
+                    f"display_name={self.record.id}_{trial.number}",
                     f"hydra.run.dir={trial.run_dir}"]  # fmt: skip
         env = {
             **os.environ,
-            PARENT_RUN_ENV: self.record["parentRunId"],
-            "MLFLOW_TRACKING_URI": self.record["trackingUri"],
-            "VISION_TRAINER_HOME": self.record["home"],
+            PARENT_RUN_ENV: self.record.parent_run_id,
+            "MLFLOW_TRACKING_URI": self.record.tracking_uri,
+            "VISION_TRAINER_HOME": self.record.home,
         }
         if not resume:
             env.update({OPERATION_ID_ENV: trial.operation, MODEL_ID_ENV: trial.model})
@@ -299,28 +323,31 @@ class Sweep:
             )
         command = [sys.executable, "-m", "trainer", *args]
         process = self._start(command, env, trial)
-        trial.pid = process.pid if process is not None else None
+        trial.pid = process.pid
         trial.save(self.folder)
         self.processes[trial.number] = process
 
-    def _start(self, command: list[str], env: dict[str, str], trial: TrialRecord) -> Any:
+    def _start(self, command: list[str], env: dict[str, str], trial: TrialRecord) -> TrialProcess:
         if self.settings.executor != "local":
             from trainer.sweep.slurm import submit
 
-            return submit(command, env, trial, self.folder, self.settings, self.record["cwd"])
+            return submit(
+                command, env, self.record.cwd, self.folder / "submitit",
+                f"{self.folder.name}-{trial.number}", self.settings.executor,
+                self.settings.slurm, self.settings.gpus_per_trial,
+            )  # fmt: skip
         with (self.folder / "trials" / f"{trial.number}.log").open("ab") as output:
             # A session of its own: the trial outlives a sweep killed or closed with its terminal.
             return subprocess.Popen(
-                command, cwd=self.record["cwd"], env=env, stdin=subprocess.DEVNULL,
+                command, cwd=self.record.cwd, env=env, stdin=subprocess.DEVNULL,
                 stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
 
     def _adopt(self) -> None:
         """Trials left running by an earlier process of this sweep: watched until they end."""
-        for number in self.ledger.running():
-            trial = self.trials.get(int(number))
-            if trial is not None:
-                self.processes[trial.number] = None  # not our child: watched by its pid
+        for number in map(int, self.ledger.running()):
+            if number in self.trials:
+                self.processes[number] = None  # not our child: watched by its pid
 
     def _reap(self) -> None:
         for number, process in list(self.processes.items()):
@@ -336,38 +363,38 @@ class Sweep:
     def _ended(self, trial: TrialRecord) -> None:
         """Settle a trial whose process has ended, from what its training put on record."""
         limit = self.settings.rungs[trial.rung]
-        result, state = trial_outcome(Path(trial.run_dir), self.record["monitor"], limit)
+        result, state = trial_outcome(Path(trial.run_dir), self.record.monitor, limit)
         final = trial.rung == len(self.settings.rungs) - 1
         if state is TrialState.PAUSED and final:
             state = TrialState.DONE
         if self._stopping() and state is TrialState.PAUSED:
             state = TrialState.CANCELLED
         self.ledger.settle(str(trial.number), result.cost, state)
-        trial.state, trial.pid = state.value, None
+        trial.state, trial.pid = state, None
         trial.results = [*trial.results[: trial.rung], result]
         trial.save(self.folder)
         if trial.rung == 0:  # Optuna compares trials at the rung all of them ran
             if result.value is None:
-                self.study.tell(trial.number, state=_optuna_state("FAIL"), skip_if_finished=True)
+                self.study.tell(trial.number, state=_failed(), skip_if_finished=True)
             else:
                 self.study.tell(trial.number, result.value, skip_if_finished=True)
         log.info("trial %d %s at rung %d: cost %d, %s %s", trial.number, state.value,
-                 trial.rung, result.cost, self.record["monitor"], result.value)  # fmt: skip
+                 trial.rung, result.cost, self.record.monitor, result.value)  # fmt: skip
         self._tag_child_run(trial)
 
     @cached_property
-    def store(self) -> Any:
+    def store(self) -> Store:
         """The sweep's MLflow store, opened once: its runs and its trials' runs."""
         from trainer.store.store import Store
 
-        return Store(self.record["trackingUri"], self.record["experiment"])
+        return Store(self.record.tracking_uri, self.record.experiment)
 
     @cached_property
-    def catalog(self) -> Any:
+    def catalog(self) -> Catalog:
         """The same store as the verbs read it: what ``operations cancel`` goes through."""
         from trainer.store.catalog import Catalog
 
-        return Catalog(self.record["trackingUri"], self.record["experiment"])
+        return Catalog(self.record.tracking_uri, self.record.experiment)
 
     def _cancel_running(self) -> None:
         for number in set(self.processes) - self._cancel_sent:
@@ -382,35 +409,34 @@ class Sweep:
     def _finish(self) -> float:
         """Close the paused trials (pruned), put the sweep on record, draw its pictures."""
         for trial in self.trials.values():
-            if trial.state == TrialState.PAUSED.value:
+            if trial.state is TrialState.PAUSED:
                 self.ledger.close(str(trial.number), TrialState.PRUNED)
-                trial.state = TrialState.PRUNED.value
+                trial.state = TrialState.PRUNED
                 trial.save(self.folder)
                 self._tag_child_run(trial)
         current = record.read_sweep(self.folder)
-        stopped = current.get("cancelRequested") or self._stop_signal
-        current["status"] = record.CANCELLED if stopped else record.SUCCEEDED
-        current["updateTime"] = utc_now()
-        record.write_sweep(self.folder, current)
-        best = record.best_trial(list(self.trials.values()), self.record["maximize"])
-        self._record_parent(best, current["status"])
+        stopped = current.cancel_requested or self._stop_signal is not None
+        status = SweepStatus.CANCELLED if stopped else SweepStatus.SUCCEEDED
+        record.write_sweep(self.folder, replace(current, status=status, update_time=utc_now()))
+        best = record.best_trial(list(self.trials.values()), self.record.maximize)
+        self._record_parent(best, status)
         spent = self.ledger.spent()
         log.info("sweep %s %s: cost %d of %d milli-node-hours; best model %s (%s %s)",
-                 self.record["name"], current["status"], spent, self.ledger.budget,
-                 best.model if best else "none", self.record["monitor"],
+                 self.record.name, status.value, spent, self.ledger.budget,
+                 best.model if best else "none", self.record.monitor,
                  best.value if best else None)  # fmt: skip
         return float(best.value) if best and best.value is not None else float("nan")
 
-    def _record_parent(self, best: TrialRecord | None, status: str) -> None:
+    def _record_parent(self, best: TrialRecord | None, status: SweepStatus) -> None:
         from trainer.sweep.pictures import draw
 
-        store, run_id = self.store, self.record["parentRunId"]
-        tags = {"sweep_state": status, "costMilliNodeHours": str(self.ledger.spent()),
+        store, run_id = self.store, self.record.parent_run_id
+        tags = {"sweep_state": status.value, "costMilliNodeHours": str(self.ledger.spent()),
                 "bestModelId": best.model if best else ""}  # fmt: skip
         store.set_tags(run_id, tags)
         pictures = draw(self.folder, list(self.trials.values()), self.study, self.record)
         store.log_files(run_id, pictures, "sweep")
-        store.end_run(run_id, "FINISHED" if status == record.SUCCEEDED else "KILLED")
+        store.end_run(run_id, "FINISHED" if status is SweepStatus.SUCCEEDED else "KILLED")
 
     def _tag_child_run(self, trial: TrialRecord) -> None:
         """The trial's own MLflow run (a child of the sweep's): its searched parameters, and
@@ -423,13 +449,13 @@ class Sweep:
         run_id = json.loads(state_file.read_text())["run_id"]
         store = self.store
         store.set_tags(run_id, {"sweep_trial": str(trial.number), "sweep_rung": str(trial.rung),
-                                "sweep_trial_state": trial.state,
+                                "sweep_trial_state": trial.state.value,
                                 "sweep_cost": str(trial.cost)})  # fmt: skip
         if trial.rung == 0 and trial.results:  # once: MLflow keeps a parameter's first value
             params = [Param(key, str(value)) for key, value in trial.params.items()]
             store.client.log_batch(run_id, params=params)
 
-    def _study(self) -> Any:
+    def _study(self) -> optuna.Study:
         import optuna
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -438,15 +464,17 @@ class Sweep:
         storage = self.settings.storage or JournalStorage(
             JournalFileBackend(str(self.folder / "study.journal"))
         )
-        samplers = {
-            "tpe": lambda: optuna.samplers.TPESampler(seed=self.settings.seed),
-            "random": lambda: optuna.samplers.RandomSampler(seed=self.settings.seed),
-            "grid": lambda: optuna.samplers.GridSampler(self.space.grid(), seed=self.settings.seed),
-        }
+        seed = self.settings.seed
+        sampler: optuna.samplers.BaseSampler
+        if self.settings.sampler == "grid":
+            sampler = optuna.samplers.GridSampler(self.space.grid(), seed=seed)
+        elif self.settings.sampler == "random":
+            sampler = optuna.samplers.RandomSampler(seed=seed)
+        else:
+            sampler = optuna.samplers.TPESampler(seed=seed)
         return optuna.create_study(
-            study_name=self.record["name"].split("/")[1], storage=storage,
-            sampler=samplers[self.settings.sampler](), load_if_exists=True,
-            direction="maximize" if self.record["maximize"] else "minimize",
+            study_name=self.record.id, storage=storage, sampler=sampler, load_if_exists=True,
+            direction="maximize" if self.record.maximize else "minimize",
         )  # fmt: skip
 
 
@@ -461,9 +489,10 @@ def trial_outcome(run_dir: Path, monitor: str, limit: int) -> tuple[RungRecord, 
 
     def read(name: str) -> dict[str, Any]:
         try:
-            return json.loads((run_dir / name).read_text())
+            data = json.loads((run_dir / name).read_text())
         except (OSError, ValueError):
             return {}
+        return data if isinstance(data, dict) else {}
 
     state, metrics, details = read("state.json"), read("metrics.json"), recorded_details(run_dir)
     status = state.get("status", "")
@@ -485,24 +514,26 @@ def trial_outcome(run_dir: Path, monitor: str, limit: int) -> tuple[RungRecord, 
     return RungRecord(limit, limit, None, "KILLED", step), TrialState.FAILED
 
 
-def _optuna_state(name: str) -> Any:
+def _failed() -> optuna.trial.TrialState:
     import optuna
 
-    return getattr(optuna.trial.TrialState, name)
+    return optuna.trial.TrialState.FAIL
 
 
 def resume_sweep(home: str, sweep_id: str, budget: int | None) -> float:
     """``sweeps resume``: the sweep goes on, with a larger total budget if given."""
     folder = record.sweep_folder(home, sweep_id)
     current = record.read_sweep(folder)
-    if current["status"] == record.RUNNING and record.process_alive(current.get("pid")):
-        raise UserError(f"sweep {sweep_id} is running (process {current['pid']})")
+    if current.status is SweepStatus.RUNNING and record.process_alive(current.pid):
+        raise UserError(f"sweep {sweep_id} is running (process {current.pid})")
+    settings = current.settings
     if budget is not None:
         try:
             SweepLedger(folder / "ledger.json").raise_budget(budget)
         except ValueError as error:
             raise UserError(f"sweep.budget_milli_node_hours={budget}: {error}") from None
-        current["settings"]["budget_milli_node_hours"] = budget
-    current.update(status=record.RUNNING, pid=os.getpid(), cancelRequested=False)
-    record.write_sweep(folder, current)
+        settings = {**settings, "budget_milli_node_hours": budget}
+    resumed = replace(current, status=SweepStatus.RUNNING, pid=os.getpid(),
+                      cancel_requested=False, settings=settings)  # fmt: skip
+    record.write_sweep(folder, resumed)
     return Sweep(folder).run()

@@ -8,7 +8,10 @@ Each job runs the trial's ``python -m trainer`` command as it is; its output lan
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import submitit
 
 
 class SubmittedTrial:
@@ -16,7 +19,7 @@ class SubmittedTrial:
 
     pid = None
 
-    def __init__(self, job: Any) -> None:
+    def __init__(self, job: submitit.Job[Any]) -> None:
         self.job = job
 
     def poll(self) -> int | None:
@@ -26,21 +29,27 @@ class SubmittedTrial:
 
 
 def submit(
-    command: list[str], env: dict[str, str], trial: Any, folder: Path, settings: Any, cwd: str
+    command: list[str],
+    env: dict[str, str],
+    cwd: str,
+    folder: Path,
+    name: str,
+    executor: str,
+    slurm: dict[str, Any],
+    gpus_per_trial: int,
 ) -> SubmittedTrial:
+    """Submit ``command`` as job ``name``, its files in ``folder``, with the sweep's
+    ``executor`` and ``sweep.slurm`` settings."""
     import submitit
 
-    cluster = "local" if settings.executor == "submitit_local" else "slurm"
-    executor = submitit.AutoExecutor(folder=folder / "submitit", cluster=cluster)
-    slurm = settings.slurm
-    executor.update_parameters(
-        name=f"{folder.name}-{trial.number}", timeout_min=int(slurm.get("time_minutes") or 120)
-    )
+    cluster = "local" if executor == "submitit_local" else "slurm"
+    jobs = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    jobs.update_parameters(name=name, timeout_min=int(slurm.get("time_minutes") or 120))
     if cluster == "slurm":
-        executor.update_parameters(
+        jobs.update_parameters(
             slurm_partition=slurm.get("partition"),
-            gpus_per_node=int(slurm.get("gpus_per_node") or settings.gpus_per_trial or 0),
+            gpus_per_node=int(slurm.get("gpus_per_node") or gpus_per_trial or 0),
             cpus_per_task=int(slurm.get("cpus_per_task") or 1),
         )
-    job = executor.submit(submitit.helpers.CommandFunction(command, cwd=cwd, env=env))
+    job = jobs.submit(submitit.helpers.CommandFunction(command, cwd=cwd, env=env))
     return SubmittedTrial(job)

@@ -68,6 +68,7 @@ def parse_space(arguments: list[str], cfg: DictConfig, groups: dict[str, Any]) -
             raise UserError(f"{key} has no place in a sweep: its trials are new trainings")
         current = _current_value(key, cfg, groups)
         if not override.is_sweep_override():
+            assert override.input_line is not None  # the parser keeps each override's text
             space.fixed.append(override.input_line)
             continue
         sweep = override.value()

@@ -9,11 +9,17 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
 from trainer.sweep import record
+from trainer.sweep.record import SweepRecord, SweepStatus
+
+PrintTable = Callable[[list[str], list[list[str]]], None]
+PrintFields = Callable[[dict[str, Any]], None]
 
 CANCEL_WAIT_SECONDS = 300  # a trial stops within seconds of a cancel: checkpoint, cost, exit
 
@@ -24,7 +30,7 @@ def default_home() -> str:
     return os.environ.get("VISION_TRAINER_HOME", str(fallback))
 
 
-def add_sweep_verbs(resources: Any) -> None:
+def add_sweep_verbs(resources: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sweeps = resources.add_parser("sweeps", help="hyperparameter sweeps under one budget")
     sweeps.add_argument("--home", default=default_home(), help="(default: $VISION_TRAINER_HOME)")
     verbs = sweeps.add_subparsers(dest="verb", required=True)
@@ -40,58 +46,65 @@ def add_sweep_verbs(resources: Any) -> None:
     resume.add_argument("budget", nargs="?", help="sweep.budget_milli_node_hours=M: a new total")
 
 
-def run_sweep_verb(args: argparse.Namespace, print_table: Any, print_fields: Any) -> None:
-    verbs = {"list": _list, "get": _get, "cancel": _cancel, "resume": _resume}
+def run_sweep_verb(
+    args: argparse.Namespace, print_table: PrintTable, print_fields: PrintFields
+) -> None:
+    verbs: dict[str, Callable[[argparse.Namespace, PrintTable, PrintFields], None]] = {
+        "list": _list, "get": _get, "cancel": _cancel, "resume": _resume,
+    }  # fmt: skip
     verbs[args.verb](args, print_table, print_fields)
 
 
-def _list(args: argparse.Namespace, print_table: Any, print_fields: Any) -> None:
+def _list(args: argparse.Namespace, print_table: PrintTable, print_fields: PrintFields) -> None:
     root = record.sweeps_root(args.home)
     folders = sorted(root.glob("*/sweep.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     sweeps = [record.summary(path.parent) for path in folders]
     if args.json:
-        for sweep in sweeps:
-            sweep.pop("trials")
-        print(json.dumps({"sweeps": sweeps}, indent=2))
+        print(json.dumps({"sweeps": [s.to_json(trials=False) for s in sweeps]}, indent=2))
         return
-    rows = [[s["name"].split("/")[1], s["status"], s["budgetMilliNodeHours"],
-             s["costMilliNodeHours"], str(len(s["trials"])), s["bestModelId"],
-             s["createTime"][:19].replace("T", " ")] for s in sweeps]  # fmt: skip
+    rows = [[s.sweep.id, s.sweep.status.value, str(s.budget), str(s.cost), str(len(s.trials)),
+             s.best.model if s.best else "", s.sweep.create_time[:19].replace("T", " ")]
+            for s in sweeps]  # fmt: skip
     print_table(["ID", "status", "budget", "cost", "trials", "best model", "created (UTC)"], rows)
 
 
-def _get(args: argparse.Namespace, print_table: Any, print_fields: Any) -> None:
-    sweep = record.summary(record.sweep_folder(args.home, args.id))
+def _get(args: argparse.Namespace, print_table: PrintTable, print_fields: PrintFields) -> None:
+    summary = record.summary(record.sweep_folder(args.home, args.id))
     if args.json:
-        print(json.dumps(sweep, indent=2))
+        print(json.dumps(summary.to_json(), indent=2))
         return
-    trials = sweep.pop("trials")
-    keep = ("name", "status", "budgetMilliNodeHours", "costMilliNodeHours",
-            "grantedMilliNodeHours", "rungs", "monitor", "bestModelId", "createTime")  # fmt: skip
-    print_fields({key: sweep[key] for key in keep if key in sweep})
-    params = sorted({key for trial in trials for key in trial["params"]})
+    sweep = summary.sweep
+    print_fields({
+        "name": sweep.name, "status": sweep.status.value, "budgetMilliNodeHours": summary.budget,
+        "costMilliNodeHours": summary.cost, "grantedMilliNodeHours": summary.granted,
+        "rungs": list(sweep.rungs), "monitor": sweep.monitor,
+        "bestModelId": summary.best.model if summary.best else "", "createTime": sweep.create_time,
+    })  # fmt: skip
+    params = sorted({key for trial in summary.trials for key in trial.params})
     rows = [
-        [str(t["number"]), *(_short(t["params"].get(k)) for k in params), str(t["rung"]),
-         str(t["cost"]), _short(t["value"]), t["state"], t["model"]]
-        for t in trials
+        [str(t.number), *(_short(t.params.get(k)) for k in params), str(t.rung), str(t.cost),
+         _short(t.value), t.state.value, t.model]
+        for t in summary.trials
     ]  # fmt: skip
-    print_table(["trial", *params, "rung", "cost", sweep["monitor"], "state", "model"], rows)
+    print_table(["trial", *params, "rung", "cost", sweep.monitor, "state", "model"], rows)
 
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _cancel(args: argparse.Namespace, print_table: Any, print_fields: Any) -> None:
+def _cancel(args: argparse.Namespace, print_table: PrintTable, print_fields: PrintFields) -> None:
     """Ask the sweep to stop; it cancels its running trials and settles them. A sweep whose
     process is gone has its trials cancelled here, and settled by ``sweeps resume``."""
     folder = record.sweep_folder(args.home, args.id)
     sweep = record.read_sweep(folder)
-    if sweep["status"] != record.RUNNING:
-        raise UserError(f"sweep {args.id} has already ended ({sweep['status']}): nothing to cancel")
-    sweep["cancelRequested"] = True
+    if sweep.status is not SweepStatus.RUNNING:
+        raise UserError(
+            f"sweep {args.id} has already ended ({sweep.status.value}): nothing to cancel"
+        )
+    sweep = replace(sweep, cancel_requested=True)
     record.write_sweep(folder, sweep)
-    if not record.process_alive(sweep.get("pid")):
+    if not record.process_alive(sweep.pid):
         _cancel_trials(folder, sweep)
     deadline = time.monotonic() + CANCEL_WAIT_SECONDS
     while time.monotonic() < deadline and _still_running(folder, sweep):
@@ -99,27 +112,25 @@ def _cancel(args: argparse.Namespace, print_table: Any, print_fields: Any) -> No
     if _still_running(folder, sweep):
         raise UserError(f"sweep {args.id} asked to stop, still running after "
                         f"{CANCEL_WAIT_SECONDS} s: see its trials' logs in {folder}")  # fmt: skip
-    print(f"cancelled {sweep['name']}")
+    print(f"cancelled {sweep.name}")
 
 
-def _cancel_trials(folder: Path, sweep: dict[str, Any]) -> None:
+def _cancel_trials(folder: Path, sweep: SweepRecord) -> None:
     from trainer.store.catalog import Catalog
 
-    catalog = Catalog(sweep["trackingUri"], sweep["experiment"])
+    catalog = Catalog(sweep.tracking_uri, sweep.experiment)
     for trial in record.read_trials(folder):
         if record.process_alive(trial.pid):
             with contextlib.suppress(UserError):  # ended meanwhile
                 catalog.cancel(trial.operation)
 
 
-def _still_running(folder: Path, sweep: dict[str, Any]) -> bool:
+def _still_running(folder: Path, sweep: SweepRecord) -> bool:
     trials = record.read_trials(folder)
-    return record.process_alive(sweep.get("pid")) or any(
-        record.process_alive(t.pid) for t in trials
-    )
+    return record.process_alive(sweep.pid) or any(record.process_alive(t.pid) for t in trials)
 
 
-def _resume(args: argparse.Namespace, print_table: Any, print_fields: Any) -> None:
+def _resume(args: argparse.Namespace, print_table: PrintTable, print_fields: PrintFields) -> None:
     budget = None
     if args.budget is not None:
         key, _, value = args.budget.partition("=")

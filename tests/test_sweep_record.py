@@ -1,18 +1,23 @@
 """A sweep's records (trainer/sweep/record.py) typed in memory and camelCase on disk, as sweeps
-already on disk wrote them. No training, no process."""
+already on disk wrote them; a trial's cost billed by the meter's own formula. No training, no
+process."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from budgets.ledger import SweepLedger, TrialState
+from budgets.meter import milli_node_hours
 from tests.test_sweep import SWEEP
 from trainer.errors import UserError
 from trainer.sweep import record
 from trainer.sweep.record import RungRecord, SweepRecord, SweepStatus, TrialRecord
+from trainer.sweep.runner import trial_outcome
 
 # sweep.json as the release before typed records wrote it for a new sweep.
 WRITTEN = {
@@ -98,3 +103,37 @@ def test_the_verbs_summary_is_the_record_with_the_ledgers_figures(tmp_path: Path
     assert shown["grantedMilliNodeHours"] == "8" and shown["bestModelId"] == "ICN12"
     assert shown["trials"] == [{**TRIAL, "slot": 0, "cost": 15, "value": 0.7}]
     assert "trials" not in summary.to_json(trials=False)
+
+
+def write_state(run_dir: Path, **state: Any) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "state.json").write_text(json.dumps(state))
+    return run_dir
+
+
+def test_a_failed_trials_cost_is_the_meters_rounded_as_it_bills(tmp_path: Path) -> None:
+    """1,380.6 s on 4 nodes is 1534 milli-node-hours. As two pieces of one operation (1380.4 s,
+    then 0.2 s after a resume) the float sum is 1380.6000000000001: the meter's formula, with
+    its guard against float noise, bills 1534; the formula the sweep wrote again billed 1535."""
+    seconds = 1380.4 + 0.2
+    assert math.ceil(seconds * 4 / 3.6) == 1535  # the copy without the guard
+    assert milli_node_hours(seconds, 4) == 1534
+    run_dir = write_state(tmp_path / "3", status="FAILED", spent_seconds=seconds, global_step=7,
+                          config={"trainer": {"num_nodes": 4}})  # fmt: skip
+    result, state = trial_outcome(run_dir, "val_accuracy", 2000)
+    assert state is TrialState.FAILED
+    assert result == RungRecord(2000, 1534, None, "FAILED", 7)
+    cancelled = write_state(tmp_path / "4", status="CANCELLED", spent_seconds=18.0, global_step=1)
+    assert trial_outcome(cancelled, "val_accuracy", 20) == (
+        RungRecord(20, 5, None, "CANCELLED", 1), TrialState.CANCELLED,
+    )  # fmt: skip
+
+
+def test_a_trial_killed_without_a_word_is_charged_its_grant(tmp_path: Path) -> None:
+    run_dir = write_state(tmp_path / "5", status="RUNNING", spent_seconds=3.0, global_step=2)
+    assert trial_outcome(run_dir, "val_accuracy", 8) == (
+        RungRecord(8, 8, None, "KILLED", 2), TrialState.FAILED,
+    )  # fmt: skip
+    assert trial_outcome(tmp_path / "never", "val_accuracy", 8) == (
+        RungRecord(8, 0, None, "REFUSED", 0), TrialState.FAILED,
+    )  # fmt: skip

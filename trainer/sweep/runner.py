@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from omegaconf import DictConfig, OmegaConf
 
 from budgets.ledger import SweepLedger, TrialState
+from budgets.meter import milli_node_hours
 from trainer.errors import UserError
 from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV, PARENT_RUN_ENV
 from trainer.store.automl import recorded_details
@@ -482,9 +483,9 @@ def trial_outcome(run_dir: Path, monitor: str, limit: int) -> tuple[RungRecord, 
     """What a trial's training left on record when its process ended.
 
     A training that ended by itself wrote its cost (SUCCEEDED with its model, or FAILED,
-    INTERRUPTED, CANCELLED with the cost so far). One killed without a word (kill -9, a lost
-    node) is settled at its whole grant: its last recorded cost may be a flush behind, and the
-    sweep's sum of costs must stay a guarantee.
+    INTERRUPTED, CANCELLED with the seconds so far, billed by the meter's own formula). One
+    killed without a word (kill -9, a lost node) is settled at its whole grant: its last
+    recorded cost may be a flush behind, and the sweep's sum of costs must stay a guarantee.
     """
 
     def read(name: str) -> dict[str, Any]:
@@ -506,7 +507,7 @@ def trial_outcome(run_dir: Path, monitor: str, limit: int) -> tuple[RungRecord, 
         return result, TrialState.CONVERGED if converged else TrialState.PAUSED
     if status in ("FAILED", "INTERRUPTED", "CANCELLED"):
         nodes = int(((state.get("config") or {}).get("trainer") or {}).get("num_nodes", 1))
-        cost = math.ceil(float(state.get("spent_seconds") or 0) * nodes / 3.6)
+        cost = milli_node_hours(float(state.get("spent_seconds") or 0), nodes)
         ended = TrialState.CANCELLED if status == "CANCELLED" else TrialState.FAILED
         return RungRecord(limit, cost, None, status, step), ended
     if not state:  # refused before it opened an operation: nothing on record, nothing billed

@@ -7,7 +7,8 @@ checkpoint with the next rung's budget (``resume_operation=``: same model, optim
 step kept), and otherwise asks Optuna for a new trial at the first rung. Either starts only when
 the ledger (``budgets/ledger.py``) admits its whole grant, so the trials' costs add up to at most
 the sweep's budget, whatever ends them. Optuna is told each trial's first-rung metric, where
-every trial was trained alike; later rungs are this sweep's own record.
+every trial was trained alike; later rungs are this sweep's own record. What to promote or
+start, and how an ended trial is settled, is ``policy.py``'s to decide; this loop carries it out.
 
 The sweep's process may die: its trials run in sessions of their own and go on; ``sweeps
 resume`` adopts those still running, settles those that ended, and goes on.
@@ -38,8 +39,9 @@ from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV, PARENT_RUN_ENV
 from trainer.store.automl import recorded_details
 from trainer.store.resources import new_id, utc_now
 from trainer.sweep import record
+from trainer.sweep.policy import Decision, Promote, Start, SweepPolicy
 from trainer.sweep.record import RungRecord, SweepRecord, SweepStatus, TrialRecord
-from trainer.sweep.rungs import RungResult, promotable, rung_budgets
+from trainer.sweep.rungs import rung_budgets
 from trainer.sweep.space import SearchSpace, parse_space
 
 if TYPE_CHECKING:
@@ -193,9 +195,21 @@ class Sweep:
         self.trials = {t.number: t for t in record.read_trials(folder)}
         self.processes: dict[int, TrialProcess | None] = {}
         self.study = self._study()
+        self.policy = SweepPolicy(
+            self.settings.rungs, self.settings.factor, self.record.maximize,
+            self.settings.parallel, self._max_trials(),
+        )  # fmt: skip
         self._stop_signal: str | None = None
         self._cancel_sent: set[int] = set()
         self._gave_up = False
+
+    def _max_trials(self) -> int | None:
+        """sweep.max_trials; with the grid sampler, at most the grid's size."""
+        limit = self.settings.max_trials
+        if self.settings.sampler == "grid":
+            size = math.prod(len(v) for v in self.space.grid().values())
+            limit = size if limit is None else min(limit, size)
+        return limit
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -231,68 +245,52 @@ class Sweep:
         if self._failing():
             return
         while len(self.processes) < self.settings.parallel:
-            if not (self._promote() or self._new_trial()):
+            trials = list(self.trials.values())
+            decision = self.policy.next(trials, self.ledger.available(), len(self.study.trials))
+            if decision is None or not self._carry_out(decision):
                 return
 
     def _failing(self) -> bool:
-        """The last trials all failed before a result: new ones would too (a bad value of the
-        space, a dataset that cannot train); the sweep stops starting them and says why."""
-        ended = sorted((t for t in self.trials.values() if t.results), key=lambda t: t.number)
-        recent = ended[-max(3, self.settings.parallel) :]
-        if len(recent) < max(3, self.settings.parallel):
-            return False
-        if any(t.state is not TrialState.FAILED for t in recent):
-            return False
-        if not self._gave_up:
+        """The policy gave up starting trials: say why, once."""
+        recent = self.policy.gave_up(list(self.trials.values()))
+        if recent and not self._gave_up:
             last = recent[-1]
             lines = (self.folder / "trials" / f"{last.number}.log").read_text().splitlines()
             log.error("the last %d trials failed; the sweep starts no more. Trial %d said: %s",
                       len(recent), last.number, lines[-1] if lines else "nothing")  # fmt: skip
             self._gave_up = True
+        return bool(recent)
+
+    def _carry_out(self, decision: Decision) -> bool:
+        """Start what the policy decided, once the ledger admits its grant."""
+        if isinstance(decision, Promote):
+            return self._promote(decision)
+        return self._new_trial(decision)
+
+    def _promote(self, promotion: Promote) -> bool:
+        trial = self.trials[promotion.trial]
+        if not self.ledger.admit(str(trial.number), promotion.limit):
+            return False
+        trial.rung, trial.state = promotion.rung, TrialState.RUNNING
+        log.info("trial %d promoted to rung %d (%d milli-node-hours)",
+                 trial.number, promotion.rung, promotion.limit)  # fmt: skip
+        self._launch(trial, promotion.limit, resume=True)
         return True
 
-    def _promote(self) -> bool:
-        """Promote the best paused trial of the highest rung that has one due, if it fits."""
-        maximize = self.record.maximize
-        for rung in reversed(range(len(self.settings.rungs) - 1)):
-            results = [RungResult(t.number, r.value) for t in self.trials.values()
-                       for r in t.results[rung : rung + 1] if r.value is not None]  # fmt: skip
-            paused = [t.number for t in self.trials.values()
-                      if t.rung == rung and t.state is TrialState.PAUSED]  # fmt: skip
-            for number in promotable(results, paused, self.settings.factor, maximize):
-                trial, limit = self.trials[number], self.settings.rungs[rung + 1]
-                if self.ledger.admit(str(number), limit):
-                    trial.rung, trial.state = rung + 1, TrialState.RUNNING
-                    log.info("trial %d promoted to rung %d (%d milli-node-hours)",
-                             number, rung + 1, limit)  # fmt: skip
-                    self._launch(trial, limit, resume=True)
-                    return True
-        return False
-
-    def _new_trial(self) -> bool:
-        first = self.settings.rungs[0]
-        started = len(self.study.trials)
-        if self.settings.max_trials is not None and started >= self.settings.max_trials:
-            return False
-        if self.settings.sampler == "grid" and started >= math.prod(
-            len(v) for v in self.space.grid().values()
-        ):
-            return False
-        if self.ledger.available() < first:
-            return False
+    def _new_trial(self, start: Start) -> bool:
         asked = self.study.ask(self.space.distributions)
         trial = TrialRecord(
             asked.number, asked.params, new_id(self.record.id_prefix),
             new_id(self.record.id_prefix), str(self.folder / "trials" / str(asked.number)),
         )  # fmt: skip
-        if not self.ledger.admit(str(trial.number), first):  # only this process admits
+        if not self.ledger.admit(str(trial.number), start.limit):  # only this process admits
             self.study.tell(asked.number, state=_failed())
             return False
         self.trials[trial.number] = trial
         log.info(
             "trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in trial.params.items())
         )
-        self._launch(trial, first, resume=False)
+        self._launch(trial, start.limit, resume=False)
         return True
 
     # -- trials ------------------------------------------------------------------------------
@@ -364,12 +362,8 @@ class Sweep:
     def _ended(self, trial: TrialRecord) -> None:
         """Settle a trial whose process has ended, from what its training put on record."""
         limit = self.settings.rungs[trial.rung]
-        result, state = trial_outcome(Path(trial.run_dir), self.record.monitor, limit)
-        final = trial.rung == len(self.settings.rungs) - 1
-        if state is TrialState.PAUSED and final:
-            state = TrialState.DONE
-        if self._stopping() and state is TrialState.PAUSED:
-            state = TrialState.CANCELLED
+        result, ended = trial_outcome(Path(trial.run_dir), self.record.monitor, limit)
+        state = self.policy.settled_state(ended, trial.rung, self._stopping())
         self.ledger.settle(str(trial.number), result.cost, state)
         trial.state, trial.pid = state, None
         trial.results = [*trial.results[: trial.rung], result]

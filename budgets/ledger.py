@@ -245,9 +245,11 @@ class SweepLedger:
         """After a restart of the sweep, settle as FAILED the RUNNING trials whose training died.
 
         ``actual_cost(trial_id)`` returns the trial's cumulative cost as its training recorded
-        it, or None when that training is still running (the trial then stays RUNNING). When the
-        cost cannot be read, returning the trial's limit is safe: no training spends more than
-        its grant. Returns the settled trials and their costs.
+        it, or None to leave the trial RUNNING: its training still runs, or the caller will
+        settle it from a fuller record (the sweep's resume does so for every trial it has a
+        record of, and recovers here the grants it has none for). When the cost cannot be read,
+        returning the trial's limit is safe: no training spends more than its grant. Returns
+        the settled trials and their costs.
         """
         # Costs are read outside the lock: the callback may be slow, or read this ledger itself
         # (flock would then deadlock against our own process).

@@ -1,6 +1,6 @@
 """A sweep's records (trainer/sweep/record.py) typed in memory and camelCase on disk, as sweeps
-already on disk wrote them; a trial's cost billed by the meter's own formula. No training, no
-process."""
+already on disk wrote them; a trial's cost billed by the meter's own formula; a resumed sweep
+recovering the grants of trials that never got a record. No training, no process."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 
 from budgets.ledger import SweepLedger, TrialState
+from budgets.ledger import TrialRecord as Grant
 from budgets.meter import milli_node_hours
 from tests.test_sweep import SWEEP
 from trainer.errors import UserError
 from trainer.sweep import record
 from trainer.sweep.record import RungRecord, SweepRecord, SweepStatus, TrialRecord
-from trainer.sweep.runner import trial_outcome
+from trainer.sweep.runner import Sweep, orphan_cost, trial_outcome
 
 # sweep.json as the release before typed records wrote it for a new sweep.
 WRITTEN = {
@@ -137,3 +138,42 @@ def test_a_trial_killed_without_a_word_is_charged_its_grant(tmp_path: Path) -> N
     assert trial_outcome(tmp_path / "never", "val_accuracy", 8) == (
         RungRecord(8, 0, None, "REFUSED", 0), TrialState.FAILED,
     )  # fmt: skip
+
+
+def test_a_resumed_sweep_recovers_the_grants_of_trials_without_a_record(tmp_path: Path) -> None:
+    """The sweep's process died after the ledger admitted trials 1 and 2 and before their
+    records were written: 1 never started (no log), 2 may have (its log exists). Resumed, the
+    sweep adopts trial 0, which has a record, and settles the other two grants as FAILED: 1 at
+    nothing, 2 at its whole grant, which its training cannot exceed; Optuna is told."""
+    folder = tmp_path / "SWP1"
+    (folder / "trials").mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps({**WRITTEN, "name": "sweeps/SWP1"}))
+    ledger = SweepLedger.create(folder / "ledger.json", 40)
+    for trial_id in "012":
+        assert ledger.admit(trial_id, 8)
+    TrialRecord(0, {"optimizer.lr": 0.01}, "ICN1", "ICN2", str(folder / "trials" / "0")).save(
+        folder
+    )
+    (folder / "trials" / "2.log").write_text("")
+    sweep = Sweep(folder)
+    for _ in range(3):
+        sweep.study.ask(sweep.space.distributions)
+    sweep._adopt()
+    assert ledger.trials() == {
+        "0": Grant(8, 0, TrialState.RUNNING),
+        "1": Grant(8, 0, TrialState.FAILED),
+        "2": Grant(8, 8, TrialState.FAILED),
+    }
+    assert sweep.processes == {0: None}  # watched by its pid until it ends
+    assert [t.state.name for t in sweep.study.trials] == ["RUNNING", "FAIL", "FAIL"]
+    assert ledger.available() == 40 - 8 - 8
+
+
+def test_an_orphaned_grant_is_free_only_where_its_trial_surely_never_started(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "trials").mkdir()
+    assert orphan_cost(tmp_path, "1", 8, "local") == 0
+    assert orphan_cost(tmp_path, "1", 8, "slurm") == 8  # a submitted job may run
+    (tmp_path / "trials" / "1.log").write_text("")
+    assert orphan_cost(tmp_path, "1", 8, "local") == 8

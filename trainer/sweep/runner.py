@@ -343,7 +343,22 @@ class Sweep:
             )  # fmt: skip
 
     def _adopt(self) -> None:
-        """Trials left running by an earlier process of this sweep: watched until they end."""
+        """Trials left running by an earlier process of this sweep: those on record are watched
+        until they end, then settled from what their training recorded; a grant whose trial
+        never got its record (that process died between the admission and the record) is
+        recovered as FAILED (``orphan_cost``)."""
+        on_record = {str(number) for number in self.trials}
+
+        def cost_of(trial_id: str) -> int | None:
+            if trial_id in on_record:
+                return None  # watched below, and settled from its own record when it ends
+            limit = self.ledger.trials()[trial_id].limit
+            return orphan_cost(self.folder, trial_id, limit, self.settings.executor)
+
+        for trial_id, cost in self.ledger.recover(cost_of).items():
+            log.warning("trial %s was admitted, and the sweep's process died before its record: "
+                        "settled as failed at cost %d", trial_id, cost)  # fmt: skip
+            self.study.tell(int(trial_id), state=_failed(), skip_if_finished=True)
         for number in map(int, self.ledger.running()):
             if number in self.trials:
                 self.processes[number] = None  # not our child: watched by its pid
@@ -507,6 +522,15 @@ def trial_outcome(run_dir: Path, monitor: str, limit: int) -> tuple[RungRecord, 
     if not state:  # refused before it opened an operation: nothing on record, nothing billed
         return RungRecord(limit, 0, None, "REFUSED", 0), TrialState.FAILED
     return RungRecord(limit, limit, None, "KILLED", step), TrialState.FAILED
+
+
+def orphan_cost(folder: Path, trial_id: str, limit: int, executor: str) -> int:
+    """The cost of a grant whose trial has no record, so no process to watch: nothing where it
+    never started (a local trial's log is opened before its process starts); otherwise its
+    whole grant, which its training, if it ran or runs still, cannot exceed."""
+    if executor == "local" and not (folder / "trials" / f"{trial_id}.log").exists():
+        return 0
+    return limit
 
 
 def _failed() -> optuna.trial.TrialState:

@@ -107,6 +107,8 @@ def epilog(conf: Path = CONF_DIR) -> str:
         "before training:",
         "  python -m trainer [key=value ...] --cfg job",
         "      print the whole config a training would run with, and stop (Hydra's --cfg job)",
+        "  python -m trainer key=value ... --help",
+        "      Hydra's help for that composition: its groups and the whole config",
         "  python -m trainer --hydra-help",
         "      Hydra's own flags (--multirun, --cfg, --info ...)",
         "",

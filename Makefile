@@ -25,6 +25,7 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy  # the files pyproject.toml's [tool.mypy] names
 
 format: $(STAMP)
 	$(BIN)/ruff format .

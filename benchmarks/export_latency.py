@@ -19,11 +19,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from trainer import CONF_DIR
+from trainer.data.input_size import auto_input_size
 from trainer.export import Runner, as_arrays, latency_ms, write_model
+from trainer.settings import Settings, composed
 from trainer.tasks import task_configs, task_of
 
 MOBILE = ["mobile-low-latency-1", "mobile-versatile-1", "mobile-high-accuracy-1"]
@@ -41,13 +41,14 @@ def model_types(task: str) -> list[str]:
 
 
 def measure(task: str, model_type: str, fmt: str, folder: Path) -> tuple[str, str, float, str]:
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        composed = compose("config", [f"task={task}", f"model_type={model_type}"])
-        cfg = OmegaConf.to_container(composed, resolve=True)
-    kind = task_of(cfg)
+    settings = Settings.parse(composed(task, model_type))
+    # input_size=auto, settled as a training with no readable image size settles it.
+    size = auto_input_size(None, settings.model, settings.task.input_stride)
+    settings = settings.replace_in("model", input_size=list(size))
+    kind = task_of(settings)
     labels = [f"label_{i}" for i in range(LABELS[task])]
-    network = kind.network(cfg, labels, pretrained=None).eval()
-    plan = kind.export_plan(network, cfg, labels, [])
+    network = kind.network(settings, labels, pretrained=None).eval()
+    plan = kind.export_plan(network, settings, labels, [])
     path = folder / f"{task}-{model_type}.{fmt}"
     write_model(plan, fmt, path)
     runner = Runner(fmt, path)
@@ -55,7 +56,7 @@ def measure(task: str, model_type: str, fmt: str, folder: Path) -> tuple[str, st
     outputs = as_arrays(plan.network(plan.example[:1])) if not plan.batch_free else []
     boxes = str(len(outputs[0])) if outputs else ""
     shape = "x".join(str(v) for v in plan.example.shape[1:])
-    return cfg["model"]["constructor"], shape, latency_ms(runner, example), boxes
+    return settings.model.constructor, shape, latency_ms(runner, example), boxes
 
 
 def main() -> None:

@@ -57,8 +57,9 @@ from budgets import BudgetMeter  # noqa: E402
 from budgets.callback import BudgetStopping  # noqa: E402
 from trainer.data.device_augment import resolve_precision  # noqa: E402
 from trainer.data.image_cache import Layout, build_cache, open_cache  # noqa: E402
-from trainer.data.images import make_loaders  # noqa: E402
+from trainer.data.images import make_loaders  # noqa
 from trainer.data.manifest import read_dataset  # noqa: E402
+from trainer.settings import Settings, composed, deep_merge  # noqa: E402
 from trainer.tasks.image_classification.module import ImageClassifier  # noqa: E402
 from trainer.tasks.image_classification.networks import build_backbone  # noqa: E402
 
@@ -212,37 +213,42 @@ class Throughput(pl.Callback):
         return self.started - self.began
 
 
-def config(args, side: int, cache: str, on_device: str, home: Path) -> dict[str, Any]:
-    """The slice of the trainer's config that its data path reads."""
+def config(args, side: int, cache: str, on_device: str, home: Path) -> Settings:
+    """The trainer's settings, as its data path reads them."""
     accelerator = "cuda" if args.device == "cuda" else "cpu"
-    return {
-        "model": {"input_size": [side, side]},
-        "data": {
-            "batch_size": args.batch_size,
-            "num_workers": args.workers,
-            "crop_scale": CROP_SCALE,
-            "horizontal_flip": True,
-            "mean": MEAN,
-            "std": STD,
-            "cache": cache,
-            "cache_max_gb": 1000,
-            "cache_num_workers": args.cache_workers,
-            "cache_on_device": on_device,
-            "cache_on_device_share": 1.0,  # `on` holds it whatever the share
-        },
-        "trainer": {
-            "accelerator": accelerator,
-            "channels_last": "auto",
-            "compile": args.compile,
-            "compile_reserve_seconds": 600,
-        },
-        "seed": 0,
-        "home": str(home),
-    }
+    return Settings.parse(
+        deep_merge(
+            composed("image_classification", "default"),
+            {
+                "model": {"input_size": [side, side]},
+                "data": {
+                    "batch_size": args.batch_size,
+                    "num_workers": args.workers,
+                    "crop_scale": CROP_SCALE,
+                    "horizontal_flip": True,
+                    "mean": MEAN,
+                    "std": STD,
+                    "cache": cache,
+                    "cache_max_gb": 1000,
+                    "cache_num_workers": args.cache_workers,
+                    "cache_on_device": on_device,
+                    "cache_on_device_share": 1.0,  # `on` holds it whatever the share
+                },
+                "trainer": {
+                    "accelerator": accelerator,
+                    "channels_last": "auto",
+                    "compile": args.compile,
+                    "compile_reserve_seconds": 600,
+                },
+                "seed": 0,
+                "home": str(home),
+            },
+        )
+    )
 
 
 def through_trainer(
-    args, manifest, constructor: str, cfg: dict[str, Any], precision: str
+    args, manifest, constructor: str, cfg: Settings, precision: str
 ) -> tuple[float, float]:
     """(images/s, warm-up seconds) of the trainer's module on one data path."""
     torch.manual_seed(0)
@@ -252,11 +258,11 @@ def through_trainer(
     timer = Throughput(args.warmup, started)
     budget = BudgetStopping(BudgetMeter(10**6), final_eval_batches=1, save_seconds=1.0)
     trainer = pl.Trainer(
-        accelerator=cfg["trainer"]["accelerator"], devices=1, precision=precision,
+        accelerator=cfg.trainer.accelerator, devices=1, precision=precision,
         max_steps=args.warmup + args.steps, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=[budget, timer], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=cfg["home"],
+        default_root_dir=cfg.home,
     )  # fmt: skip
     trainer.fit(module, loaders.train)
     return timer.rate(), timer.warmup_seconds()

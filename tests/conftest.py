@@ -135,9 +135,9 @@ def run_dir_of(cwd: Path, model: dict) -> Path:
     return found
 
 
-def train(cwd: Path, home: Path, *args: str) -> tuple[dict, Path]:
+def train(cwd: Path, home: Path, *args: str, timeout: float = 600) -> tuple[dict, Path]:
     """One training to the end; its Model resource and run directory."""
-    result = run_trainer(*args, cwd=cwd, home=home, timeout=600)
+    result = run_trainer(*args, cwd=cwd, home=home, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     model = json.loads(result.stdout)
     return model, run_dir_of(cwd, model)

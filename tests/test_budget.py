@@ -250,6 +250,7 @@ def test_a_20_milli_node_hour_training_spends_at_least_095_of_it(tmp_path) -> No
     (which kept 20 s for each, and spent 0.75 to 0.90 of such a budget) and after one."""
     import yaml
 
+    from tests.typed import budget
     from trainer import CONF_DIR
     from trainer.job.work_history import WorkHistory, save_reserves
 
@@ -257,7 +258,7 @@ def test_a_20_milli_node_hour_training_spends_at_least_095_of_it(tmp_path) -> No
     history = WorkHistory(tmp_path, "image_classification/mobile-low-latency-1")
     work = Workload(step=lambda i: 0.1, steps_per_epoch=16, val_batches=2, save=4.8, checkpoint=0.2)
     for _ in range(2):
-        reserves = save_reserves(budget_cfg, history, bytes_written=18e6)
+        reserves = save_reserves(budget(budget_cfg), history, bytes_written=18e6)
         meter, callback = simulate(20, work, checkpoint_prior=reserves.checkpoint,
                                    save_reserve=reserves.recording)  # fmt: skip
         assert callback.stopped_by_budget

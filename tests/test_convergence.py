@@ -18,14 +18,25 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from budgets.schedule import BudgetDecay
+from tests.typed import budget, early_stopping
+from trainer.job import convergence, work_history
 from trainer.job.convergence import (
     AnnealThenStop,
     LearningRateDrop,
     SmoothedMetric,
-    convergence_callbacks,
     passes_before_stopping,
 )
-from trainer.job.work_history import WorkHistory, save_reserves
+from trainer.job.work_history import WorkHistory
+
+
+def convergence_callbacks(values: dict, *args, **kwargs) -> list[Callback]:
+    """The callbacks of ``values``, the early_stopping settings this file's tests set."""
+    return convergence.convergence_callbacks(early_stopping(values), *args, **kwargs)
+
+
+def save_reserves(values: dict, *args, **kwargs) -> work_history.SaveReserves:
+    """The reserves of ``values``, the budget settings this file's tests set."""
+    return work_history.save_reserves(budget(values), *args, **kwargs)
 
 
 class Scripted(LightningModule):

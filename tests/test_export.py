@@ -158,12 +158,13 @@ class Unscriptable(nn.Module):
 
 
 def test_an_exporter_refusal_names_the_reason_and_the_types_that_export(tmp_path: Path) -> None:
+    from tests.typed import settings
     from trainer.export import ExportFailed, _write_or_explain
     from trainer.tasks import ExportPlan
 
     plan = ExportPlan(Unscriptable(), torch.zeros(1, 3), "image", ["logits"], [], None, {},
                       torchscript="script")  # fmt: skip
-    cfg = {"task": {"name": "image_classification"}, "model": {"constructor": "custom_net"}}
+    cfg = settings("image_classification", model={"constructor": "custom_net"})
     with pytest.raises(ExportFailed) as refusal:
         _write_or_explain(plan, "torchscript", tmp_path / "model.pt", cfg)
     (line,) = str(refusal.value).splitlines()
@@ -194,8 +195,8 @@ def test_readme_snippet_classifies_with_the_package_alone(
     from trainer.data.images import eval_transform
     from trainer.stored_model import load_network
 
-    cfg = trained.config
-    transform = eval_transform(cfg["model"]["input_size"], cfg["data"]["mean"], cfg["data"]["std"])
+    settings = trained.settings
+    transform = eval_transform(settings.model.size, settings.data.mean, settings.data.std)
     with Image.open(item.path) as image, torch.no_grad():
         scores = load_network(trained)(transform(image.convert("RGB"))[None]).softmax(1)[0]
     assert abs(float(scores.max()) - float(score)) < 0.05  # Pillow's resize, not torchvision's
@@ -292,9 +293,7 @@ def test_readme_snippet_detects_with_the_package_alone(
 
     # The same image through the trained detector, as evaluation prepares it.
     with Image.open(item.path) as image:
-        pixels = detection_eval_transform(trained.config["model"]["input_size"])(
-            image.convert("RGB")
-        )
+        pixels = detection_eval_transform(trained.settings.model.size)(image.convert("RGB"))
         width, height = image.size
     with torch.no_grad():
         boxes, found, classes = ExportedDetector(load_network(trained))(pixels[None])
@@ -349,7 +348,7 @@ def test_readme_snippet_classifies_a_video_with_the_package_alone(
     assert label in labels and 0 < float(score) <= 1
 
     # The whole video's centred clip through the trained network, as evaluation decodes it.
-    clip = decode_clip(segment.path, 0.0, video_duration(segment.path), clip_spec(trained.config))
+    clip = decode_clip(segment.path, 0.0, video_duration(segment.path), clip_spec(trained.settings))
     with torch.no_grad():
         scores = load_network(trained)(clip[None]).softmax(1)[0]
     if float(scores.max()) > 0.6:
@@ -367,26 +366,33 @@ def offered_types() -> list[tuple[str, str]]:
     return [(task, t) for task in sorted(task_configs()) for t in model_types(task)]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("task", "model_type"), offered_types())
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_every_offered_model_type_exports(task: str, model_type: str, fmt: str, tmp_path) -> None:
-    """What the exporter's refusal promises: every model type conf/ offers exports to both
-    formats (untrained networks: the architecture is what an exporter can or cannot follow)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from trainer import CONF_DIR
-    from trainer.export import Runner, as_arrays, write_model
+@pytest.fixture(scope="module", params=offered_types(), ids="-".join)
+def untrained_plan(request: pytest.FixtureRequest):
+    """One model type's untrained network and export plan, built once for both formats (pytest
+    runs a module-scoped parameter's tests together and then drops it, so the largest networks
+    are built once and not all held at the same time). ``model.input_size: auto`` is settled as
+    a training settles it when no image size can be read: the type's largest size."""
+    from tests.typed import settings
+    from trainer.data.input_size import auto_input_size
     from trainer.tasks import task_of
 
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = OmegaConf.to_container(
-            compose("config", [f"task={task}", f"model_type={model_type}"]), resolve=True
-        )
+    task, model_type = request.param
+    typed = settings(task, model_type)
+    size = auto_input_size(None, typed.model, typed.task.input_stride)
+    typed = typed.replace_in("model", input_size=list(size))
     labels = ["a", "b", "c"]
-    network = task_of(cfg).network(cfg, labels, pretrained=None).eval()
-    plan = task_of(cfg).export_plan(network, cfg, labels, [])
+    network = task_of(typed).network(typed, labels, pretrained=None).eval()
+    return task_of(typed).export_plan(network, typed, labels, [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_every_offered_model_type_exports(untrained_plan, fmt: str, tmp_path) -> None:
+    """What the exporter's refusal promises: every model type conf/ offers exports to both
+    formats (untrained networks: the architecture is what an exporter can or cannot follow)."""
+    from trainer.export import Runner, as_arrays, write_model
+
+    plan = untrained_plan
     write_model(plan, fmt, tmp_path / f"model.{fmt}")
     example = plan.example[:1]
     got = Runner(fmt, tmp_path / f"model.{fmt}")(example.numpy())

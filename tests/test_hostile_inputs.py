@@ -221,6 +221,7 @@ def test_the_cost_on_record_in_the_store_is_billed_at_least() -> None:
 def test_saving_times_that_are_not_durations_do_not_shrink_the_reserves(tmp_path: Path) -> None:
     import json
 
+    from tests.typed import budget as typed_budget
     from trainer.job.work_history import FILE_NAME, WorkHistory, save_reserves
 
     (tmp_path / FILE_NAME).write_text(
@@ -230,11 +231,11 @@ def test_saving_times_that_are_not_durations_do_not_shrink_the_reserves(tmp_path
     assert history.recent("recording") == [1e-9] and history.recent("checkpoint") == [1e-6]
     budget = {"save_reserve_seconds": "auto", "save_reserve_first_seconds": 20.0,
               "save_reserve_factor": 2.0, "save_reserve_floor_seconds": 1.0}  # fmt: skip
-    reserves = save_reserves(budget, history)
+    reserves = save_reserves(typed_budget(budget), history)
     assert reserves.recording == reserves.checkpoint == 1.0
     (tmp_path / FILE_NAME).write_text('{"t/m": {"recording": [1e999, NaN]}}')
     assert history.recent("recording") == []
-    assert save_reserves(budget, history).recording == 20.0
+    assert save_reserves(typed_budget(budget), history).recording == 20.0
 
 
 def test_stored_labels_and_ids_are_checked_as_user_input() -> None:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests import typed
 from tests.conftest import FAST, REPO, read_json, run_dirs, run_trainer
 from trainer.data import image_cache
 from trainer.data.device_augment import DeviceAugment
@@ -170,9 +171,9 @@ def loaders_for(
     seed: int = 3, **data: object,
 ):  # fmt: skip
     """The loaders of a training on ``folder`` on the CPU; ``data`` overrides the data config."""
-    cfg = {
-        "model": {"input_size": SIZE},
-        "data": {
+    cfg = typed.settings(
+        model={"input_size": SIZE},
+        data={
             "batch_size": batch_size,
             "num_workers": 0,
             "crop_scale": SCALE,
@@ -184,10 +185,10 @@ def loaders_for(
             "cache_num_workers": "auto",
             **data,
         },
-        "trainer": {"accelerator": "cpu", "channels_last": "auto", "compile": compile_},
-        "seed": seed,
-        "home": str(home),
-    }
+        trainer={"accelerator": "cpu", "channels_last": "auto", "compile": compile_},
+        seed=seed,
+        home=str(home),
+    )
     return make_loaders(read_dataset(folder), cfg, remaining_seconds=3600)
 
 

@@ -17,7 +17,7 @@ from trainer.tasks import Task, task_configs
 
 TRAINER = REPO / "trainer"
 # Lower layers never import higher ones; a layer may import itself.
-LAYERS = {"errors": 0, "store": 1, "data": 2, "tasks": 3, "job": 4, "sweep": 5}
+LAYERS = {"errors": 0, "settings": 0, "store": 1, "data": 2, "tasks": 3, "job": 4, "sweep": 5}
 APPLICATION = 5  # the entry points and verbs at trainer/'s top level
 
 

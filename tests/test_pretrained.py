@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -17,9 +18,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision import models
 
 from tests.conftest import FAST, cli_in_process, read_json, run_dirs, run_trainer
+from tests.typed import settings
 from trainer.data.input_size import auto_input_size, median_size
 from trainer.errors import UserError
-from trainer.tasks import task_configs
+from trainer.settings import Settings
 from trainer.tasks.image_classification.demo import write_shapes
 from trainer.tasks.image_classification.module import ImageClassifier
 from trainer.tasks.image_classification.networks import build_backbone
@@ -45,9 +47,9 @@ def hub(tmp_path: Path) -> Path:
     torch.hub.set_dir(previous)
 
 
-def cfg_for(constructor: str = SMALL, model_type: str = "mobile-low-latency-1") -> dict:
-    task = task_configs()["image_classification"]
-    return {"task": task, "model": {"constructor": constructor, "type": model_type}}
+def cfg_for(constructor: str = SMALL, model_type: str = "mobile-low-latency-1") -> Settings:
+    chosen = settings("image_classification", model_type)
+    return chosen.replace_in("model", constructor=constructor)
 
 
 def imagenet_like(seed: int) -> dict[str, torch.Tensor]:
@@ -119,7 +121,7 @@ def test_offline_and_not_cached(hub: Path, caplog: pytest.LogCaptureFixture) -> 
     assert "not in the local torch hub cache; training from scratch" in line
     assert choose("false", weights, cfg_for()) is None
     with pytest.raises(UserError, match="no weights for r2plus1d_small"):
-        choose("true", None, {**cfg_for("r2plus1d_small")})
+        choose("true", None, cfg_for("r2plus1d_small"))
 
 
 def test_weights_download_checks_the_hash_before_the_file_lands(
@@ -213,7 +215,7 @@ def test_adamw_is_fused_on_the_cpu_also_when_resuming_a_checkpoint_that_was_not(
 def test_input_size_from_the_median_rounded_up_to_the_stride_within_the_types_sizes(
     tmp_path: Path,
 ) -> None:
-    model = {"largest_input_size": [128, 128], "smallest_input_size": [32, 32]}
+    model = SimpleNamespace(largest_input_size=(128, 128), smallest_input_size=(32, 32))
     assert auto_input_size((40, 70), model, 32) == (64, 96)
     assert auto_input_size((20, 500), model, 32) == (32, 128)
     assert auto_input_size(None, model, 32) == (128, 128)

@@ -12,6 +12,7 @@ MANAGEMENT = (
     "weights",
     "sweeps",
     "--tracking-uri",
+    "--experiment",
     "-h",
     "--help",
 )

@@ -13,9 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer import CONF_DIR
 from trainer.errors import UserError
-from trainer.job.settings import model_types, validate
-from trainer.store.resources import redact
-from trainer.tasks import task_configs
+from trainer.job.settings import checked_settings, model_types, parent
+from trainer.settings import Settings, migrate, redact
 
 
 # An absolute path: run as `-m trainer`, Hydra would look for a Python module named conf.
@@ -40,8 +39,8 @@ def train_job(cfg: DictConfig) -> float:
         if brief is not None:  # a rank other than 0: rank 0 is the operation
             return distributed.follow(brief, run_dir)
         if distributed.started_by_cluster():  # torchrun or srun started every rank
-            if distributed.join_cluster(resolved) != 0:
-                return distributed.follow_cluster_rank(resolved, run_dir)
+            if distributed.join_cluster(_cluster_facts(resolved)) != 0:
+                return distributed.follow_cluster_rank(run_dir)
             try:
                 return _operation(resolved, overrides, run_dir)
             finally:
@@ -53,38 +52,48 @@ def train_job(cfg: DictConfig) -> float:
         raise SystemExit(error.exit_code) from None
 
 
+def _cluster_facts(resolved: dict[str, Any]) -> tuple[str, int, int]:
+    """What every rank of a torchrun or srun launch needs to join the group, before rank 0 has
+    checked the config (a resume's is its operation's): the accelerator, budget and nodes."""
+    trainer, budget = resolved["trainer"], resolved["budget"]
+    return (
+        str(trainer["accelerator"]),
+        int(budget["train_budget_milli_node_hours"]),
+        int(trainer["num_nodes"]),
+    )
+
+
 def _operation(resolved: dict[str, Any], overrides: list[str], run_dir: Path) -> float:
     """Global rank 0, or the only process: start, resume or train further an operation."""
     from trainer.job import slurm  # light: no torch
 
     slurm_key = slurm.job_key(overrides)
-    requeued = (
-        None
-        if resolved["resume_operation"]
-        else slurm.requeued_operation(resolved["home"], slurm_key)
-    )
-    if requeued is not None:  # the same command in a requeued SLURM job: the same operation
-        operation, status = requeued
-        if status in slurm.FINISHED:
-            print(f"{operation} ended {status} before SLURM requeued this job; nothing to do",
-                  file=sys.stderr)  # fmt: skip
-            return float("nan")
-        print(f"resuming {operation}: SLURM requeued this job", file=sys.stderr)
-        resolved = {**resolved, "resume_operation": operation.rsplit("/", 1)[-1]}
-    if not resolved["resume_operation"]:
-        # A resumed operation is checked with its own config and bounds, in _continuation.
-        validate(resolved)
-    if resolved["detach"]:
-        return _detach(resolved, overrides, run_dir)
-    start = None
-    if resolved["resume_operation"] or resolved["base_model_id"]:
-        resolved, run_dir, start = _continuation(resolved, overrides, run_dir)
+    resume = resolved["resume_operation"]
+    if not resume:
+        requeued = slurm.requeued_operation(resolved["home"], slurm_key)
+        if requeued is not None:  # the same command in a requeued SLURM job: the same operation
+            operation, status = requeued
+            if status in slurm.FINISHED:
+                print(f"{operation} ended {status} before SLURM requeued this job; nothing to do",
+                      file=sys.stderr)  # fmt: skip
+                return float("nan")
+            print(f"resuming {operation}: SLURM requeued this job", file=sys.stderr)
+            resume = operation.rsplit("/", 1)[-1]
+    if resume:  # checked with the operation's own config and bounds
+        settings, run_dir, start = _resumed(resolved, resume, overrides)
+    else:
+        settings = checked_settings(resolved)
+        if settings.detach:
+            return _detach(settings, overrides, run_dir)
+        start = _further(settings, overrides) if settings.base_model_id else None
+        if start is not None:
+            settings, start = start
     # Imported here so that a config error is reported before torch and Lightning load.
     from trainer.job.train import run_training
 
-    home = resolved["home"]
+    home = settings.home
     return run_training(
-        resolved, run_dir, start, on_open=lambda name, path: slurm.bind(home, slurm_key, name, path)
+        settings, run_dir, start, on_open=lambda name, path: slurm.bind(home, slurm_key, name, path)
     )
 
 
@@ -97,18 +106,17 @@ def _redact_hydra_files(run_dir: Path) -> None:
             path.write_text(redact(text))
 
 
-def _detach(cfg: dict[str, Any], overrides: list[str], run_dir: Path) -> float:
+def _detach(settings: Settings, overrides: list[str], run_dir: Path) -> float:
     """Start the same training as a background process; print its operation name at once."""
     import os
     import subprocess
 
     from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV
-    from trainer.store.automl import Parent
     from trainer.store.resources import new_id
 
     if HydraConfig.get().mode.name == "MULTIRUN":
         raise UserError("detach=true runs one training; drop -m, or launch each job detached")
-    prefix = cfg["task"]["id_prefix"]
+    prefix = settings.task.id_prefix
     operation_id, model_id = new_id(prefix), new_id(prefix)
     kept = [o for o in overrides if not o.startswith(("detach=", "hydra.run.dir="))]
     command = [sys.executable, "-m", "trainer", *kept, f"hydra.run.dir='{run_dir}'"]
@@ -123,45 +131,49 @@ def _detach(cfg: dict[str, Any], overrides: list[str], run_dir: Path) -> float:
             env=environment,
             start_new_session=True,  # survives this terminal closing, and its Ctrl-C
         )
-    parent = Parent.of_config(cfg)
-    print(parent.name("operations", operation_id))
-    model_name = parent.name("models", model_id)
+    where = parent(settings)
+    print(where.name("operations", operation_id))
+    model_name = where.name("models", model_id)
     print(f"training {model_name} in the background; log: {log_file}", file=sys.stderr)
     return float("nan")
 
 
-def _continuation(cfg: dict[str, Any], overrides: list[str], run_dir: Path):
-    """The config, run directory and starting point of a resumed or further training."""
+def _resumed(resolved: dict[str, Any], operation_id: str, overrides: list[str]) -> Any:
+    """An interrupted operation's settings (its saved config, migrated, with the overrides that
+    may change), run directory and starting point."""
     from trainer.job import continuation
     from trainer.store.store import Store
 
-    store = Store(cfg["mlflow"]["tracking_uri"], cfg["mlflow"]["experiment_name"])
-    if cfg["resume_operation"]:
-        run_dir, state = continuation.for_resume(store, cfg["resume_operation"])
-        resumed = continuation.resume_config(state.config, overrides)
-        # The saved config's tracking URI is redacted: the store is the one found it in. Facts
-        # of the task that a config saved by an older version lacks come from today's conf.
-        task = {**task_configs()[resumed["task"]["name"]], **resumed["task"]}
-        cfg = {**resumed, "task": task, "mlflow": {**resumed["mlflow"], **cfg["mlflow"]}}
-        validate(cfg)
-        start = continuation.StartFrom(
-            checkpoints=continuation.resume_candidates(run_dir),
-            labels=state.labels or None,
-            state=state,
-            base_model_id=state.base_model_id,
-        )
-        return cfg, run_dir, start
-    tags = continuation.base_model_tags(store, cfg["base_model_id"])
+    mlflow = resolved["mlflow"]  # the saved config's tracking URI is redacted: this one is not
+    store = Store(mlflow["tracking_uri"], mlflow["experiment_name"])
+    run_dir, state = continuation.for_resume(store, operation_id)
+    saved = continuation.resume_config(migrate(state.config), overrides)
+    settings = checked_settings({**saved, "mlflow": mlflow})
+    start = continuation.StartFrom(
+        checkpoints=continuation.resume_candidates(run_dir),
+        labels=state.labels or None,
+        state=state,
+        base_model_id=state.base_model_id,
+    )
+    return settings, run_dir, start
+
+
+def _further(settings: Settings, overrides: list[str]) -> Any:
+    """The settings and starting point of a model trained further from ``base_model_id``: the
+    base model's type unless the user names one."""
+    from trainer.job import continuation
+    from trainer.store.store import Store
+
+    store = Store(settings.mlflow.tracking_uri.reveal(), settings.mlflow.experiment_name)
+    tags = continuation.base_model_tags(store, str(settings.base_model_id))
     if "model_type" not in continuation.explicit_keys(overrides):
-        # Training further keeps the base model's type unless the user names one. The type
-        # comes from the store: it becomes an override only if it is one of the task's types.
+        # The type comes from the store: it becomes an override only if the task offers it.
         model_type = str(tags.get("modelType"))
-        if model_type not in model_types(cfg["task"]["name"]):
+        if model_type not in model_types(settings.task.name):
             raise UserError(
-                f"base model {cfg['base_model_id']} has model type {model_type[:60]!r}, "
-                f"which task {cfg['task']['name']} does not offer"
+                f"base model {settings.base_model_id} has model type {model_type[:60]!r}, "
+                f"which task {settings.task.name} does not offer"
             )
         composed = hydra.compose("config", [*overrides, f"model_type={model_type}"])
-        cfg = OmegaConf.to_container(composed, resolve=True)
-        validate(cfg)
-    return cfg, run_dir, continuation.from_base_model(cfg, store, tags)
+        settings = checked_settings(OmegaConf.to_container(composed, resolve=True))
+    return settings, continuation.from_base_model(settings, store, tags)

@@ -16,14 +16,12 @@ from typing import Any
 
 from trainer import front_door
 from trainer.errors import UserError
+from trainer.settings import Workspace
 from trainer.store.automl import progress_of, resource_id
 from trainer.store.resources import redact
 from trainer.sweep.verbs import add_sweep_verbs, run_sweep_verb
 from trainer.tasks import add_predict_options, task_name_of_model
 from trainer.weights import add_weights_verbs, download
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-EXPERIMENT = "vision-trainer"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,10 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=front_door.epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # The same store and experiment a training uses: conf/config.yaml's mlflow settings.
     parser.add_argument(
         "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI),
+        default=None,
         help="the MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
+    parser.add_argument(
+        "--experiment",
+        default=None,
+        help="the MLflow experiment of operations (default: $MLFLOW_EXPERIMENT_NAME or "
+        "vision-trainer, as a training's mlflow.experiment_name)",
     )
     resources = parser.add_subparsers(dest="resource", required=True)
 
@@ -107,6 +112,9 @@ def parse_filter(text: str, allowed: tuple[str, ...]) -> dict[str, str]:
 
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    workspace = Workspace.current()
+    args.tracking_uri = args.tracking_uri or workspace.tracking_uri.reveal()
+    args.experiment = args.experiment or workspace.experiment_name
     from trainer.store.catalog import Catalog
 
     try:
@@ -116,7 +124,7 @@ def run(argv: list[str]) -> int:
         if args.resource == "sweeps":  # the sweep's folder under the home
             run_sweep_verb(args, print_table, print_fields)
             return 0
-        catalog = Catalog(args.tracking_uri, EXPERIMENT)
+        catalog = Catalog(args.tracking_uri, args.experiment)
         handler = HANDLERS[(args.resource, getattr(args, "verb", None))]
         handler(catalog, args)
         sys.stdout.flush()
@@ -224,30 +232,10 @@ def models_export(catalog: Any, args: argparse.Namespace) -> None:
 
     _quiet_logging()
     catalog.usable_model(args.id, "export")  # a wrong ID is refused before torch loads
-    from trainer.export import export_package  # torch: only for this verb
-    from trainer.stored_model import trained_model
+    from trainer.export import export_stored  # torch: only for this verb
 
-    trained = trained_model(catalog, args.id, "export")
-    output = Path(args.output).resolve()
-    output_info = {"gcsOutputDirectory": str(output)}  # AutoML's name; a local folder here
-    operation = trained.new_operation(("exportModelDetails", {"outputInfo": output_info}))
-    store = catalog.store
-    tags = {"operation": operation.name, "model_id": trained.model_id, "kind": "export"}
-    run_id = store.start_run(f"export_{trained.model['displayName']}", tags, vars(args))
-    store.publish_operation(run_id, operation.resource, "RUNNING")
-    try:
-        package = export_package(trained, args.format, output)
-    except BaseException as error:
-        operation.fail(3 if isinstance(error, UserError) else 13, str(error))
-        store.publish_operation(run_id, operation.resource, "FAILED")
-        store.end_run(run_id, "FAILED")
-        raise
-    output_info["gcsOutputDirectory"] = str(package)
-    operation.succeed("", {})  # ExportModel's response is google.protobuf.Empty
-    store.publish_operation(run_id, operation.resource, "SUCCEEDED")
-    store.end_run(run_id)
+    package = export_stored(catalog, args.id, args.format, Path(args.output).resolve())
     metadata = json.loads((package / "metadata.json").read_text())
-    print(operation.name, file=sys.stderr)
     verification = metadata["verification"]
     figures = ", ".join(
         f"{key} {value:.2g}" if isinstance(value, float) else f"{key} {value}"

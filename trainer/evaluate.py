@@ -9,6 +9,7 @@ from typing import Any
 from trainer.data.manifest import TEST
 from trainer.errors import UserError
 from trainer.store.evaluations import record_evaluation
+from trainer.store.lifecycle import operation_on_record
 from trainer.stored_model import load_network, trained_model
 from trainer.tasks import task_of
 
@@ -17,28 +18,24 @@ def evaluate_stored(catalog: Any, model_id: str, dataset: str | None) -> tuple[P
     """`models evaluate`: score the model on its own TEST split, or on all of another labelled
     dataset with the same labels; record the evaluation in a run of its own."""
     trained = trained_model(catalog, model_id, "evaluation")
-    cfg = trained.config
-    task = task_of(cfg)
+    settings = trained.settings
+    task = task_of(settings)
     if dataset is None:
-        items, described = task.read_manifest(cfg).split(TEST), "the model's TEST split"
+        items, described = task.read_manifest(settings).split(TEST), "the model's TEST split"
     else:
-        other = task.read_manifest({**cfg, "dataset": {"path": dataset}}, for_training=False)
+        elsewhere = settings.replace_in("dataset", path=dataset)
+        other = task.read_manifest(elsewhere, for_training=False)
         items, described = _foreign_items(other, trained.labels), str(dataset)
     if not items:
         raise UserError(f"{described} has nothing to evaluate on")
     evaluation = task.evaluate_items(
-        load_network(trained), cfg, items, trained.labels, trained.model["name"]
+        load_network(trained), settings, items, trained.labels, trained.model["name"]
     )
-    store = catalog.store
     tags = {"model_id": trained.model_id, "kind": "evaluate", "dataset": described}
-    run_id = store.start_run(f"evaluate_{trained.model['displayName']}", tags, {"dataset": dataset})
+    name, params = f"evaluate_{trained.model['displayName']}", {"dataset": dataset}
     folder = Path("evaluations") / trained.model_id / evaluation.evaluation_id
-    try:
-        headline = record_evaluation(store, run_id, folder, evaluation, described)
-    except BaseException:
-        store.end_run(run_id, "FAILED")
-        raise
-    store.end_run(run_id)
+    with operation_on_record(catalog.store, name, tags, params) as run:
+        headline = record_evaluation(catalog.store, run.run_id, folder, evaluation, described)
     return folder, headline
 
 

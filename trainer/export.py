@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import statistics
+import sys
 import time
 import warnings
 from datetime import datetime, timezone
@@ -23,8 +24,10 @@ import torch
 
 from trainer.data.manifest import TEST
 from trainer.errors import UserError
+from trainer.settings import Settings
+from trainer.store.lifecycle import operation_on_record
 from trainer.store.resources import write_json_atomic
-from trainer.stored_model import TrainedModel, load_network
+from trainer.stored_model import TrainedModel, load_network, trained_model
 from trainer.tasks import ExportPlan, task_of
 
 log = logging.getLogger("trainer")
@@ -131,9 +134,25 @@ def latency_ms(runner: Runner, example: np.ndarray) -> float:
 
 def export_plan(trained: TrainedModel) -> ExportPlan:
     """The task's plan for the stored network, verified on the first TEST items."""
-    task = task_of(trained.config)
+    task = task_of(trained.settings)
     items = trained.manifest().split(TEST)[:VERIFIED_INPUTS]
-    return task.export_plan(load_network(trained), trained.config, trained.labels, items)
+    return task.export_plan(load_network(trained), trained.settings, trained.labels, items)
+
+
+def export_stored(catalog: Any, model_id: str, fmt: str, output: Path) -> Path:
+    """`models export`: ``export_package`` as an operation on record (exportModelDetails)."""
+    trained = trained_model(catalog, model_id, "export")
+    output_info = {"gcsOutputDirectory": str(output)}  # AutoML's name; a local folder here
+    operation = trained.new_operation(("exportModelDetails", {"outputInfo": output_info}))
+    tags = {"model_id": trained.model_id, "kind": "export"}
+    params = {"id": model_id, "format": fmt, "output": str(output)}
+    name = f"export_{trained.model['displayName']}"
+    with operation_on_record(catalog.store, name, tags, params, operation):
+        package = export_package(trained, fmt, output)
+        output_info["gcsOutputDirectory"] = str(package)
+        operation.succeed("", {})  # ExportModel's response is google.protobuf.Empty
+    print(operation.name, file=sys.stderr)
+    return package
 
 
 def export_package(
@@ -149,8 +168,8 @@ def export_package(
     """
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    cfg = trained.config
-    if str(cfg["model"]["type"]).startswith("cloud"):
+    settings = trained.settings
+    if settings.model.type.startswith("cloud"):
         log.warning("exporting a cloud model: it is not sized for devices; mobile types are")
     plan = export_plan(trained)
     if export_size is not None:
@@ -162,7 +181,7 @@ def export_package(
     staging.mkdir(parents=True)
     try:
         model_file = staging / FORMATS[fmt]
-        produced_by = _write_or_explain(plan, fmt, model_file, cfg)
+        produced_by = _write_or_explain(plan, fmt, model_file, settings)
         runner = Runner(fmt, model_file)
         figures = verify(runner, plan)
         latency = latency_ms(runner, plan.inputs[0][:1])
@@ -170,8 +189,8 @@ def export_package(
         write_json_atomic(
             staging / "metadata.json",
             {
-                "task": cfg["task"]["name"],
-                "modelType": cfg["model"]["type"],
+                "task": settings.task.name,
+                "modelType": settings.model.type,
                 "modelId": trained.model_id,
                 "displayName": trained.model["displayName"],
                 "format": fmt,
@@ -198,7 +217,7 @@ def export_package(
     return final
 
 
-def _write_or_explain(plan: ExportPlan, fmt: str, path: Path, cfg: dict[str, Any]) -> str:
+def _write_or_explain(plan: ExportPlan, fmt: str, path: Path, settings: Settings) -> str:
     """Write the model; an exporter's refusal becomes one line naming the reason and the
     model types whose networks are known to export (the ones conf/ offers for this task)."""
     try:
@@ -207,9 +226,10 @@ def _write_or_explain(plan: ExportPlan, fmt: str, path: Path, cfg: dict[str, Any
         from trainer.job.settings import model_types
 
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        offered = ", ".join(t for t in model_types(cfg["task"]["name"]) if t != "default")
+        task = settings.task.name
+        offered = ", ".join(t for t in model_types(task) if t != "default")
         raise ExportFailed(
-            f"{fmt} cannot export model.constructor={cfg['model']['constructor']} "
-            f"({type(error).__name__}: {reason}); the {cfg['task']['name']} model types "
+            f"{fmt} cannot export model.constructor={settings.model.constructor} "
+            f"({type(error).__name__}: {reason}); the {task} model types "
             f"{offered} export to {' and '.join(FORMATS)}"
         ) from None

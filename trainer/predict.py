@@ -11,18 +11,18 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from trainer.data.prediction import RPC_CODES, PredictionResult
+from trainer.data.prediction import PredictionResult
 from trainer.errors import UserError
+from trainer.store.automl import RpcCode
+from trainer.store.lifecycle import OperationRun, operation_on_record
 from trainer.stored_model import load_network, trained_model
 from trainer.tasks import PredictRequest, task_of
 
 log = logging.getLogger("trainer")
-INVALID_ARGUMENT, INTERNAL = RPC_CODES["INVALID_ARGUMENT"], RPC_CODES["INTERNAL"]
 
 
 def output_folder(output: Path, display_name: str) -> Path:
@@ -40,7 +40,7 @@ def run_batch_prediction(catalog: Any, args: Any) -> PredictionResult:
     if args.shard_size < 1:
         raise UserError(f"--shard-size {args.shard_size} must be at least 1")
     trained = trained_model(catalog, args.id, "prediction")
-    task = task_of(trained.config)
+    task = task_of(trained.settings)
     input_csv = Path(args.input).expanduser().resolve()
     if not input_csv.is_file():
         raise UserError(f"--input {input_csv}: no such file")
@@ -51,28 +51,18 @@ def run_batch_prediction(catalog: Any, args: Any) -> PredictionResult:
         "outputInfo": {"gcsOutputDirectory": str(folder)},
     }
     operation = trained.new_operation(("batchPredictDetails", details))
-    store = catalog.store
-    tags = {"operation": operation.name, "model_id": trained.model_id, "kind": "predict"}
-    run_id = store.start_run(f"predict_{trained.model['displayName']}", tags, vars(args))
-    store.publish_operation(run_id, operation.resource, "RUNNING")
-    print(operation.name, file=sys.stderr, flush=True)
-    progress = ProgressLine(operation, lambda: store.publish_operation(
-        run_id, operation.resource, "RUNNING"))  # fmt: skip
-    request = PredictRequest(rows, input_csv.parent, folder, args, progress)
-    try:
-        network = load_network(trained)
-        result = task.predict(network, trained.config, trained.labels, request)
-    except BaseException as error:
-        operation.fail(INVALID_ARGUMENT if isinstance(error, UserError) else INTERNAL, str(error))
-        store.publish_operation(run_id, operation.resource, "FAILED")
-        store.end_run(run_id, "FAILED")
-        raise
-    finally:
-        progress.close()
-    operation.partial_failures(partial_failures(result))
-    operation.succeed("BatchPredictResult", {"metadata": result.response_metadata})
-    store.publish_operation(run_id, operation.resource, "SUCCEEDED")
-    store.end_run(run_id)
+    tags = {"model_id": trained.model_id, "kind": "predict"}
+    name = f"predict_{trained.model['displayName']}"
+    with operation_on_record(catalog.store, name, tags, vars(args), operation) as run:
+        print(operation.name, file=sys.stderr, flush=True)
+        progress = ProgressLine(run)
+        request = PredictRequest(rows, input_csv.parent, folder, args, progress)
+        try:
+            result = task.predict(load_network(trained), trained.settings, trained.labels, request)
+        finally:
+            progress.close()
+        operation.partial_failures(partial_failures(result))
+        operation.succeed("BatchPredictResult", {"metadata": result.response_metadata})
     return result
 
 
@@ -83,7 +73,7 @@ def partial_failures(result: PredictionResult) -> list[dict[str, Any]]:
     more = result.failed - len(failures)
     if more > 0:
         files = ", ".join(path.name for path in result.error_files or result.result_files[:1])
-        failures.append({"code": RPC_CODES["UNKNOWN"], "message": f"{more} more: see {files}"})
+        failures.append({"code": int(RpcCode.UNKNOWN), "message": f"{more} more: see {files}"})
     return failures
 
 
@@ -91,8 +81,8 @@ class ProgressLine:
     """A live bar on a terminal, a line every few seconds elsewhere; the operation's
     progressPercent follows along."""
 
-    def __init__(self, operation: Any, publish: Callable[[], None], every: float = 5.0) -> None:
-        self.operation, self.publish, self.every = operation, publish, every
+    def __init__(self, run: OperationRun, every: float = 5.0) -> None:
+        self.operation, self.publish, self.every = run.operation, run.publish, every
         self._last = time.monotonic()
         self._bar: Any = None
         if sys.stderr.isatty():

@@ -20,10 +20,10 @@ from torch import nn
 
 from trainer.errors import UserError
 from trainer.job.checkpoints import load_checkpoint
-from trainer.job.settings import current_home
+from trainer.settings import Settings, Workspace, migrate
 from trainer.store.automl import Operation, Parent, resource_id
 from trainer.store.resources import check_id, file_sha256, new_id, stored_labels
-from trainer.tasks import task_configs, task_of
+from trainer.tasks import task_of
 
 DOWNLOADS = Path(".model-cache")  # artifacts fetched from a remote store, per model ID
 
@@ -31,7 +31,7 @@ DOWNLOADS = Path(".model-cache")  # artifacts fetched from a remote store, per m
 @dataclass
 class TrainedModel:
     model: dict[str, Any]  # the Model resource
-    config: dict[str, Any]  # the training's resolved config
+    settings: Settings  # the training's, as saved (migrated from an older version's)
     labels: list[str]
     checkpoint: Path
     run_id: str = ""
@@ -43,13 +43,13 @@ class TrainedModel:
     def new_operation(self, details: tuple[str, dict[str, Any]]) -> Operation:
         """An operation on this model (a batch prediction, an export): in the model's own
         project and location, of its task's AutoML API."""
-        api = task_configs()[self.config["task"]["name"]]["automl_api"]
+        api = self.settings.task.automl_api
         parent = Parent.of_name(self.model["name"])
         return Operation(new_id(self.model_id[:3]), None, details, parent, api)
 
     def manifest(self) -> Any:
         """The dataset the model was trained on (its splits as in training)."""
-        return task_of(self.config).read_manifest(self.config)
+        return task_of(self.settings).read_manifest(self.settings)
 
 
 def trained_model(catalog: Any, model_id: str, purpose: str) -> TrainedModel:
@@ -75,10 +75,7 @@ def trained_model(catalog: Any, model_id: str, purpose: str) -> TrainedModel:
             config = json.loads(fetch("config.json").read_text())
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"the config of model {model_id} cannot be read ({error})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise UserError(f"the config stored with model {model_id} is not a training config")
-    # Demo datasets are regenerated under this process's home, never a path the store names.
-    config = {**config, "home": current_home()}
+    settings = _stored_settings(config, model_id)
     checkpoint = _verified_checkpoint(
         run_dir / "checkpoints" / "best.ckpt",
         lambda: fetch("checkpoints/best.ckpt"),
@@ -86,7 +83,24 @@ def trained_model(catalog: Any, model_id: str, purpose: str) -> TrainedModel:
         model_id,
     )
     labels = stored_labels(tags.get("labels", ""))
-    return TrainedModel(model, config, labels, checkpoint, tags["run_id"])
+    return TrainedModel(model, settings, labels, checkpoint, tags["run_id"])
+
+
+def _stored_settings(config: Any, model_id: str) -> Settings:
+    """The training's settings as the store keeps them, migrated from an older version's shape;
+    the home is this process's (demo datasets are regenerated under it, never a path the
+    store names), and so is the store."""
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise UserError(f"the config stored with model {model_id} is not a training config")
+    try:
+        migrated = migrate(config)
+    except (KeyError, TypeError, AttributeError):
+        raise UserError(
+            f"the config stored with model {model_id} is not a training config"
+        ) from None
+    workspace = Workspace.current()
+    mlflow = {**migrated["mlflow"], "tracking_uri": workspace.tracking_uri}
+    return Settings.parse({**migrated, "home": workspace.home, "mlflow": mlflow})
 
 
 def _verified_checkpoint(
@@ -107,8 +121,7 @@ def _verified_checkpoint(
 
 def load_network(trained: TrainedModel) -> nn.Module:
     """The trained network alone, in eval mode, on the CPU."""
-    task = task_of(trained.config)
-    network = task.network(trained.config, trained.labels, pretrained=None)
+    network = task_of(trained.settings).network(trained.settings, trained.labels, pretrained=None)
     try:
         checkpoint = load_checkpoint(trained.checkpoint)
     except Exception as error:  # a damaged or hostile file raises anything from pickle to zip

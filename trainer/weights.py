@@ -17,7 +17,8 @@ import yaml
 
 from trainer import CONF_DIR
 from trainer.errors import UserError
-from trainer.tasks import default_task, task_configs, task_of
+from trainer.settings import ModelSettings
+from trainer.tasks import default_task, task_configs, task_named
 
 
 def add_weights_verbs(resources: Any) -> None:
@@ -60,10 +61,10 @@ def download(args: argparse.Namespace) -> None:
             f"use {', '.join(types)}"
         )
     for model_type in wanted:
-        cfg = {"task": tasks[args.task], "model": types[model_type]}
-        weights = task_of(cfg).pretrained_weights(cfg)
+        model = ModelSettings.model_validate(types[model_type])
+        weights = task_named(args.task).pretrained_weights(model)
         if weights is None:
-            print(f"{model_type}: torchvision has no weights for {cfg['model']['constructor']}")
+            print(f"{model_type}: torchvision has no weights for {model.constructor}")
             continue
         path = cached_path(weights)
         if path.is_file() and problem_with(path) is None:

@@ -41,6 +41,7 @@ from torchvision.transforms import v2
 from trainer.data.manifest import TRAIN, VALIDATE, Item, Manifest
 from trainer.data.settings import cache_mode
 from trainer.errors import UserError
+from trainer.store.resources import write_json_atomic
 
 log = logging.getLogger("trainer")
 
@@ -341,8 +342,8 @@ class _Staging:
                 handle.truncate(len(self.layout.keys[split]) * _row_bytes(self.layout, split))
             with (self.directory / f"{split}.hw").open("wb") as handle:
                 handle.truncate(len(self.layout.keys[split]) * 8)
-        _write_json_durably(layout_path, self.layout.to_json())
-        _write_json_durably(self.progress_path, {"chunk": CHUNK, "chunks": []})
+        write_json_atomic(layout_path, self.layout.to_json())
+        write_json_atomic(self.progress_path, {"chunk": CHUNK, "chunks": []})
         return set()
 
     def pending(self) -> list[int]:
@@ -365,11 +366,11 @@ class _Staging:
         _pwrite_durably(self.directory / f"{split}.u8", pixels, first * pixels[0].nbytes)
         _pwrite_durably(self.directory / f"{split}.hw", hw, first * 8)
         self.done.add(index)
-        _write_json_durably(self.progress_path, {"chunk": CHUNK, "chunks": sorted(self.done)})
+        write_json_atomic(self.progress_path, {"chunk": CHUNK, "chunks": sorted(self.done)})
 
     def publish(self, target: Path) -> ImageCache:
         index = {**self.layout.to_json(), "created": time.time()}
-        _write_json_durably(self.directory / "index.json", index)
+        write_json_atomic(self.directory / "index.json", index)
         os.replace(self.directory, target)  # a folder rename: readers see all of it or none
         return ImageCache(target)
 
@@ -381,15 +382,6 @@ def _pwrite_durably(path: Path, array: np.ndarray, offset: int) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def _write_json_durably(path: Path, value: Any) -> None:
-    temporary = path.with_suffix(".tmp")
-    with temporary.open("w") as handle:
-        json.dump(value, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 @contextmanager

@@ -42,7 +42,7 @@ from trainer.data.device_augment import (
 )
 from trainer.data.image_cache import CachedSplit, CacheOutcome, prepare_cache
 from trainer.data.manifest import TEST, TRAIN, VALIDATE, Item, Manifest
-from trainer.data.settings import cache_on_device_mode, cache_on_device_share
+from trainer.settings import Settings
 
 log = logging.getLogger("trainer")
 
@@ -198,45 +198,40 @@ class Loaders:
 
 def make_loaders(
     manifest: Manifest,
-    cfg: dict[str, Any],
+    settings: Settings,
     remaining_seconds: float,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> Loaders:
     """The TRAIN, VALIDATE and TEST loaders of one training, from the cache when it is used."""
-    data_cfg, trainer_cfg = cfg["data"], cfg["trainer"]
-    size, mean, std = cfg["model"]["input_size"], data_cfg["mean"], data_cfg["std"]
-    crop_scale, flip = data_cfg["crop_scale"], data_cfg["horizontal_flip"]
-    # Keys added with the cache: an operation resumed from an older config goes without them
-    # (and without the device path). Checked before a build that may take minutes.
-    device_mode = cache_on_device_mode(data_cfg.get("cache_on_device", "off"))
-    share = cache_on_device_share(data_cfg.get("cache_on_device_share", 1))
-    dataset_path = (cfg.get("dataset") or {}).get("path")
+    data, trainer = settings.data, settings.trainer
+    size, mean, std = settings.model.size, data.mean, data.std
+    crop_scale, flip = data.crop_scale, data.horizontal_flip
+    dataset_path = settings.dataset.path
     outcome = prepare_cache(
-        manifest, data_cfg.get("cache", "off"), data_cfg.get("cache_max_gb", 0), size,
-        crop_scale, cfg["home"], remaining_seconds, should_stop,
+        manifest, data.cache, data.cache_max_gb, size, crop_scale, settings.home,
+        remaining_seconds, should_stop,
         str(Path(dataset_path).expanduser().resolve()) if dataset_path else "demo",
     )  # fmt: skip
-    accelerator = str(trainer_cfg["accelerator"])
-    compile_ = bool(trainer_cfg.get("compile", False))
+    accelerator = trainer.accelerator
     plan = DevicePlan(
-        channels_last=resolve_channels_last(trainer_cfg.get("channels_last", False), accelerator),
-        compile=compile_,
-        compile_reserve_seconds=float(trainer_cfg.get("compile_reserve_seconds", 180.0)),
-        input_size=(int(size[0]), int(size[1])),
+        channels_last=resolve_channels_last(trainer.channels_last, accelerator),
+        compile=trainer.compile,
+        compile_reserve_seconds=trainer.compile_reserve_seconds,
+        input_size=size,
     )
     splits = {name: manifest.split(name) for name in (TRAIN, VALIDATE, TEST)}
-    plan.batch_size = min(int(data_cfg["batch_size"]), len(splits[TRAIN]))  # the step's shape
+    plan.batch_size = min(data.batch_size, len(splits[TRAIN]))  # the step's shape
     augment = train_transform(size, mean, std, crop_scale, flip)
     evaluate = eval_transform(size, mean, std)
     datasets: dict[str, Dataset] = {
         name: LabelledImages(items, manifest.labels, augment if name == TRAIN else evaluate)
         for name, items in splits.items()
     }
-    batch_size, seed = int(data_cfg["batch_size"]), int(cfg["seed"])
+    batch_size, seed = data.batch_size, settings.seed
     # A compiled step is compiled again for a new batch shape: the last, smaller batch of each
     # epoch would be a slow step. Dropping it (its images are shuffled into other epochs)
     # keeps one shape.
-    drop_last = compile_ and len(splits[TRAIN]) > batch_size
+    drop_last = trainer.compile and len(splits[TRAIN]) > batch_size
     loaders: dict[str, Iterable] = {}
     if outcome.cache is not None:
         plan.augment = DeviceAugment(size, mean, std, crop_scale, flip)
@@ -245,12 +240,12 @@ def make_loaders(
                 outcome.cache.split(name), splits[name], manifest.labels, mean, std, name == TRAIN
             )
         placement = CachePlacement(
-            device_mode, share, _on_gpu(accelerator),
-            _cache_workers(data_cfg.get("cache_num_workers", "auto"), accelerator),
+            data.cache_on_device, data.cache_on_device_share, _on_gpu(accelerator),
+            _cache_workers(data.cache_num_workers, accelerator),
         )  # fmt: skip
         loaders = placement.loaders(datasets, batch_size, seed, drop_last)
     datasets[TRAIN].device_plan = plan
-    workers = int(data_cfg["num_workers"])
+    workers = data.num_workers
     for name, shuffle in ((TRAIN, True), (VALIDATE, False), (TEST, False)):
         if name not in loaders:
             last = drop_last and name == TRAIN

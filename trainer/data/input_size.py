@@ -14,11 +14,11 @@ import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Protocol, TypeVar
 
 from PIL import Image
 
-from trainer.errors import UserError
+from trainer.settings import checked_size, is_auto  # noqa: F401 (re-exported)
 
 SAMPLE = 256  # headers read at most: a few milliseconds
 T = TypeVar("T")
@@ -53,27 +53,22 @@ def median_size(
     )
 
 
-def is_auto(value: Any) -> bool:
-    return isinstance(value, str) and value.lower() == "auto"
+class SizeBounds(Protocol):
+    """What a model type allows (ModelSettings has it): auto's ceiling and floor."""
 
+    @property
+    def largest_input_size(self) -> tuple[int, int]: ...
 
-def checked_size(value: Any, key: str) -> tuple[int, int]:
-    try:
-        height, width = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise UserError(f"{key}={value!r} must be [height, width] or auto") from None
-    if not (0 < height <= 4096 and 0 < width <= 4096):
-        raise UserError(f"{key}={value!r} must be [height, width] between 1 and 4096")
-    return height, width
+    @property
+    def smallest_input_size(self) -> tuple[int, int]: ...
 
 
 def auto_input_size(
-    median: tuple[int, int] | None, model: dict[str, Any], stride: int
+    median: tuple[int, int] | None, model: SizeBounds, stride: int
 ) -> tuple[int, int]:
     """The median rounded up to ``stride``, within the type's smallest and largest sizes (the
     largest when the median is unknown)."""
-    largest = checked_size(model["largest_input_size"], "model.largest_input_size")
-    smallest = checked_size(model["smallest_input_size"], "model.smallest_input_size")
+    largest, smallest = model.largest_input_size, model.smallest_input_size
     if median is None:
         return largest
     return tuple(  # type: ignore[return-value]

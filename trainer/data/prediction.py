@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from trainer.errors import UserError
+from trainer.store.automl import RpcCode
 
-NOT_FOUND, INVALID_ARGUMENT = 5, 3  # google.rpc.Code
 ERRORS_PREFIX = "errors"
 BATCH_SIZE = 32
 
@@ -136,10 +136,10 @@ class InputImages:
             with open_image_file(self.paths[index], self.base) as handle, Image.open(handle) as im:
                 return Decoded(index, self.transform(im.convert("RGB")))
         except FileNotFoundError:
-            return Decoded(index, None, NOT_FOUND, f"{self.paths[index]}: no such file")
+            return Decoded(index, None, RpcCode.NOT_FOUND, f"{self.paths[index]}: no such file")
         except Exception as error:  # PIL raises many types for broken or truncated files
             message = f"cannot decode {self.paths[index]}: {type(error).__name__}: {error}"
-            return Decoded(index, None, INVALID_ARGUMENT, message)
+            return Decoded(index, None, RpcCode.INVALID_ARGUMENT, message)
 
 
 def open_image_file(path: str, base: Path):
@@ -171,14 +171,6 @@ def batches(dataset: InputImages, workers: int) -> Iterator[list[Decoded]]:
 # -- the job -------------------------------------------------------------------------------
 
 
-# google.rpc.Code by name, for statuses written as "NOT_FOUND: ..." (AutoML Video's CSV).
-RPC_CODE_NAMES = (
-    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
-    "UNAUTHENTICATED",
-)  # fmt: skip
-RPC_CODES = {name: code for code, name in enumerate(RPC_CODE_NAMES)}
 # The operation lists this many failed inputs (AutoML's partialFailures), each message cut to
 # MAX_FAILURE_CHARS; the output files list all. The operation is also a run tag, which MLflow
 # caps at 8,000 characters.
@@ -189,13 +181,13 @@ MAX_FAILURE_CHARS = 200
 def add_failure(failures: list[dict[str, Any]], code: int, message: str) -> None:
     """Keep a failed input for the operation's ``partialFailures`` (a ``google.rpc.Status``)."""
     if len(failures) < MAX_PARTIAL_FAILURES:
-        failures.append({"code": code, "message": message[:MAX_FAILURE_CHARS]})
+        failures.append({"code": int(code), "message": message[:MAX_FAILURE_CHARS]})
 
 
 def add_status(failures: list[dict[str, Any]], path: str, status: str) -> None:
     """``add_failure`` for a status written as ``NOT_FOUND: message`` (AutoML Video's CSV)."""
     name, _, message = status.partition(": ")
-    add_failure(failures, RPC_CODES.get(name, RPC_CODES["UNKNOWN"]), f"{path}: {message or status}")
+    add_failure(failures, RpcCode.named(name), f"{path}: {message or status}")
 
 
 @dataclass

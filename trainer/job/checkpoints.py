@@ -181,7 +181,7 @@ class LatestBest(ModelCheckpoint):
         self, current: torch.Tensor, trainer: Trainer, monitor_candidates: dict[str, torch.Tensor]
     ) -> None:
         # Set before the save, so that the checkpoint written holds it.
-        value = monitor_candidates.get(self.reported)
+        value = monitor_candidates.get(self.reported) if self.reported else None
         self.reported_score = None if value is None else float(value)
         super()._update_best_and_save(current, trainer, monitor_candidates)
         self._best_written_at = trainer.global_step

@@ -13,9 +13,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from trainer.data.input_size import checked_size
 from trainer.errors import UserError
 from trainer.job.run_state import RunState, hold_run_dir
+from trainer.settings import Settings, checked_size, redact
 from trainer.store.automl import bare_id, recorded_details
 from trainer.store.resources import (
     SPENT_SECONDS,
@@ -89,17 +89,18 @@ def base_model_tags(store: Any, base_model_id: str) -> dict[str, str]:
     return tags
 
 
-def check_base_model(cfg: dict[str, Any], tags: dict[str, str]) -> None:
+def check_base_model(settings: Settings, tags: dict[str, str]) -> None:
     model_id = tags["model_id"]
-    if tags.get("task") != cfg["task"]["name"]:
+    task, model_type = settings.task.name, settings.model.type
+    if tags.get("task") != task:
         raise UserError(
             f"base model {model_id} is a {tags.get('task')} model, not "
-            f"{cfg['task']['name']}; train further with task={tags.get('task')}"
+            f"{task}; train further with task={tags.get('task')}"
         )
-    if tags.get("modelType") != cfg["model"]["type"]:
+    if tags.get("modelType") != model_type:
         raise UserError(
             f"base model {model_id} is model_type={tags.get('modelType')}, not "
-            f"{cfg['model']['type']}; drop model_type= or set model_type={tags.get('modelType')}"
+            f"{model_type}; drop model_type= or set model_type={tags.get('modelType')}"
         )
     expire = expired_on(tags)
     if expire:
@@ -109,7 +110,7 @@ def check_base_model(cfg: dict[str, Any], tags: dict[str, str]) -> None:
         )
     created = parse_time(tags["create_time"])
     age_days = (datetime.now(timezone.utc) - created).total_seconds() / 86400
-    limit = cfg["resume"]["max_base_model_age_days"]
+    limit = settings.resume.max_base_model_age_days
     if age_days > limit:
         raise UserError(
             f"base model {model_id} was created {age_days:.1f} days ago, more than "
@@ -117,8 +118,8 @@ def check_base_model(cfg: dict[str, Any], tags: dict[str, str]) -> None:
         )
 
 
-def from_base_model(cfg: dict[str, Any], store: Any, tags: dict[str, str]) -> StartFrom:
-    check_base_model(cfg, tags)
+def from_base_model(settings: Settings, store: Any, tags: dict[str, str]) -> StartFrom:
+    check_base_model(settings, tags)
     model_id = check_id(tags["model_id"], "the base model's stored ID")
     run_dir = Path(tags.get("run_dir", ""))
     checkpoints = [
@@ -175,8 +176,11 @@ def resume_config(saved: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         before = OmegaConf.select(config, key)
         if before != value:
             OmegaConf.update(config, key, value, force_add=True)
-            log.info("resume: %s changed from %r to %r", key, before, value)
-    return OmegaConf.to_container(config, resolve=True)
+            log.info("resume: %s changed from %s to %s", key, redact(repr(before)),
+                     redact(repr(value)))  # fmt: skip
+    resolved = OmegaConf.to_container(config, resolve=True)
+    assert isinstance(resolved, dict)
+    return {str(key): value for key, value in resolved.items()}
 
 
 def _group_choice(saved: dict[str, Any], key: str) -> Any:

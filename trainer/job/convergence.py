@@ -40,6 +40,8 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from trainer.settings import EarlyStoppingSettings, MetricMode
+
 log = logging.getLogger("trainer")
 
 
@@ -70,7 +72,7 @@ class SmoothedMetric(Callback):
         self,
         monitor: str,
         window: int,
-        mode: str = "max",
+        mode: MetricMode = "max",
         early_stopping: EarlyStopping | None = None,
         patience_before_first_gain: int | None = None,
         min_patience_steps: int = 0,
@@ -140,7 +142,7 @@ class LearningRateDrop(Callback):
     def __init__(
         self,
         smoothed: SmoothedMetric,
-        mode: str,
+        mode: MetricMode,
         patience: int,
         factor: float,
         min_delta: float,
@@ -253,9 +255,9 @@ def passes_before_stopping(early_stopping: EarlyStopping) -> int:
 
 
 def convergence_callbacks(
-    early_stopping_cfg: dict[str, Any],
+    settings: EarlyStoppingSettings,
     monitor: str,
-    mode: str,
+    mode: MetricMode,
     enabled: bool,
     anneal: Callable[[int], None] | None = None,
 ) -> list[Callback]:
@@ -264,29 +266,27 @@ def convergence_callbacks(
     Lightning must call them, as ``conf/early_stopping/`` says. ``anneal`` brings the rate
     schedule's end forward (``BudgetDecay.anneal``), where ``anneal_before_stopping``."""
     name = smoothed_name(monitor)
-    min_delta = float(early_stopping_cfg["min_delta"])
-    early_stopping = None
+    early_stopping: EarlyStopping | None = None
     if enabled:
-        patience = int(early_stopping_cfg["patience"])
-        if anneal is not None and early_stopping_cfg.get("anneal_before_stopping"):
+        patience, min_delta = settings.patience, settings.min_delta
+        if anneal is not None and settings.anneal_before_stopping:
             early_stopping = AnnealThenStop(name, min_delta, patience, mode=mode, anneal=anneal)
         else:
             early_stopping = EarlyStopping(name, min_delta, patience, mode=mode)
-    window = int(early_stopping_cfg.get("smoothing_window", 1))
-    slow_patience = early_stopping_cfg.get("patience_before_first_gain")
-    min_steps = int(early_stopping_cfg.get("min_patience_steps") or 0)
-    smoothed = SmoothedMetric(monitor, window, mode, early_stopping, slow_patience, min_steps)
+    smoothed = SmoothedMetric(
+        monitor, settings.smoothing_window, mode, early_stopping,
+        settings.patience_before_first_gain, settings.min_patience_steps,
+    )  # fmt: skip
     callbacks: list[Callback] = [smoothed]
-    drop_after = early_stopping_cfg.get("lr_drop_patience")
-    if drop_after:
+    if settings.lr_drop_patience:
         callbacks.append(
             LearningRateDrop(
                 smoothed,
                 mode,
-                int(drop_after),
-                float(early_stopping_cfg["lr_drop_factor"]),
-                min_delta,
-                int(early_stopping_cfg.get("lr_drops", 1)),
+                settings.lr_drop_patience,
+                settings.lr_drop_factor,
+                settings.min_delta,
+                settings.lr_drops,
                 early_stopping,
             )  # fmt: skip
         )

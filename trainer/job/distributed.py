@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
+from trainer.settings import Settings, TrainerSettings
 from trainer.store.resources import write_json_atomic
 
 log = logging.getLogger("trainer")
@@ -79,19 +80,20 @@ def brief_to_follow() -> Path | None:
             "than Lightning's, torchrun or srun: start it with trainer.strategy=ddp and "
             "trainer.devices=N (Lightning starts the other ranks), or under torchrun or srun"
         )
-    return None if is_rank_zero() else Path(path)
+    return None if is_rank_zero() or path is None else Path(path)
 
 
 _handover = {"pending": False}  # rank 0 of a cluster launch owes the others its brief
 
 
-def join_cluster(cfg: dict[str, Any]) -> int:
+def join_cluster(facts: tuple[str, int, int]) -> int:
     """Join the process group of a torchrun or srun launch now, before ``fit``; return this
     process's global rank.
 
     The group is the one Lightning would make (same environment, address, backend); made now,
     it carries rank 0's brief, and Lightning's DDP finds it and goes on with it. The timeout
-    covers rank 0's set-up, a cache build included, which the others wait through.
+    covers rank 0's set-up, a cache build included, which the others wait through. ``facts``:
+    the accelerator, the budget and the nodes, as the command line gives them.
     """
     import datetime
 
@@ -101,15 +103,13 @@ def join_cluster(cfg: dict[str, Any]) -> int:
     environment = _cluster_environment()
     os.environ.setdefault("MASTER_ADDR", environment.main_address)
     os.environ.setdefault("MASTER_PORT", str(environment.main_port))
-    gpu = str(cfg["trainer"]["accelerator"]) != "cpu" and torch.cuda.is_available()
+    accelerator, budget, nodes = facts
+    gpu = accelerator != "cpu" and torch.cuda.is_available()
     if gpu:  # NCCL needs each rank on its own device before the first collective
         torch.cuda.set_device(environment.local_rank())
     from budgets import BudgetMeter
 
-    trainer_cfg, budget_cfg = cfg["trainer"], cfg["budget"]
-    meter = BudgetMeter(
-        int(budget_cfg["train_budget_milli_node_hours"]), int(trainer_cfg["num_nodes"])
-    )
+    meter = BudgetMeter(budget, nodes)
     torch.distributed.init_process_group(
         "nccl" if gpu else "gloo",
         rank=environment.global_rank(),
@@ -153,26 +153,25 @@ def _hand_over(brief: dict[str, Any] | None) -> None:
     torch.distributed.broadcast_object_list([brief], src=0)
 
 
-def may_launch_processes(trainer_cfg: dict[str, Any]) -> bool:
-    devices, nodes = trainer_cfg["devices"], int(trainer_cfg["num_nodes"])
-    one_device = devices == 1 or devices == [0] or str(devices) == "1"
-    return nodes > 1 or not one_device
+def may_launch_processes(trainer: TrainerSettings) -> bool:
+    one_device = trainer.devices == 1 or str(trainer.devices) == "1"
+    return trainer.num_nodes > 1 or not one_device
 
 
 def write_brief(
-    cfg: dict[str, Any], run_dir: Path, job: Any, reserves: Any, start_checkpoint: str | None,
+    settings: Settings, run_dir: Path, job: Any, reserves: Any, start_checkpoint: str | None,
     network: Any,
 ) -> Path | None:  # fmt: skip
     """Before ``fit``: what the other ranks need, in the run directory and the environment
     they will inherit, or broadcast to the ranks that torchrun or srun started; None when this
     training runs in one process."""
-    if not may_launch_processes(cfg["trainer"]):
+    if not may_launch_processes(settings.trainer):
         return None
     from trainer.tasks.pretrained import PRETRAINED_NAMES
 
     path = run_dir / BRIEF_FILE
     brief = {
-        "config": cfg,
+        "config": settings.to_dict(),  # the tracking URI redacted: followers log nothing
         "run_dir": str(run_dir.resolve()),
         "start_checkpoint": start_checkpoint,
         "pretrained_names": sorted(getattr(network, PRETRAINED_NAMES, ())),
@@ -219,7 +218,7 @@ def tester(trainer: Any, brief: Path | None) -> Any:
     )
 
 
-def follow_cluster_rank(cfg: dict[str, Any], own_run_dir: Path) -> float:
+def follow_cluster_rank(own_run_dir: Path) -> float:
     """A rank other than 0 that torchrun or srun started: wait for rank 0's brief, follow it,
     and leave no run directory of its own (rank 0's is the training's)."""
     brief = receive_brief()
@@ -239,39 +238,35 @@ def follow_cluster_rank(cfg: dict[str, Any], own_run_dir: Path) -> float:
 
 def follow(brief_or_path: Path | dict[str, Any], run_dir: Path) -> float:
     """Take part in rank 0's ``fit`` as described by its brief; write nothing, and return."""
-    import lightning.pytorch as pl
     import torch.distributed
 
     from budgets import BudgetMeter
     from trainer.job.checkpoints import StopRequest, TrainingInterrupted
-    from trainer.job.fitting import fit_parts
+    from trainer.job.fitting import data_loaders, fit_parts, trained_module
     from trainer.job.work_history import SaveReserves
     from trainer.tasks import task_of
-    from trainer.tasks.pretrained import PRETRAINED_NAMES
 
     brief = brief_or_path
     if isinstance(brief, Path):
         brief = json.loads(brief.read_text())
-    cfg = brief["config"]
+    settings = Settings.parse(brief["config"])
     # The meter goes on from rank 0's: the budget spent before the brief and since.
     spent = float(brief["spent_seconds"]) + max(0.0, time.time() - float(brief["written"]))
-    budget_cfg = cfg["budget"]
     meter = BudgetMeter(
-        int(budget_cfg["train_budget_milli_node_hours"]), int(cfg["trainer"]["num_nodes"]),
+        settings.budget.train_budget_milli_node_hours, settings.trainer.num_nodes,
         spent_before_seconds=spent,
     )  # fmt: skip
     meter.start()
     stop = StopRequest()
-    kind = task_of(cfg)
-    manifest = kind.read_manifest(cfg, check_files=False)
-    pl.seed_everything(cfg["seed"], workers=True, verbose=False)
-    loaders = kind.loaders(manifest, cfg, _FollowerJob(meter, stop, int(meter.nodes)))
-    network = kind.network(cfg, manifest.labels, None)  # DDP hands it rank 0's weights
-    setattr(network, PRETRAINED_NAMES, frozenset(brief["pretrained_names"]))
-    module = kind.module(network, manifest.labels, cfg)
-    module.warm_restart = bool(brief["warm_restart"])
+    kind = task_of(settings)
+    manifest = kind.read_manifest(settings, check_files=False)
+    loaders = data_loaders(settings, kind, manifest, _FollowerJob(meter, stop, meter.nodes))
+    module = trained_module(
+        settings, kind, manifest.labels, None,  # DDP hands it rank 0's weights
+        bool(brief["warm_restart"]), frozenset(brief["pretrained_names"]),
+    )  # fmt: skip
     reserves = SaveReserves(**brief["reserves"])
-    parts = fit_parts(cfg, run_dir, meter, reserves, len(loaders.test), stop, leader=None)
+    parts = fit_parts(settings, run_dir, meter, reserves, len(loaders.test), stop, leader=None)
     log.info("rank %s follows the operation in %s", _rank_name(), run_dir)
     try:
         parts.trainer.fit(

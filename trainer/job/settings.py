@@ -3,87 +3,38 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from budgets import BudgetOutOfBounds, check_budget
 from trainer import CONF_DIR
-from trainer.data.input_size import checked_size, is_auto
-from trainer.data.settings import cache_mode, cache_on_device_mode, cache_on_device_share
 from trainer.errors import UserError
+from trainer.settings import Settings
 from trainer.store.automl import Parent
 from trainer.store.resources import check_name
-from trainer.tasks import default_task, pretrained_mode
+from trainer.tasks import default_task
 
 GROUPS_CHECKED = ("task", "model_type")
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    budget: int
-    nodes: int
-    display_name: str
-    dataset_path: str | None
-
-
-def validate(cfg: dict[str, Any]) -> TrainSettings:
-    try:
-        budget = check_budget(
-            cfg["budget"]["train_budget_milli_node_hours"],
-            cfg["budget"]["min_milli_node_hours"],
-            cfg["budget"]["max_milli_node_hours"],
-        )
-    except BudgetOutOfBounds as error:
-        raise UserError(str(error)) from None
-    display_name = check_name("display_name", str(cfg["display_name"]))
-    nodes = cfg["trainer"]["num_nodes"]
-    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
-        raise UserError(f"trainer.num_nodes={nodes!r} must be a whole number >= 1")
-    seed = cfg["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise UserError(f"seed={seed!r} must be an integer")
-    dataset_path = cfg["dataset"]["path"]
-    if dataset_path is not None and not Path(str(dataset_path)).expanduser().exists():
+def checked_settings(resolved: Mapping[str, Any]) -> Settings:
+    """The composed config as typed settings, checked once at the entry point: the types and
+    values (trainer/settings.py), then what needs the store's rules or the file system."""
+    settings = Settings.parse(resolved)
+    check_name("display_name", settings.display_name)
+    path = settings.dataset.path
+    if path is not None and not Path(path).expanduser().exists():
         raise UserError(
-            f"dataset.path={dataset_path!r} does not exist; give a folder with one sub-folder "
+            f"dataset.path={path!r} does not exist; give a folder with one sub-folder "
             "per label or an AutoML CSV, or leave it out to use the bundled demo dataset"
         )
-    cache_mode(cfg["data"].get("cache", "off"))  # a typo is refused before any work
-    cache_on_device_mode(cfg["data"].get("cache_on_device", "off"))
-    cache_on_device_share(cfg["data"].get("cache_on_device_share", 1))
-    model = cfg["model"]
-    if not is_auto(model.get("input_size", "auto")):
-        checked_size(model["input_size"], "model.input_size")
-    pretrained_mode(model.get("pretrained", "false"))
-    lr_schedule(cfg["optimizer"])
-    Parent.of_config(cfg)  # resource names: the project and location must fit in one
-    reserve = cfg["budget"].get("save_reserve_seconds", 0)
-    if str(reserve) != "auto" and not _non_negative_number(reserve):
-        raise UserError(
-            f"budget.save_reserve_seconds={reserve!r} is invalid: use auto or a number of seconds"
-        )
-    return TrainSettings(budget, nodes, display_name, dataset_path)
+    parent(settings)  # resource names: the project and location must fit in one
+    return settings
 
 
-def lr_schedule(optimizer: dict[str, Any]) -> tuple[bool, float]:
-    """Whether the rate follows the budget (``optimizer.lr_schedule``: budget_linear, or
-    constant), and the final rate factor, which an annealing before convergence also reaches
-    (budgets/schedule.py)."""
-    schedule = optimizer.get("lr_schedule", "constant")
-    if schedule not in ("budget_linear", "constant"):
-        raise UserError(f"optimizer.lr_schedule={schedule!r}: use budget_linear or constant")
-    final = optimizer.get("final_lr_factor", 0.02)
-    if not _non_negative_number(final) or not 0 < float(final) <= 1:
-        raise UserError(f"optimizer.final_lr_factor={final!r} must lie in (0, 1]")
-    return schedule == "budget_linear", float(final)
-
-
-def _non_negative_number(value: Any) -> bool:
-    try:
-        return not isinstance(value, bool) and float(value) >= 0
-    except (TypeError, ValueError):
-        return False
+def parent(settings: Settings) -> Parent:
+    """Where the training's resources live: ``automl.project`` and ``automl.location``."""
+    return Parent(settings.automl.project, settings.automl.location)
 
 
 def available(group: str) -> list[str]:
@@ -112,13 +63,6 @@ def check_overrides(argv: list[str]) -> None:
 def model_types(task: str) -> list[str]:
     """The model types a task offers: its files in conf/task_model/<task>/."""
     return sorted(p.stem for p in (CONF_DIR / "task_model" / task).glob("*.yaml"))
-
-
-def current_home() -> str:
-    """The home this process works in: config.yaml's ``home``, resolved as a training would."""
-    from omegaconf import OmegaConf
-
-    return str(OmegaConf.load(CONF_DIR / "config.yaml")["home"])
 
 
 # Hydra's flags that take a value: `--cfg job` is a flag and its value, not an override.

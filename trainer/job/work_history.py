@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.settings import BudgetSettings
 from trainer.store.resources import write_json_atomic
 
 log = logging.getLogger("trainer")
@@ -93,8 +94,9 @@ def _durations(entry: object, work: str) -> list[float]:
 
 
 def _is_duration(value: object) -> bool:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return number and math.isfinite(value) and value > 0  # type: ignore[arg-type]
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return math.isfinite(value) and value > 0
 
 
 @dataclass
@@ -106,22 +108,21 @@ class SaveReserves:
 
 
 def save_reserves(
-    budget_cfg: dict[str, Any], history: WorkHistory, bytes_written: float | None = None
+    budget: BudgetSettings, history: WorkHistory, bytes_written: float | None = None
 ) -> SaveReserves:
     """From ``budget.save_reserve_*`` (see the module's docstring); a number is used for both.
     ``bytes_written``: what this training's checkpoint holds, once the network is built."""
-    configured = budget_cfg["save_reserve_seconds"]
-    if str(configured) != "auto":
-        return SaveReserves(float(configured), float(configured))
-    factor = float(budget_cfg["save_reserve_factor"])
+    configured = budget.save_reserve_seconds
+    if configured != "auto":
+        return SaveReserves(configured, configured)
+    factor = budget.save_reserve_factor
     # A tiny figure in the file (edited, or from a much faster disk) must not shrink a reserve
     # to nothing: the budget would then be crossed by the work it stands for.
-    floor = float(budget_cfg.get("save_reserve_floor_seconds", 1.0))
+    floor = budget.save_reserve_floor_seconds
     # What a home with no measurement keeps: a fixed part (recording logs, exports and
     # registers the model; a checkpoint is mostly its bytes) and the bytes at a slow disk's rate.
-    rate = float(budget_cfg.get("save_reserve_first_mb_per_second", 25.0)) * 1e6
-    writing = (bytes_written or 0.0) / rate
-    first = {RECORDING: float(budget_cfg["save_reserve_first_seconds"]), CHECKPOINT: floor}
+    writing = (bytes_written or 0.0) / (budget.save_reserve_first_mb_per_second * 1e6)
+    first = {RECORDING: budget.save_reserve_first_seconds, CHECKPOINT: floor}
 
     def reserve(work: str) -> float:
         recent = history.recent(work)

@@ -17,11 +17,42 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
+from trainer.settings import TaskSettings
 from trainer.store.resources import utc_now, write_json_atomic
+
+
+class RpcCode(IntEnum):
+    """google.rpc.Code: an operation's ``error.code``, a failed input's ``partialFailures``."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+    @classmethod
+    def named(cls, name: str) -> RpcCode:
+        """The code of a status written as ``NOT_FOUND: ...`` (AutoML Video's CSV); UNKNOWN for
+        a name that is none."""
+        return cls.__members__.get(name, cls.UNKNOWN)
+
 
 TYPE_URL = "type.googleapis.com/google.cloud.automl.{api}.{message}"
 EMPTY = "type.googleapis.com/google.protobuf.Empty"  # ExportModel's response
@@ -50,11 +81,6 @@ class Parent:
         for key, value in (("automl.project", self.project), ("automl.location", self.location)):
             if not re.fullmatch(SEGMENT, str(value)):
                 raise UserError(f"{key}={value!r} is invalid: use 1 to 63 letters, digits, - or _")
-
-    @classmethod
-    def of_config(cls, cfg: dict[str, Any]) -> Parent:
-        automl = cfg.get("automl") or {}
-        return cls(str(automl.get("project", "local")), str(automl.get("location", "local")))
 
     @classmethod
     def of_name(cls, name: str) -> Parent:
@@ -117,11 +143,10 @@ def model_resource(
     display_name: str,
     dataset_id: str,
     create_time: str,
-    task: dict[str, Any],
+    task: TaskSettings,
     figures: dict[str, Any],
 ) -> dict[str, Any]:
     """The Model, with the figures its task's metadata message has fields for."""
-    fields = task["automl_metadata_fields"]
     return {
         "name": name,
         "displayName": display_name,
@@ -129,7 +154,7 @@ def model_resource(
         "createTime": create_time,
         "updateTime": utc_now(),
         "deploymentState": "UNDEPLOYED",
-        task["metadata_key"]: {key: figures[key] for key in fields},
+        task.metadata_key: {key: figures[key] for key in task.automl_metadata_fields},
     }
 
 
@@ -169,7 +194,9 @@ def details_of(model: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
     """A stored model's figures and expiry time: its metadata, then its registry tags (which
     hold every figure, where a video Model's metadata holds none). A model recorded before
     model_details.json existed kept them all in its metadata and ``expireTime``."""
-    metadata = next((v for k, v in model.items() if k.endswith("ModelMetadata")), {})
+    metadata: dict[str, Any] = next(
+        (v for k, v in model.items() if k.endswith("ModelMetadata")), {}
+    )
     details = {key: metadata[key] for key in FIGURES if key in metadata}
     details.update({key: tags[key] for key in FIGURES if key in tags})
     expire = tags.get("expire_time") or model.get("expireTime")
@@ -253,7 +280,7 @@ class Operation:
         self._end(response={"@type": packed, **response})
 
     def fail(self, code: int, message: str) -> None:
-        self._end(error={"code": code, "message": message})
+        self._end(error={"code": int(code), "message": message})
 
     def _end(self, **outcome: Any) -> None:
         self.resource["metadata"]["updateTime"] = utc_now()

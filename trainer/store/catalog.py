@@ -63,7 +63,11 @@ class Catalog:
         model_id = bare_id(model_id, "models")
         found = self.reader.registered_model(model_id)
         model = found.resource() if found else None
-        if model is None or (wanted.startswith("projects/") and wanted != model["name"]):
+        if (
+            found is None
+            or model is None
+            or (wanted.startswith("projects/") and wanted != model["name"])
+        ):
             raise UserError(f"model {wanted!r} is not in {self.tracking_uri}")
         return model, found.tags
 

@@ -166,7 +166,9 @@ class RestReader:
         token = None
         while True:
             if body is None:  # a GET search: paging in the query
-                query = {"max_results": self.PAGE, **({"page_token": token} if token else {})}
+                query: dict[str, Any] = {"max_results": self.PAGE}
+                if token:
+                    query["page_token"] = token
                 page = self._call(path, **query)
             else:
                 page = self._call(path, {**body, "max_results": self.PAGE,

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
+from trainer.settings import redact  # noqa: F401 (one redaction: trainer/settings.py)
 
 ID_PATTERN = re.compile(r"^[A-Z]{3}[1-9][0-9]{18}$")
 SPENT_SECONDS = "spent_seconds"  # run tag: a training's cost on record, in seconds
-CREDENTIALS = re.compile(r"://[^/@\s]*@")  # a URL's user:password@
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_]{1,32}$")  # AutoML's rule for labels and display names
 
 
@@ -56,12 +56,6 @@ def stored_labels(text: str) -> list[str]:
     ):
         raise UserError(f"the model's stored labels {text[:80]!r} are not a list of label names")
     return labels
-
-
-def redact(text: Any) -> str:
-    """``text`` with the ``user:password@`` of every URL in it removed: what files, logs and
-    error lines may show of a tracking URI such as MLFLOW_TRACKING_URI."""
-    return CREDENTIALS.sub("://", str(text))
 
 
 def redacted_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -115,14 +109,14 @@ def expired_on(tags: dict[str, str]) -> str | None:
     return expire if expire and parse_time(expire) < datetime.now(timezone.utc) else None
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, indent: int | None = 2) -> None:
     """Write to a temporary file beside ``path`` and rename, so a reader never sees half a file;
     the file gets the permissions an ordinary write would (mkstemp's are private)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "w") as out:
-            json.dump(data, out, indent=2)
+            json.dump(data, out, indent=indent)
             out.write("\n")
             out.flush()
             os.fchmod(out.fileno(), 0o666 & ~UMASK)

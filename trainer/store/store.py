@@ -33,7 +33,7 @@ def _no_requirement_scan() -> Iterator[None]:
     import mlflow.utils.environment as environment
 
     check = environment.warn_dependency_requirement_mismatches
-    environment.warn_dependency_requirement_mismatches = lambda requirements: None
+    environment.warn_dependency_requirement_mismatches = lambda model_requirements: None
     try:
         yield
     finally:

@@ -11,7 +11,7 @@ A task is one package here plus its configs, and nothing else names it:
   flags of the ``predict`` verb. It must not import torch: the CLI builds its parser from it.
 
 The training job (trainer/job/train.py), ``models evaluate``, ``predict``, ``models export`` and
-the stored-model loader ask ``task_of(cfg)`` for what they need. Budgets, checkpoints, resume,
+the stored-model loader ask ``task_of(settings)`` for what they need. Budgets, checkpoints, resume,
 cancel, the store and the CLI know nothing of tasks. This module imports no torch, so that the
 CLI can read the task configs quickly.
 """
@@ -19,14 +19,13 @@ CLI can read the task configs quickly.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from trainer import CONF_DIR
-from trainer.errors import UserError
+from trainer.settings import ModelSettings, Settings
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,8 +38,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Loaders:
-    train: DataLoader
-    val: DataLoader
+    train: Iterable[Any]  # a DataLoader, or batches drawn from a cache (trainer/data/)
+    val: Iterable[Any]
     test: DataLoader
     metrics: dict[str, float] = field(default_factory=dict)  # for metrics.json
 
@@ -98,10 +97,10 @@ class Task(Protocol):
     # -- training ----------------------------------------------------------------------------
 
     def read_manifest(
-        self, cfg: dict[str, Any], for_training: bool = True, check_files: bool = True,
+        self, settings: Settings, for_training: bool = True, check_files: bool = True,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> Any:  # fmt: skip
-        """The dataset of ``cfg`` (the generated demo one when no path is given): an object
+        """The dataset of ``settings`` (the generated demo one when no path is given): an object
         with ``labels``, ``items``, ``split(name)``, ``fingerprint()``. ``check_files=False``
         reads the listing alone, every file taken as readable (the quick check before an
         operation opens); checking the files looks at ``should_stop`` as it goes and raises
@@ -110,7 +109,7 @@ class Task(Protocol):
     def describe(self, manifest: Any) -> str:
         """One line on the dataset: counts per split, what was skipped and why."""
 
-    def loaders(self, manifest: Any, cfg: dict[str, Any], job: Any) -> Loaders:
+    def loaders(self, manifest: Any, settings: Settings, job: Any) -> Loaders:
         """TRAIN, VALIDATE and TEST loaders; ``job`` has the budget meter and stop request
         for work that must be billed (building a cache)."""
 
@@ -118,15 +117,15 @@ class Task(Protocol):
         """The median (height, width) of the TRAIN images (a video's frames), from the headers
         of an even sample (trainer.data.input_size); None when none can be read."""
 
-    def pretrained_weights(self, cfg: dict[str, Any]) -> Any:
+    def pretrained_weights(self, model: ModelSettings) -> Any:
         """torchvision's weights (a ``WeightsEnum``) that the model type's network starts from
         under ``model.pretrained``, or None where torchvision publishes none."""
 
-    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: Any) -> nn.Module:
+    def network(self, settings: Settings, labels: list[str], pretrained: Any) -> nn.Module:
         """The model type's network for these labels: from scratch (``pretrained`` None) or
         from checked local weights (a ``trainer.tasks.pretrained.LocalWeights``)."""
 
-    def module(self, network: nn.Module, labels: list[str], cfg: dict[str, Any]) -> Any:
+    def module(self, network: nn.Module, labels: list[str], settings: Settings) -> Any:
         """The LightningModule that trains ``network``; it logs ``task.monitor``, keeps the
         TEST pass's outputs for ``evaluation`` and its duration as ``test_seconds``."""
 
@@ -145,7 +144,7 @@ class Task(Protocol):
     # -- a stored model ----------------------------------------------------------------------
 
     def evaluate_items(
-        self, network: nn.Module, cfg: dict[str, Any], items: list[Any], labels: list[str],
+        self, network: nn.Module, settings: Settings, items: list[Any], labels: list[str],
         model_name: str,
     ) -> Evaluation:  # fmt: skip
         """`models evaluate`: the evaluation of ``items`` by a stored network."""
@@ -155,25 +154,16 @@ class Task(Protocol):
         file or flag is a UserError, before the operation starts."""
 
     def predict(
-        self, network: nn.Module, cfg: dict[str, Any], labels: list[str], request: PredictRequest
+        self, network: nn.Module, settings: Settings, labels: list[str], request: PredictRequest
     ) -> PredictionResult:
         """Write AutoML's batch-prediction files for ``request.rows`` into ``request.folder``;
         a bad row is an error record, never a stop."""
 
     def export_plan(
-        self, network: nn.Module, cfg: dict[str, Any], labels: list[str], items: list[Any]
+        self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any]
     ) -> ExportPlan:
         """How `models export` exports ``network`` and verifies it on ``items`` (TEST items;
         none for a latency measurement on ``example`` alone)."""
-
-
-@cache
-def pretrained_mode(setting: Any) -> str:
-    """``model.pretrained`` as one of auto, true, false (trainer/tasks/pretrained.py)."""
-    mode = str(setting).lower()
-    if mode not in ("auto", "true", "false"):
-        raise UserError(f"model.pretrained={setting!r} must be auto, true or false")
-    return mode
 
 
 def default_task() -> str:
@@ -201,9 +191,13 @@ def task_name_of_model(model: dict[str, Any]) -> str:
     return next((keys[key] for key in model if key in keys), "")
 
 
-def task_of(cfg: dict[str, Any]) -> Task:
-    """The task a composed config names (conf/task/ and the config checks refuse unknown ones)."""
-    name = cfg["task"]["name"]
+def task_of(settings: Settings) -> Task:
+    """The task the settings name (conf/task/ and the config checks refuse unknown ones)."""
+    return task_named(settings.task.name)
+
+
+def task_named(name: str) -> Task:
+    """The task of that name: one of conf/task/."""
     if name not in task_configs():
         raise ValueError(f"no task {name!r}")
     return importlib.import_module(f"trainer.tasks.{name}.task").TASK

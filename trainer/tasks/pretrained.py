@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningModule
 from torch import nn
 from torchvision import models
 
 from trainer.errors import UserError
+from trainer.settings import OptimizerSettings, Settings, pretrained_mode
 from trainer.store.resources import file_sha256
-from trainer.tasks import pretrained_mode
 
 log = logging.getLogger("trainer")
 
@@ -115,7 +116,7 @@ def download_command(task: str, model_type: str) -> str:
 
 
 def choose(
-    setting: Any, weights: models.WeightsEnum | None, cfg: dict[str, Any], check_hash: bool = True
+    setting: str, weights: models.WeightsEnum | None, settings: Settings, check_hash: bool = True
 ) -> LocalWeights | None:
     """The weights a training starts from under ``model.pretrained=setting``, or None.
     ``check_hash=False``: only whether they are there (the check before anything is billed;
@@ -123,10 +124,8 @@ def choose(
     mode = pretrained_mode(setting)
     if mode == "false":
         return None
-    constructor, command = (
-        cfg["model"]["constructor"],
-        download_command(cfg["task"]["name"], cfg["model"]["type"]),
-    )
+    constructor = settings.model.constructor
+    command = download_command(settings.task.name, settings.model.type)
     if weights is None:
         if mode == "true":
             raise UserError(
@@ -170,19 +169,18 @@ def load_matching(network: nn.Module, weights: LocalWeights) -> nn.Module:
     return network
 
 
-def optimizer_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The module's optimizer arguments from ``optimizer.*``. A config recorded before the
-    fine-tuning keys existed (a resumed operation's) gets no fine-tuning schedule."""
-    optimizer = cfg["optimizer"]
+def optimizer_settings(optimizer: OptimizerSettings) -> dict[str, Any]:
+    """The module's optimizer arguments from ``optimizer.*`` (a config recorded before the
+    fine-tuning keys existed is migrated to none: trainer/settings.py)."""
     return {
-        "lr": float(optimizer["lr"]),
-        "weight_decay": float(optimizer["weight_decay"]),
-        "pretrained_lr_factor": float(optimizer.get("pretrained_lr_factor", 1.0)),
-        "warmup_steps": int(optimizer.get("warmup_steps", 0)),
+        "lr": optimizer.lr,
+        "weight_decay": optimizer.weight_decay,
+        "pretrained_lr_factor": optimizer.pretrained_lr_factor,
+        "warmup_steps": optimizer.warmup_steps,
     }
 
 
-class FineTuning:
+class FineTuning(LightningModule):
     """What a LightningModule with a ``backbone`` needs to fine-tune it: AdamW with the
     pretrained parameters at ``pretrained_lr_factor`` times the rate of the fresh ones (the head
     learns from scratch, the features only need adjusting), a linear warm-up over the first
@@ -195,6 +193,7 @@ class FineTuning:
     or one trained further builds the same optimizer groups whatever its own cache holds.
     """
 
+    backbone: nn.Module  # the task's network, set by the module's __init__
     hold_pretrained_batch_norm = False
     # Set by the job when this training goes on from another model's checkpoint (a training
     # further): it warms up too, from the step it starts at. Its rate starts again at the full
@@ -204,33 +203,42 @@ class FineTuning:
     warm_restart = False
     _first_step: int | None = None
 
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The one optimizer ``configure_optimizers`` made, as the Trainer holds it."""
+        optimizer = self.optimizers()
+        assert not isinstance(optimizer, list), "one optimizer"
+        return optimizer.optimizer
+
     def pretrained_names(self) -> frozenset[str]:
         return getattr(self.backbone, PRETRAINED_NAMES, frozenset())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         names = self.pretrained_names()
-        pretrained, fresh = [], []
+        pretrained: list[nn.Parameter] = []
+        fresh: list[nn.Parameter] = []
         for name, parameter in self.backbone.named_parameters():
             if parameter.requires_grad:
                 (pretrained if name in names else fresh).append(parameter)
-        groups = [{"params": fresh}, {"params": pretrained}] if pretrained else [{"params": fresh}]
+        groups: list[dict[str, Any]] = [{"params": fresh}]
+        if pretrained:
+            groups.append({"params": pretrained})
         for group, rate in zip(groups, self.group_rates(), strict=True):
             group["lr"] = rate
         return torch.optim.AdamW(
-            groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+            groups, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"],
             fused=fused_adamw(self.device.type),
         )  # fmt: skip
 
     def group_rates(self) -> list[float]:
         """The configured rate of each optimizer group: the fresh layers', then (when there are
         any) the pretrained ones'."""
-        lr = float(self.hparams.lr)
+        lr = float(self.hparams["lr"])
         if not self.pretrained_names():
             return [lr]
-        return [lr, lr * float(self.hparams.pretrained_lr_factor)]
+        return [lr, lr * float(self.hparams["pretrained_lr_factor"])]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        steps = int(self.hparams.warmup_steps)
+        steps = int(self.hparams["warmup_steps"])
         if self._first_step is None:
             self._first_step = self.global_step  # this fit's first step
         done = self.global_step - (self._first_step if self.warm_restart else 0)

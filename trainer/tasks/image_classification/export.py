@@ -14,6 +14,7 @@ from torch import nn
 
 from trainer.data.images import eval_transform
 from trainer.data.manifest import Item
+from trainer.settings import Settings
 from trainer.tasks import ExportPlan, Verification
 
 # Of the logits' scale: float32 rounding grows with a network's depth and its logits' size
@@ -63,9 +64,9 @@ def read_rgb(path: Any) -> Image.Image:
 
 
 def export_plan(
-    network: nn.Module, cfg: dict[str, Any], labels: Sequence[str], items: Sequence[Item]
+    network: nn.Module, settings: Settings, labels: Sequence[str], items: Sequence[Item]
 ) -> ExportPlan:
-    size, mean, std = cfg["model"]["input_size"], cfg["data"]["mean"], cfg["data"]["std"]
+    size, mean, std = settings.model.size, settings.data.mean, settings.data.std
     transform = eval_transform(size, mean, std)
     images = [transform(read_rgb(item.path)) for item in items]
     return ExportPlan(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -92,9 +93,9 @@ class ImageClassifier(FineTuning, LightningModule):
     def on_train_start(self) -> None:
         # A restored checkpoint brings its optimizer's learning rate; the config's value wins, so
         # that a resumed operation can change it.
-        groups = self.optimizers().optimizer.param_groups
+        groups = self.optimizer().param_groups
         for group, rate in zip(groups, self.group_rates(), strict=True):
-            group["lr"], group["weight_decay"] = rate, self.hparams.weight_decay
+            group["lr"], group["weight_decay"] = rate, self.hparams["weight_decay"]
             group.pop("warmup_target_lr", None)
             group.pop(BUDGET_LR_FACTOR, None)  # the rate set here is undecayed
         dataset = getattr(self.trainer.train_dataloader, "dataset", None)
@@ -128,7 +129,8 @@ class ImageClassifier(FineTuning, LightningModule):
         compiled: a first validation pass that compiles would look as slow to the budget.
         """
         trainer, plan = self.trainer, self._plan
-        budget = next((c for c in trainer.callbacks if isinstance(c, BudgetStopping)), None)
+        callbacks = getattr(trainer, "callbacks", [])  # set on the Trainer, not declared there
+        budget = next((c for c in callbacks if isinstance(c, BudgetStopping)), None)
         fits = True
         if budget is not None:
             val_batches = int(sum(n for n in trainer.num_val_batches if n != float("inf")))
@@ -151,7 +153,7 @@ class ImageClassifier(FineTuning, LightningModule):
         if budget is not None:
             budget.on_train_start(trainer, self)
 
-    def _warm_up(self, compiled: nn.Module) -> None:
+    def _warm_up(self, compiled: Callable[..., Any]) -> None:
         """One forward and backward pass on a batch of the training shape, leaving no trace."""
         plan = self._plan
         images = torch.randn(plan.batch_size, 3, *plan.input_size, device=self.device)

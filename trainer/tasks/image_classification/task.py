@@ -16,6 +16,7 @@ from trainer.data import manifest as datasets
 from trainer.data.images import LabelledImages, eval_transform, make_loader, make_loaders
 from trainer.data.input_size import even_sample, median_size
 from trainer.data.prediction import PredictionResult, predict_request, read_input_csv
+from trainer.settings import ModelSettings, Settings
 from trainer.store.evaluations import Evaluation
 from trainer.tasks import ExportPlan, Loaders, PredictRequest
 from trainer.tasks.image_classification import export
@@ -33,10 +34,10 @@ class ImageClassification:
     # -- training ----------------------------------------------------------------------------
 
     def read_manifest(
-        self, cfg: dict[str, Any], for_training: bool = True, check_files: bool = True,
+        self, settings: Settings, for_training: bool = True, check_files: bool = True,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> datasets.Manifest:  # fmt: skip
-        path = cfg["dataset"]["path"] or ensure_demo_dataset(cfg["home"])
+        path = settings.dataset.path or ensure_demo_dataset(settings.home)
         return datasets.read_dataset(
             path, for_training=for_training, check_files=check_files, should_stop=should_stop
         )
@@ -44,10 +45,10 @@ class ImageClassification:
     def describe(self, manifest: datasets.Manifest) -> str:
         return datasets.describe(manifest)
 
-    def loaders(self, manifest: datasets.Manifest, cfg: dict[str, Any], job: Any) -> Loaders:
+    def loaders(self, manifest: datasets.Manifest, settings: Settings, job: Any) -> Loaders:
         # A decoded-image cache is built here when data.cache asks for one: billed like all work.
         loaders = make_loaders(
-            manifest, cfg, job.meter.remaining_seconds(), lambda: job.stop.reason is not None
+            manifest, settings, job.meter.remaining_seconds(), lambda: job.stop.reason is not None
         )
         seconds = loaders.cache.build_seconds
         if seconds:
@@ -61,14 +62,14 @@ class ImageClassification:
     def typical_size(self, manifest: Any) -> tuple[int, int] | None:
         return median_size(item.path for item in even_sample(manifest.split(datasets.TRAIN)))
 
-    def pretrained_weights(self, cfg: dict[str, Any]) -> Any:
-        return torchvision_weights(cfg["model"]["constructor"])
+    def pretrained_weights(self, model: ModelSettings) -> Any:
+        return torchvision_weights(model.constructor)
 
-    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: Any) -> nn.Module:
-        return build_backbone(cfg["model"]["constructor"], len(labels), pretrained)
+    def network(self, settings: Settings, labels: list[str], pretrained: Any) -> nn.Module:
+        return build_backbone(settings.model.constructor, len(labels), pretrained)
 
-    def module(self, network: nn.Module, labels: list[str], cfg: dict[str, Any]) -> Any:
-        return ImageClassifier(network, len(labels), **optimizer_settings(cfg))
+    def module(self, network: nn.Module, labels: list[str], settings: Settings) -> Any:
+        return ImageClassifier(network, len(labels), **optimizer_settings(settings.optimizer))
 
     def test_metrics(self, results: dict[str, float]) -> dict[str, float]:
         return {"test_accuracy": results["test_accuracy"], "test_loss": results["test_loss"]}
@@ -90,10 +91,12 @@ class ImageClassification:
     # -- a stored model ----------------------------------------------------------------------
 
     def evaluate_items(
-        self, network: nn.Module, cfg: dict[str, Any], items: list[datasets.Item],
+        self, network: nn.Module, settings: Settings, items: list[datasets.Item],
         labels: list[str], model_name: str,
     ) -> Evaluation:  # fmt: skip
-        loader = make_loader(LabelledImages(items, labels, _eval_transform(cfg)), 64, 0, False, 0)
+        loader = make_loader(
+            LabelledImages(items, labels, _eval_transform(settings)), 64, 0, False, 0
+        )
         scores, targets = score_batches(network, loader)
         return classification_evaluation(model_name, scores, targets, labels, items)
 
@@ -101,19 +104,19 @@ class ImageClassification:
         return read_input_csv(path)
 
     def predict(
-        self, network: nn.Module, cfg: dict[str, Any], labels: list[str], request: PredictRequest
+        self, network: nn.Module, settings: Settings, labels: list[str], request: PredictRequest
     ) -> PredictionResult:
         records = classification_records(network, labels, request.options.score_threshold)
-        return predict_request(records, _eval_transform(cfg), RESULTS_PREFIX, request)
+        return predict_request(records, _eval_transform(settings), RESULTS_PREFIX, request)
 
     def export_plan(
-        self, network: nn.Module, cfg: dict[str, Any], labels: list[str], items: list[Any]
+        self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any]
     ) -> ExportPlan:
-        return export.export_plan(network, cfg, labels, items)
+        return export.export_plan(network, settings, labels, items)
 
 
-def _eval_transform(cfg: dict[str, Any]) -> Any:
-    return eval_transform(cfg["model"]["input_size"], cfg["data"]["mean"], cfg["data"]["std"])
+def _eval_transform(settings: Settings) -> Any:
+    return eval_transform(settings.model.size, settings.data.mean, settings.data.std)
 
 
 TASK = ImageClassification()

@@ -19,13 +19,13 @@ pixel, and the other way round.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from trainer.settings import Settings
 from trainer.tasks import ExportPlan, Verification
 from trainer.tasks.object_detection.data import DetectionItem
 from trainer.tasks.object_detection.images import detection_eval_transform
@@ -64,8 +64,9 @@ def box_comparison(height: int, width: int):
         worst, compared = 0.0, 0
         for index, (want, have) in enumerate(zip(expected, got, strict=True)):
             for first, second, side in ((want, have, "the export"), (have, want, "PyTorch")):
+                boxes, scores, labels = second
                 for box, score, label in _must_match(*first):
-                    distance = _nearest(box, score, label, *second, pixels)
+                    distance = _nearest(box, score, label, boxes, scores, labels, pixels)
                     if distance is None or distance > PIXEL_TOLERANCE:
                         where = "none" if distance is None else f"the nearest {distance:.2f} px off"
                         return Verification(
@@ -108,9 +109,9 @@ def _nearest(
 
 
 def export_plan(
-    network: nn.Module, cfg: dict[str, Any], labels: Sequence[str], items: Sequence[DetectionItem]
+    network: nn.Module, settings: Settings, labels: Sequence[str], items: Sequence[DetectionItem]
 ) -> ExportPlan:
-    height, width = (int(v) for v in cfg["model"]["input_size"])
+    height, width = settings.model.size
     transform = detection_eval_transform((height, width))
     inputs = []
     for item in items:

@@ -107,8 +107,8 @@ class ObjectDetector(FineTuning, LightningModule):
 
     def on_train_start(self) -> None:
         # As in ImageClassifier: the config's learning rate wins over a restored checkpoint's.
-        for group in self.optimizers().optimizer.param_groups:
-            group["lr"], group["weight_decay"] = self.hparams.lr, self.hparams.weight_decay
+        for group in self.optimizer().param_groups:
+            group["lr"], group["weight_decay"] = self.hparams["lr"], self.hparams["weight_decay"]
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -118,7 +118,7 @@ class ObjectDetector(FineTuning, LightningModule):
         # setting, when given, wins.
         self.clip_gradients(
             optimizer,
-            gradient_clip_val=gradient_clip_val or self.hparams.max_grad_norm,
+            gradient_clip_val=gradient_clip_val or self.hparams["max_grad_norm"],
             gradient_clip_algorithm=gradient_clip_algorithm or "norm",
         )
 

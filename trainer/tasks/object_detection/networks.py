@@ -71,7 +71,7 @@ def build_detector(
     # At most 100 boxes an image, like COCO's mAP and AutoML's max_bounding_box_count; SSD
     # would keep 300, and torchmetrics would drop the extra ones with a warning.
     for owner in (model, getattr(model, "roi_heads", None)):
-        if hasattr(owner, "detections_per_img"):
+        if owner is not None and hasattr(owner, "detections_per_img"):
             owner.detections_per_img = MAX_DETECTIONS
     _settle_batch_norm(model)
     return model if pretrained is None else load_matching(model, pretrained)

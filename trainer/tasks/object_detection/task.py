@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from trainer.data.input_size import even_sample, median_size
 from trainer.data.manifest import TEST, TRAIN
 from trainer.data.prediction import PredictionResult, predict_request, read_input_csv
+from trainer.settings import ModelSettings, Settings
 from trainer.store.evaluations import Evaluation
 from trainer.tasks import ExportPlan, Loaders, PredictRequest, split_loaders
 from trainer.tasks.object_detection import export
@@ -45,28 +46,26 @@ from trainer.tasks.pretrained import optimizer_settings, torchvision_weights
 
 
 def detection_loader(
-    items: list[DetectionItem], labels: list[str], cfg: dict[str, Any], train: bool
+    items: list[DetectionItem], labels: list[str], settings: Settings, train: bool
 ) -> DataLoader:
-    size, data = cfg["model"]["input_size"], cfg["data"]
+    size, data = settings.model.size, settings.data
     transform = (
-        detection_train_transform(size, bool(data["horizontal_flip"]))
+        detection_train_transform(size, data.horizontal_flip)
         if train
         else detection_eval_transform(size)
     )
     images = DetectionImages(items, labels, transform)
-    return make_detection_loader(
-        images, int(data["batch_size"]), int(data["num_workers"]), train, int(cfg["seed"])
-    )
+    return make_detection_loader(images, data.batch_size, data.num_workers, train, settings.seed)
 
 
 class ObjectDetection:
     # -- training ----------------------------------------------------------------------------
 
     def read_manifest(
-        self, cfg: dict[str, Any], for_training: bool = True, check_files: bool = True,
+        self, settings: Settings, for_training: bool = True, check_files: bool = True,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> DetectionManifest:  # fmt: skip
-        path = cfg["dataset"]["path"] or ensure_demo_detection_dataset(cfg["home"])
+        path = settings.dataset.path or ensure_demo_detection_dataset(settings.home)
         return read_detection_dataset(
             path, for_training=for_training, check_files=check_files, should_stop=should_stop
         )
@@ -74,26 +73,25 @@ class ObjectDetection:
     def describe(self, manifest: DetectionManifest) -> str:
         return describe(manifest)
 
-    def loaders(self, manifest: DetectionManifest, cfg: dict[str, Any], job: Any) -> Loaders:
+    def loaders(self, manifest: DetectionManifest, settings: Settings, job: Any) -> Loaders:
         return split_loaders(
-            manifest, lambda items, train: detection_loader(items, manifest.labels, cfg, train)
+            manifest, lambda items, train: detection_loader(items, manifest.labels, settings, train)
         )
 
     def typical_size(self, manifest: Any) -> tuple[int, int] | None:
         return median_size(item.path for item in even_sample(manifest.split(TRAIN)))
 
-    def pretrained_weights(self, cfg: dict[str, Any]) -> Any:
-        return torchvision_weights(cfg["model"]["constructor"])
+    def pretrained_weights(self, model: ModelSettings) -> Any:
+        return torchvision_weights(model.constructor)
 
-    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: Any) -> nn.Module:
-        model, data = cfg["model"], cfg["data"]
+    def network(self, settings: Settings, labels: list[str], pretrained: Any) -> nn.Module:
+        model, data = settings.model, settings.data
         return build_detector(
-            model["constructor"], len(labels), model["input_size"], pretrained,
-            data["mean"], data["std"],
-        )  # fmt: skip
+            model.constructor, len(labels), model.size, pretrained, data.mean, data.std
+        )
 
-    def module(self, network: nn.Module, labels: list[str], cfg: dict[str, Any]) -> Any:
-        return ObjectDetector(network, len(labels), **optimizer_settings(cfg))
+    def module(self, network: nn.Module, labels: list[str], settings: Settings) -> Any:
+        return ObjectDetector(network, len(labels), **optimizer_settings(settings.optimizer))
 
     def test_metrics(self, results: dict[str, float]) -> dict[str, float]:
         return {key: results[key] for key in ("test_map", "test_map_50", "test_map_75")}
@@ -118,13 +116,13 @@ class ObjectDetection:
     # -- a stored model ----------------------------------------------------------------------
 
     def evaluate_items(
-        self, network: nn.Module, cfg: dict[str, Any], items: list[DetectionItem],
+        self, network: nn.Module, settings: Settings, items: list[DetectionItem],
         labels: list[str], model_name: str,
     ) -> Evaluation:  # fmt: skip
         predictions, truths = [], []
         network.eval()
         with torch.inference_mode():
-            for images, targets in detection_loader(items, labels, cfg, train=False):
+            for images, targets in detection_loader(items, labels, settings, train=False):
                 for image, output, target in zip(images, network(images), targets, strict=True):
                     height, width = image.shape[-2:]
                     predictions.append(normalized_detections(output, height, width))
@@ -136,22 +134,22 @@ class ObjectDetection:
         return read_input_csv(path)
 
     def predict(
-        self, network: nn.Module, cfg: dict[str, Any], labels: list[str], request: PredictRequest
+        self, network: nn.Module, settings: Settings, labels: list[str], request: PredictRequest
     ) -> PredictionResult:
         options = request.options
         records = detection_records(
             network, labels, options.score_threshold, options.max_bounding_box_count
         )
-        transform = detection_eval_transform(cfg["model"]["input_size"])
+        transform = detection_eval_transform(settings.model.size)
         result = predict_request(records, transform, OUTPUT_PREFIX, request)
         # AutoML's detection BatchPredictResult says how many boxes an image could get.
         result.response_metadata = {"max_bounding_box_count": str(options.max_bounding_box_count)}
         return result
 
     def export_plan(
-        self, network: nn.Module, cfg: dict[str, Any], labels: list[str], items: list[Any]
+        self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any]
     ) -> ExportPlan:
-        return export.export_plan(network, cfg, labels, items)
+        return export.export_plan(network, settings, labels, items)
 
 
 TASK = ObjectDetection()

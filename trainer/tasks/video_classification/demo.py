@@ -17,6 +17,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.stream import VideoStream
 
 from trainer.data.demo import generate_once
 
@@ -147,6 +148,7 @@ def write_video(path: Path, frames: Iterable[np.ndarray], fps: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream(video_codec(), rate=fps)
+        assert isinstance(stream, VideoStream)
         stream.height, stream.width = first.shape[:2]
         stream.pix_fmt = "yuv420p"
         # Near-lossless and one keyframe a second: colours stay true and seeks stay short.

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import time
@@ -56,6 +55,7 @@ from torch.utils.data import DataLoader, Dataset
 from trainer.data.manifest import resolve_path
 from trainer.data.prediction import add_status, input_text, spreadsheet_safe
 from trainer.errors import UserError
+from trainer.store.resources import write_json_atomic
 from trainer.tasks.video_classification.clips import (
     ClipSpec,
     VideoDecodeError,
@@ -404,10 +404,7 @@ def _sort_key(annotation: dict[str, Any]) -> tuple:
 
 
 def _write_json(path: Path, annotations: list[dict[str, Any]]) -> None:
-    # Written aside and renamed: a reader never sees half a file.
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(sorted(annotations, key=_sort_key), indent=1))
-    os.replace(partial, path)
+    write_json_atomic(path, sorted(annotations, key=_sort_key), indent=1)
 
 
 # -- the job ------------------------------------------------------------------------------------

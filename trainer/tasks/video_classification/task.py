@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader
 from trainer.data.input_size import even_sample, median_size
 from trainer.data.manifest import TRAIN
 from trainer.data.prediction import PredictionResult
+from trainer.errors import UserError
+from trainer.settings import ModelSettings, Settings
 from trainer.store.evaluations import Evaluation
 from trainer.tasks import ExportPlan, Loaders, PredictRequest, split_loaders
 from trainer.tasks.image_classification.evaluation import classification_evaluation, score_batches
@@ -38,46 +40,46 @@ from trainer.tasks.video_classification.predict import (
 DEMO_VIDEOS_PER_LABEL = 24
 
 
-def clip_spec(cfg: dict[str, Any]) -> ClipSpec:
-    model, data = cfg["model"], cfg["data"]
-    return ClipSpec(
-        int(model["frames_per_clip"]),
-        int(model["frame_stride"]),
-        (int(model["input_size"][0]), int(model["input_size"][1])),
-        tuple(data["mean"]),
-        tuple(data["std"]),
-    )
+def clip_spec(settings: Settings) -> ClipSpec:
+    model, data = settings.model, settings.data
+    if model.frames_per_clip is None or model.frame_stride is None:
+        raise UserError(f"model type {model.type} sets no model.frames_per_clip or frame_stride")
+    mean, std = _three(data.mean, "data.mean"), _three(data.std, "data.std")
+    return ClipSpec(model.frames_per_clip, model.frame_stride, model.size, mean, std)
+
+
+def _three(values: tuple[float, ...], key: str) -> tuple[float, float, float]:
+    if len(values) != 3:
+        raise UserError(f"{key}={list(values)} must hold three values, one per color channel")
+    return values[0], values[1], values[2]
 
 
 def clip_loader(
-    segments: list[Segment], labels: list[str], cfg: dict[str, Any], train: bool
+    segments: list[Segment], labels: list[str], settings: Settings, train: bool
 ) -> DataLoader:
-    data = cfg["data"]
-    clips = VideoClips(
-        segments, labels, clip_spec(cfg), train,
-        1 if train else int(data.get("eval_clips_per_segment", 1)),
-    )  # fmt: skip
-    return make_clip_loader(clips, int(data["batch_size"]), int(data["num_workers"]), train,
-                            int(cfg["seed"]))  # fmt: skip
+    data = settings.data
+    clips = VideoClips(segments, labels, clip_spec(settings), train, 1)  # one clip a segment
+    return make_clip_loader(clips, data.batch_size, data.num_workers, train, settings.seed)
 
 
 class VideoClassification:
     # -- training ----------------------------------------------------------------------------
 
     def read_manifest(
-        self, cfg: dict[str, Any], for_training: bool = True, check_files: bool = True,
+        self, settings: Settings, for_training: bool = True, check_files: bool = True,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> VideoManifest:  # fmt: skip
         # A video dataset is always checked as for training: its splits are by video.
-        path = cfg["dataset"]["path"] or ensure_demo_videos(cfg["home"], DEMO_VIDEOS_PER_LABEL)
+        path = settings.dataset.path or ensure_demo_videos(settings.home, DEMO_VIDEOS_PER_LABEL)
         return read_video_dataset(path, check_files=check_files, should_stop=should_stop)
 
     def describe(self, manifest: VideoManifest) -> str:
         return describe(manifest)
 
-    def loaders(self, manifest: VideoManifest, cfg: dict[str, Any], job: Any) -> Loaders:
+    def loaders(self, manifest: VideoManifest, settings: Settings, job: Any) -> Loaders:
         return split_loaders(
-            manifest, lambda segments, train: clip_loader(segments, manifest.labels, cfg, train)
+            manifest,
+            lambda segments, train: clip_loader(segments, manifest.labels, settings, train),
         )
 
     def typical_size(self, manifest: Any) -> tuple[int, int] | None:
@@ -85,14 +87,14 @@ class VideoClassification:
             even_sample(sorted({s.path for s in manifest.split(TRAIN)})), size_of=frame_size
         )
 
-    def pretrained_weights(self, cfg: dict[str, Any]) -> Any:
-        return pretrained_weights(cfg["model"]["constructor"])
+    def pretrained_weights(self, model: ModelSettings) -> Any:
+        return pretrained_weights(model.constructor)
 
-    def network(self, cfg: dict[str, Any], labels: list[str], pretrained: Any) -> nn.Module:
-        return build_video_backbone(cfg["model"]["constructor"], len(labels), pretrained)
+    def network(self, settings: Settings, labels: list[str], pretrained: Any) -> nn.Module:
+        return build_video_backbone(settings.model.constructor, len(labels), pretrained)
 
-    def module(self, network: nn.Module, labels: list[str], cfg: dict[str, Any]) -> Any:
-        return VideoClassifier(network, len(labels), **optimizer_settings(cfg))
+    def module(self, network: nn.Module, labels: list[str], settings: Settings) -> Any:
+        return VideoClassifier(network, len(labels), **optimizer_settings(settings.optimizer))
 
     def test_metrics(self, results: dict[str, float]) -> dict[str, float]:
         return {"test_accuracy": results["test_accuracy"], "test_loss": results["test_loss"]}
@@ -114,12 +116,12 @@ class VideoClassification:
     # -- a stored model ----------------------------------------------------------------------
 
     def evaluate_items(
-        self, network: nn.Module, cfg: dict[str, Any], items: list[Segment],
+        self, network: nn.Module, settings: Settings, items: list[Segment],
         labels: list[str], model_name: str,
     ) -> Evaluation:  # fmt: skip
         scores, targets = score_batches(
             VideoClassifier(network, len(labels), 0.0, 0.0).eval(),
-            clip_loader(items, labels, cfg, train=False),
+            clip_loader(items, labels, settings, train=False),
         )
         return classification_evaluation(model_name, scores, targets, labels)
 
@@ -127,7 +129,7 @@ class VideoClassification:
         return read_prediction_csv(path)
 
     def predict(
-        self, network: nn.Module, cfg: dict[str, Any], labels: list[str], request: PredictRequest
+        self, network: nn.Module, settings: Settings, labels: list[str], request: PredictRequest
     ) -> PredictionResult:
         flags = request.options
         options = PredictOptions(
@@ -142,7 +144,7 @@ class VideoClassification:
                 return network(clips).float().softmax(dim=1)
 
         result = predict_videos(
-            request.rows, request.base, probabilities, labels, clip_spec(cfg), request.folder,
+            request.rows, request.base, probabilities, labels, clip_spec(settings), request.folder,
             options, flags.workers, request.progress,
         )  # fmt: skip
         files = [result.csv_path, *result.json_files]
@@ -152,9 +154,9 @@ class VideoClassification:
         )  # fmt: skip
 
     def export_plan(
-        self, network: nn.Module, cfg: dict[str, Any], labels: list[str], items: list[Any]
+        self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any]
     ) -> ExportPlan:
-        return export.export_plan(network, clip_spec(cfg), items)
+        return export.export_plan(network, clip_spec(settings), items)
 
 
 TASK = VideoClassification()

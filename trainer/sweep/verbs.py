@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
+from trainer.settings import Workspace
 from trainer.sweep import record
 from trainer.sweep.record import SweepRecord, SweepStatus
 
@@ -24,15 +24,11 @@ PrintFields = Callable[[dict[str, Any]], None]
 CANCEL_WAIT_SECONDS = 300  # a trial stops within seconds of a cancel: checkpoint, cost, exit
 
 
-def default_home() -> str:
-    """conf/config.yaml's ``home``, as the training resolves it."""
-    fallback = Path(os.environ.get("HOME", "~")) / ".cache" / "vision_trainer"
-    return os.environ.get("VISION_TRAINER_HOME", str(fallback))
-
-
 def add_sweep_verbs(resources: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sweeps = resources.add_parser("sweeps", help="hyperparameter sweeps under one budget")
-    sweeps.add_argument("--home", default=default_home(), help="(default: $VISION_TRAINER_HOME)")
+    # The home a training uses: conf/config.yaml's, as it resolves it.
+    home = Workspace.current().home
+    sweeps.add_argument("--home", default=home, help="(default: $VISION_TRAINER_HOME)")
     verbs = sweeps.add_subparsers(dest="verb", required=True)
     listing = verbs.add_parser("list", help="list sweeps")
     listing.add_argument("--json", action="store_true")

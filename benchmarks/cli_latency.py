@@ -51,7 +51,9 @@ def build_store(cwd: Path) -> None:
         model_id = f"ICN{9000000000000000000 + index}"
         copy = {**model, "name": f"models/{model_id}", "displayName": f"copy_{index}"}
         client.create_registered_model(
-            model_id, tags={**original.tags, "model_id": model_id}, description=json.dumps(copy)
+            model_id,
+            tags={**original.tags, "model_id": model_id, "model_json": json.dumps(copy)},
+            description=json.dumps(copy),
         )
         operation = json.loads(run.data.tags["operation_json"])
         operation["name"] = f"operations/{model_id}"

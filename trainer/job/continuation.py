@@ -81,7 +81,7 @@ def explicit_keys(overrides: list[str]) -> set[str]:
 def base_model_tags(store: Any, base_model_id: str) -> dict[str, str]:
     model_id = bare_id(str(base_model_id), "models")
     tags = store.registered_tags(model_id)
-    if tags is None:
+    if tags is None or "model_id" not in tags:  # none, or another project's registry entry
         raise UserError(
             f"base_model_id={base_model_id!r} is not a model in {store.tracking_uri}; "
             "list models in the MLflow registry or check mlflow.tracking_uri"

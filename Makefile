@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/python -m trainer $(ARGS)
 
+# The quick loop: every test not marked slow (pyproject.toml's addopts); under 15 minutes.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
 
+# Every test, the slow ones too (-m '' lifts the marker filter); under 45 minutes.
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m '' --durations=15
 

@@ -16,9 +16,8 @@ from typing import Any
 
 from trainer import front_door
 from trainer.errors import UserError
-from trainer.settings import Workspace
+from trainer.settings import Workspace, redact
 from trainer.store.automl import progress_of, resource_id
-from trainer.store.resources import redact
 from trainer.sweep.verbs import add_sweep_verbs, run_sweep_verb
 from trainer.tasks import add_predict_options, task_name_of_model
 from trainer.weights import add_weights_verbs, download
@@ -112,9 +111,12 @@ def parse_filter(text: str, allowed: tuple[str, ...]) -> dict[str, str]:
 
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    # What a flag leaves unsaid is what a training would use: conf/config.yaml, read once.
     workspace = Workspace.current()
     args.tracking_uri = args.tracking_uri or workspace.tracking_uri.reveal()
     args.experiment = args.experiment or workspace.experiment_name
+    if getattr(args, "home", "") is None:
+        args.home = workspace.home
     from trainer.store.catalog import Catalog
 
     try:

@@ -71,7 +71,8 @@ class Secret:
 SecretText = Annotated[
     Secret,
     BeforeValidator(lambda value: value if isinstance(value, Secret) else Secret(str(value))),
-    PlainSerializer(str, return_type=str),  # redacted in every dump: files, MLflow, briefs
+    # Redacted in every JSON dump (files, MLflow, briefs); a copy made in Python keeps it.
+    PlainSerializer(str, return_type=str, when_used="json"),
     WithJsonSchema({"type": "string"}),
 ]
 
@@ -89,12 +90,18 @@ def mode(key: str, value: Any) -> str:
     return found
 
 
+def _number(value: Any) -> float:
+    """``value`` as a float; NaN for what is no number (a bool included), which every range
+    check below refuses."""
+    try:
+        return float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def share(key: str, value: Any) -> float:
     """A share of the device's memory, above 0 and at most 1."""
-    try:
-        found = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        found = math.nan
+    found = _number(value)
     if not 0 < found <= 1:  # NaN fails too
         raise UserError(
             f"{key}={value!r} is invalid: use a fraction of the device's memory above 0 and at "
@@ -127,10 +134,7 @@ def pretrained_mode(setting: Any) -> str:
 
 
 def _non_negative(key: str, value: Any, expected: str) -> float:
-    try:
-        found = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        found = math.nan
+    found = _number(value)
     if not found >= 0:  # NaN fails too
         raise UserError(f"{key}={value!r} is invalid: {expected}")
     return found
@@ -187,8 +191,8 @@ class DataSettings(Section):
     num_workers: int
     crop_scale: tuple[float, float]
     horizontal_flip: bool
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, float, float]  # one per color channel
+    std: tuple[float, float, float]
     cache: Annotated[Mode, _checked("data.cache", mode)]
     cache_max_gb: float
     cache_num_workers: int | Literal["auto"]
@@ -284,8 +288,8 @@ def _one_of(key: str, value: Any, *choices: str) -> str:
 
 
 def _factor(key: str, value: Any) -> float:
-    found = _non_negative(key, value, "must lie in (0, 1]") if value is not None else math.nan
-    if not 0 < found <= 1:
+    found = _number(value)
+    if not 0 < found <= 1:  # NaN fails too
         raise UserError(f"{key}={value!r} must lie in (0, 1]")
     return found
 
@@ -415,6 +419,11 @@ def migrate(saved: Mapping[str, Any]) -> dict[str, Any]:
     shape: whatever it lacks comes from conf/ composed for its task and model type (a task's
     facts, a setting added since), and keys that no longer exist are dropped. The one reader
     of saved configs: the code after it has no fallback of its own."""
+    try:  # already today's shape (this version saved it): nothing to compose or fill
+        Settings.parse(saved)
+        return dict(saved)
+    except UserError:
+        pass
     today = composed(str(saved["task"]["name"]), str(saved["model"]["type"]))
     as_it_began = {
         section: {key: value for key, value in keys.items() if key not in saved.get(section, {})}

@@ -18,8 +18,6 @@ from typing import Protocol, TypeVar
 
 from PIL import Image
 
-from trainer.settings import checked_size, is_auto  # noqa: F401 (re-exported)
-
 SAMPLE = 256  # headers read at most: a few milliseconds
 T = TypeVar("T")
 

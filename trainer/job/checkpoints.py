@@ -34,7 +34,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from trainer.store.resources import file_sha256, fsync_directory, redact
+from trainer.settings import redact
+from trainer.store.resources import file_sha256, fsync_directory
 
 log = logging.getLogger("trainer")
 

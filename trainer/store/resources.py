@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
-from trainer.settings import redact  # noqa: F401 (one redaction: trainer/settings.py)
+from trainer.settings import redact
 
 ID_PATTERN = re.compile(r"^[A-Z]{3}[1-9][0-9]{18}$")
 SPENT_SECONDS = "spent_seconds"  # run tag: a training's cost on record, in seconds

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
-from trainer.settings import Workspace
 from trainer.sweep import record
 from trainer.sweep.record import SweepRecord, SweepStatus
 
@@ -26,9 +25,8 @@ CANCEL_WAIT_SECONDS = 300  # a trial stops within seconds of a cancel: checkpoin
 
 def add_sweep_verbs(resources: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sweeps = resources.add_parser("sweeps", help="hyperparameter sweeps under one budget")
-    # The home a training uses: conf/config.yaml's, as it resolves it.
-    home = Workspace.current().home
-    sweeps.add_argument("--home", default=home, help="(default: $VISION_TRAINER_HOME)")
+    # None: the home a training uses (the CLI fills in its Workspace's).
+    sweeps.add_argument("--home", default=None, help="(default: $VISION_TRAINER_HOME)")
     verbs = sweeps.add_subparsers(dest="verb", required=True)
     listing = verbs.add_parser("list", help="list sweeps")
     listing.add_argument("--json", action="store_true")

@@ -44,14 +44,7 @@ def clip_spec(settings: Settings) -> ClipSpec:
     model, data = settings.model, settings.data
     if model.frames_per_clip is None or model.frame_stride is None:
         raise UserError(f"model type {model.type} sets no model.frames_per_clip or frame_stride")
-    mean, std = _three(data.mean, "data.mean"), _three(data.std, "data.std")
-    return ClipSpec(model.frames_per_clip, model.frame_stride, model.size, mean, std)
-
-
-def _three(values: tuple[float, ...], key: str) -> tuple[float, float, float]:
-    if len(values) != 3:
-        raise UserError(f"{key}={list(values)} must hold three values, one per color channel")
-    return values[0], values[1], values[2]
+    return ClipSpec(model.frames_per_clip, model.frame_stride, model.size, data.mean, data.std)
 
 
 def clip_loader(

@@ -263,7 +263,8 @@ def test_the_classifier_builder_is_taken_from_an_allow_list() -> None:
 
 
 def test_credentials_are_redacted_from_uris_and_messages() -> None:
-    from trainer.store.resources import redact, redacted_config
+    from tests.typed import settings
+    from trainer.settings import redact
 
     uri = "https://alice:s3cret@mlflow.example.com:5000/path"
     assert redact(uri) == "https://mlflow.example.com:5000/path"
@@ -271,8 +272,8 @@ def test_credentials_are_redacted_from_uris_and_messages() -> None:
         "cannot reach https://mlflow.example.com:5000/path (timeout)"
     )
     assert redact("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
-    cfg = {"mlflow": {"tracking_uri": uri, "experiment_name": "x"}, "seed": 1}
-    assert "s3cret" not in str(redacted_config(cfg)) and cfg["mlflow"]["tracking_uri"] == uri
+    typed = settings(mlflow={"tracking_uri": uri, "experiment_name": "x"})
+    assert "s3cret" not in str(typed.to_dict()) and typed.mlflow.tracking_uri.reveal() == uri
 
 
 def test_a_failing_cancel_poll_does_not_end_a_training(caplog) -> None:

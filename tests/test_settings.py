@@ -127,6 +127,7 @@ def make_old(config: dict) -> dict:
     return old
 
 
+@pytest.mark.slow  # three trainings and a prediction: about a minute
 def test_an_old_format_config_resumes_trains_further_and_predicts(
     tmp_path: Path, trainer_home: Path, tiny_shapes: Path, monkeypatch, capsys
 ) -> None:

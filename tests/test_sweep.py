@@ -192,7 +192,8 @@ def test_a_sweep_promotes_by_continuing_and_its_costs_fit_its_budget(
     opened = [parse_time(read_json(Path(trials[n]["run_dir"]) / "operation.json")["metadata"]
                          ["createTime"]) for n in (0, 1)]  # fmt: skip
     assert abs((opened[0] - opened[1]).total_seconds()) < 10
-    assert {trials[0]["slot"], trials[1]["slot"]} == {0, 1}  # each its own (GPUs, where any)
+    # Each its own slot (its own GPUs, where any); a promotion later takes whichever is free.
+    assert {trials[n]["results"][0]["slot"] for n in (0, 1)} == {0, 1}, sweep["trials"]
     assert int(sweep["costMilliNodeHours"]) <= budget
     assert operation_costs(sweep) <= int(sweep["costMilliNodeHours"]) <= budget
 
@@ -243,14 +244,15 @@ def running_sweep(tmp_path: Path, data: Path, *settings: str) -> tuple[subproces
 
 
 def trials_training(home: Path, count: int) -> list[dict]:
-    """Once ``count`` trials have trained a few steps: their records."""
+    """Once ``count`` trials have trained (a step at least; one may already have ended, its
+    budget spent): their records."""
 
     def training() -> list[dict]:
         found = []
         for path in home.glob("sweeps/*/trials/*.json"):
             trial = json.loads(path.read_text())
             state = Path(trial["run_dir"]) / "state.json"
-            if state.is_file() and read_json(state).get("global_step", 0) >= 2:
+            if state.is_file() and read_json(state).get("global_step", 0) >= 1:
                 found.append(trial)
         return found
 
@@ -263,9 +265,9 @@ def test_a_killed_sweep_resumes_with_more_budget_and_its_trials_count_once(
     tmp_path: Path, tiny_shapes: Path
 ) -> None:
     process, home = running_sweep(
-        tmp_path, tiny_shapes, "sweep.budget_milli_node_hours=16",
-        "sweep.min_trial_milli_node_hours=8", "sweep.pruning=none",
-        "sweep.max_trial_milli_node_hours=8", "sweep.parallel=2",
+        tmp_path, tiny_shapes, "sweep.budget_milli_node_hours=24",
+        "sweep.min_trial_milli_node_hours=12", "sweep.pruning=none",
+        "sweep.max_trial_milli_node_hours=12", "sweep.parallel=2",
     )  # fmt: skip
     running = trials_training(home, 2)
     process.kill()  # the sweep dies; its trials train on in sessions of their own
@@ -274,14 +276,17 @@ def test_a_killed_sweep_resumes_with_more_budget_and_its_trials_count_once(
     sweep_id = folder.name
     assert sweep_json(tmp_path, home, sweep_id)["status"] == "INTERRUPTED"
 
-    resumed = cli(tmp_path, home, "resume", sweep_id, "sweep.budget_milli_node_hours=24")
+    resumed = cli(tmp_path, home, "resume", sweep_id, "sweep.budget_milli_node_hours=36")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     sweep = sweep_json(tmp_path, home, sweep_id)
-    assert sweep["status"] == "SUCCEEDED" and sweep["budgetMilliNodeHours"] == "24"
+    assert sweep["status"] == "SUCCEEDED" and sweep["budgetMilliNodeHours"] == "36"
     numbers = {t["number"] for t in sweep["trials"]}
-    assert {t["number"] for t in running} <= numbers and len(numbers) == 3  # one more fitted
+    assert {t["number"] for t in running} <= numbers and len(numbers) >= 3, sweep["trials"]
+    # More were fitted until what is left cannot grant a trial its minimum (12): how many
+    # depends on what each trial spent, which its reserves may leave below its grant.
+    assert 36 - int(sweep["costMilliNodeHours"]) < 12, sweep["trials"]
     assert all(t["state"] == "DONE" for t in sweep["trials"])  # adopted, settled once
-    assert operation_costs(sweep) <= int(sweep["costMilliNodeHours"]) <= 24
+    assert operation_costs(sweep) <= int(sweep["costMilliNodeHours"]) <= 36
 
 
 @pytest.mark.slow

@@ -46,6 +46,9 @@ TRIAL = {
     ],
 }  # fmt: skip
 
+# Written back, the trial and each of its rungs say which slot they ran in (0 where unknown).
+WRITTEN_BACK = {**TRIAL, "slot": 0, "results": [{**r, "slot": 0} for r in TRIAL["results"]]}
+
 
 def test_a_sweep_on_disk_loads_typed_and_is_written_back_as_it_was(tmp_path: Path) -> None:
     sweep = SweepRecord.from_json(WRITTEN)
@@ -84,7 +87,7 @@ def test_a_trial_record_uses_the_ledgers_states_and_keeps_its_json(tmp_path: Pat
     assert trial.results[0] == RungRecord(8, 8, 0.5, "BUDGET_REACHED", 9)
     (tmp_path / "trials").mkdir()
     trial.save(tmp_path)
-    assert json.loads((tmp_path / "trials" / "3.json").read_text()) == {**TRIAL, "slot": 0}
+    assert json.loads((tmp_path / "trials" / "3.json").read_text()) == WRITTEN_BACK
     assert record.read_trials(tmp_path) == [trial]
 
 
@@ -102,7 +105,7 @@ def test_the_verbs_summary_is_the_record_with_the_ledgers_figures(tmp_path: Path
     assert shown["status"] == "INTERRUPTED" and shown["trackingUri"] == WRITTEN["trackingUri"]
     assert (shown["budgetMilliNodeHours"], shown["costMilliNodeHours"]) == ("40", "8")
     assert shown["grantedMilliNodeHours"] == "8" and shown["bestModelId"] == "ICN12"
-    assert shown["trials"] == [{**TRIAL, "slot": 0, "cost": 15, "value": 0.7}]
+    assert shown["trials"] == [{**WRITTEN_BACK, "cost": 15, "value": 0.7}]
     assert "trials" not in summary.to_json(trials=False)
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
-from trainer.settings import redact
 
 ID_PATTERN = re.compile(r"^[A-Z]{3}[1-9][0-9]{18}$")
 SPENT_SECONDS = "spent_seconds"  # run tag: a training's cost on record, in seconds
@@ -56,14 +55,6 @@ def stored_labels(text: str) -> list[str]:
     ):
         raise UserError(f"the model's stored labels {text[:80]!r} are not a list of label names")
     return labels
-
-
-def redacted_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A resolved config as files and the store keep it: its tracking URI redacted."""
-    mlflow_cfg = cfg.get("mlflow")
-    if not isinstance(mlflow_cfg, dict) or "tracking_uri" not in mlflow_cfg:
-        return cfg
-    return {**cfg, "mlflow": {**mlflow_cfg, "tracking_uri": redact(mlflow_cfg["tracking_uri"])}}
 
 
 def fsync_directory(folder: Path) -> None:

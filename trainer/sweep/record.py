@@ -111,6 +111,7 @@ class RungRecord:
     value: float | None  # the monitored validation metric's best
     stop_reason: str
     global_step: int
+    slot: int = 0  # the slot it ran in (a promotion takes whichever is free); 0 in older records
 
 
 @dataclass

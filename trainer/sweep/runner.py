@@ -272,8 +272,9 @@ class Sweep:
         if not self.ledger.admit(str(trial.number), promotion.limit):
             return False
         trial.rung, trial.state = promotion.rung, TrialState.RUNNING
-        log.info("trial %d promoted to rung %d (%d milli-node-hours)",
-                 trial.number, promotion.rung, promotion.limit)  # fmt: skip
+        trial.slot = self._free_slot()
+        log.info("trial %d promoted to rung %d (%d milli-node-hours) in slot %d",
+                 trial.number, promotion.rung, promotion.limit, trial.slot)  # fmt: skip
         self._launch(trial, promotion.limit, resume=True)
         return True
 
@@ -287,9 +288,9 @@ class Sweep:
             self.study.tell(asked.number, state=_failed())
             return False
         self.trials[trial.number] = trial
-        log.info(
-            "trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in trial.params.items())
-        )
+        trial.slot = self._free_slot()
+        params = ", ".join(f"{k}={v}" for k, v in trial.params.items())
+        log.info("trial %d in slot %d: %s", trial.number, trial.slot, params)
         self._launch(trial, start.limit, resume=False)
         return True
 
@@ -312,11 +313,8 @@ class Sweep:
         }
         if not resume:
             env.update({OPERATION_ID_ENV: trial.operation, MODEL_ID_ENV: trial.model})
-        taken = {self.trials[n].slot for n in self.processes}
-        trial.slot = min(set(range(self.settings.parallel)) - taken)
-        slot = trial.slot
         if self.settings.gpus_per_trial > 0:  # each trial on its own GPUs
-            first = slot * self.settings.gpus_per_trial
+            first = trial.slot * self.settings.gpus_per_trial
             env["CUDA_VISIBLE_DEVICES"] = ",".join(
                 str(first + i) for i in range(self.settings.gpus_per_trial)
             )
@@ -325,6 +323,11 @@ class Sweep:
         trial.pid = process.pid
         trial.save(self.folder)
         self.processes[trial.number] = process
+
+    def _free_slot(self) -> int:
+        """The lowest of the sweep.parallel slots that no running trial holds."""
+        taken = {self.trials[n].slot for n in self.processes}
+        return min(set(range(self.settings.parallel)) - taken)
 
     def _start(self, command: list[str], env: dict[str, str], trial: TrialRecord) -> TrialProcess:
         if self.settings.executor != "local":
@@ -378,6 +381,7 @@ class Sweep:
         """Settle a trial whose process has ended, from what its training put on record."""
         limit = self.settings.rungs[trial.rung]
         result, ended = trial_outcome(Path(trial.run_dir), self.record.monitor, limit)
+        result = replace(result, slot=trial.slot)
         state = self.policy.settled_state(ended, trial.rung, self._stopping())
         self.ledger.settle(str(trial.number), result.cost, state)
         trial.state, trial.pid = state, None

@@ -8,6 +8,7 @@ not import MLflow either (see store_reader.py).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
@@ -17,13 +18,16 @@ from urllib.parse import unquote, urlparse
 
 from trainer.errors import UserError
 from trainer.store.automl import bare_id, details_of, resource_id
-from trainer.store.reader import RunRecord, local_artifact_root, open_reader
+from trainer.store.reader import MODEL_TAG, RunRecord, local_artifact_root, open_reader
 from trainer.store.resources import expired_on, parse_time, utc_now
 
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED")
 # A RUNNING operation that has not put its cost on record for this long is taken as dead
 # (killed without a chance to say so): it no longer blocks deleting its models.
 STALE_AFTER = timedelta(minutes=5)
+# The times of a registered model that the verbs read back: the Model's own, then its tags.
+TIME_TAGS = ("create_time", "expire_time")
+log = logging.getLogger(__name__)
 
 
 class Catalog:
@@ -44,38 +48,53 @@ class Catalog:
     # -- models ----------------------------------------------------------------------------
 
     def models(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """Every Model resource with its details (figures and expiry time), newest first."""
-        found = [
-            (model, details_of(model, m.tags))
-            for m in self.reader.registered_models()
-            for model in [m.resource()]
-            if model is not None  # another project's entry in a shared registry
-        ]
-        return sorted(found, key=lambda pair: pair[0]["createTime"], reverse=True)
+        """Every Model resource with its details (figures and expiry time), newest first. One
+        with a bad time is listed all the same, last, and the bad field reported: a list is
+        where a user finds such an entry to delete it, and failing it would hide every other
+        model. The verbs that use a model refuse it instead (``usable_model``)."""
+        found: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        for entry in self.reader.registered_models():
+            model = entry.resource()
+            if model is None:  # another project's entry in a shared registry
+                continue
+            _report_bad_times(model, entry.tags)
+            found.append((model, details_of(model, entry.tags)))
+        return sorted(found, key=lambda pair: _sort_time(pair[0]), reverse=True)
 
     def model(self, model_id: str) -> dict[str, Any]:
         return self.model_and_tags(model_id)[0]
 
     def model_and_tags(self, model_id: str) -> tuple[dict[str, Any], dict[str, str]]:
-        """The Model resource and its registry tags, read once. A full name must be the
-        model's own: the same ID under another project or location is another model."""
+        """The Model resource and its registry tags, read once, a bad time in them reported
+        (as `models list` does: the record is shown as it is, to be mended or deleted)."""
+        model, tags = self._lookup(model_id)
+        _report_bad_times(model, tags)
+        return model, tags
+
+    def _lookup(self, model_id: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """A full name must be the model's own: the same ID under another project or location
+        is another model; an entry of that name that is not this project's is not a model."""
         wanted = model_id
-        model_id = bare_id(model_id, "models")
-        found = self.reader.registered_model(model_id)
-        model = found.resource() if found else None
-        if (
-            found is None
-            or model is None
-            or (wanted.startswith("projects/") and wanted != model["name"])
-        ):
+        found = self.reader.registered_model(bare_id(model_id, "models"))
+        if found is None:
+            raise UserError(f"model {wanted!r} is not in {self.tracking_uri}")
+        model = found.resource()
+        if model is None:
+            raise UserError(
+                f"model {wanted!r} is not in this project: {self.tracking_uri} has a registered "
+                f"model of that name, but it is another project's (no {MODEL_TAG} tag of ours)"
+            )
+        if wanted.startswith("projects/") and wanted != model["name"]:
             raise UserError(f"model {wanted!r} is not in {self.tracking_uri}")
         return model, found.tags
 
     def usable_model(self, model_id: str, purpose: str) -> tuple[dict[str, Any], dict[str, str]]:
-        """``model_and_tags`` of a model that has not expired. The verbs that load a network
-        ask this first, before importing torch: a wrong or expired ID is refused at once."""
-        model, tags = self.model_and_tags(model_id)
-        expire = expired_on(tags)
+        """The Model and tags of a model that has not expired. The verbs that load a network
+        ask this first, before importing torch: a wrong or expired ID is refused at once, and
+        so is a bad expiry time (one line naming the model and the tag): using the model
+        would mean guessing whether it has expired."""
+        model, tags = self._lookup(model_id)
+        expire = expired_on(tags, f"model {resource_id(model['name'])}")
         if expire:
             raise UserError(
                 f"model {resource_id(model['name'])} expired on {expire}; it can be listed and "
@@ -188,9 +207,42 @@ def _active(runs: list[RunRecord]) -> list[RunRecord]:
     return [
         run
         for run in runs
-        if run.tags.get("state") == "RUNNING"
-        and now - parse_time(run.tags.get("update_time", "1970-01-01T00:00:00Z")) < STALE_AFTER
+        if run.tags.get("state") == "RUNNING" and now - _updated(run) < STALE_AFTER
     ]
+
+
+def _updated(run: RunRecord) -> datetime:
+    what = f"operation {run.tags.get('operation', run.run_id)}'s update_time tag"
+    return parse_time(run.tags.get("update_time", "1970-01-01T00:00:00Z"), what)
+
+
+def _bad_times(model: dict[str, Any], tags: dict[str, str]) -> list[str]:
+    """What is wrong with a stored model's times, one message each."""
+    model_id = resource_id(model["name"])
+    fields = [("createTime", model.get("createTime"), "field")]
+    fields += [(key, tags[key], "tag") for key in TIME_TAGS if tags.get(key)]
+    problems: list[str] = []
+    for key, value, kind in fields:
+        try:
+            parse_time(str(value), f"model {model_id}'s {key} {kind}")
+        except UserError as error:
+            problems.append(str(error))
+    return problems
+
+
+def _report_bad_times(model: dict[str, Any], tags: dict[str, str]) -> None:
+    # On stderr (logging's last resort where the verb set up no logging): stdout stays the
+    # table or JSON that scripts read.
+    for problem in _bad_times(model, tags):
+        log.warning("warning: %s", problem)
+
+
+def _sort_time(model: dict[str, Any]) -> datetime:
+    """When a model was created, for sorting: one with a bad time sorts as the oldest."""
+    try:
+        return parse_time(model["createTime"])
+    except UserError:
+        return datetime.min.replace(tzinfo=timezone.utc)
 
 
 def _remove_local(artifact_uri: str, root: Path | None) -> None:

@@ -9,15 +9,21 @@ to MLflow's SQLite tables directly, or to its documented REST API for a tracking
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import sqlite3
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
+
+from trainer.errors import UserError
+from trainer.store.resources import ID_PATTERN
 
 # The registered-model tag that holds this project's Model resource (AutoML's JSON). The
 # description is a short Markdown summary for MLflow's UI; the previous release kept the JSON
@@ -35,9 +41,12 @@ class RegisteredModel:
         """The Model resource this project recorded: the ``model_json`` tag, or for an entry
         registered by the previous release, its description. None for an entry that is not
         this project's (the registry is shared): the verbs pass it by."""
-        if MODEL_TAG in self.tags:
-            return _model_resource(self.tags[MODEL_TAG])
-        return _model_resource(self.description)
+        found = _model_resource(self.tags.get(MODEL_TAG, self.description))
+        # Ours names this very entry with an ID as new_id makes them: JSON of the same shape
+        # from another tool (a name such as "churn", or another entry's ID) is not a Model here.
+        if found is None or found["name"].rsplit("/", 1)[-1] != self.name:
+            return None
+        return found if ID_PATTERN.match(self.name) else None
 
 
 def _model_resource(text: str | None) -> dict[str, Any] | None:
@@ -135,9 +144,15 @@ class SqliteReader:
 
 class RestReader:
     """MLflow's REST API, authenticated as MLflow's own client does (MLFLOW_TRACKING_TOKEN, or
-    MLFLOW_TRACKING_USERNAME and _PASSWORD, or the URI's user:password@), every page read."""
+    MLFLOW_TRACKING_USERNAME and _PASSWORD, or the URI's user:password@) and with its TLS
+    settings, every page read. The server's answers are checked as user input is: a server that
+    redirects elsewhere gets no credentials there, one that pages forever is given up on."""
 
     PAGE = 1000
+    # A million entries: far more than any registry this project shares. A server that pages on
+    # past it (or repeats a page token) is broken, and waiting on it would hang the verb.
+    MAX_PAGES = 1000
+    TIMEOUT = 30  # seconds for every call: a server that accepts and never answers ends in one line
 
     def __init__(self, base_url: str, experiment: str) -> None:
         parts = urllib.parse.urlsplit(base_url)
@@ -146,6 +161,13 @@ class RestReader:
         self.base_url = urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/")
         self.experiment = experiment
 
+    @cached_property
+    def _opener(self) -> urllib.request.OpenerDirector:
+        # Built at the first call, so that a store on local files never reads the TLS settings.
+        return urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=tls_context()), SameOriginAuthRedirects()
+        )
+
     def _call(self, path: str, body: dict[str, Any] | None = None, **query: Any) -> dict:
         url = f"{self.base_url}/api/2.0/mlflow/{path}"
         if query:
@@ -153,30 +175,60 @@ class RestReader:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(url, data=data, headers=self.headers)
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read() or b"{}")
+            with self._opener.open(request, timeout=self.TIMEOUT) as response:
+                found = json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as error:
             if error.code == 404:
                 return {}
-            raise
+            raise self._unreadable(path, f"it answered {error.code} {error.reason}") from None
+        # Refused, timed out, TLS, a dropped connection or a reply that is not JSON: one line.
+        except (OSError, ValueError, http.client.HTTPException) as error:
+            raise self._unreadable(path, self._reason(error)) from None
+        if not isinstance(found, dict):
+            raise self._unreadable(path, "its reply is not a JSON object")
+        return found
+
+    def _reason(self, error: Exception) -> object:
+        reason = getattr(error, "reason", error)  # a URLError wraps what went wrong
+        if isinstance(reason, TimeoutError):
+            return f"no answer within {self.TIMEOUT} s"
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            return f"{reason}; MLFLOW_TRACKING_SERVER_CERT_PATH may name the CA bundle to trust"
+        return reason
+
+    def _unreadable(self, path: str, reason: object) -> UserError:
+        detail = " ".join(str(reason).split())[:200]
+        return UserError(f"the tracking server {self.base_url} cannot be read ({path}): {detail}")
+
+    def _page(self, path: str, body: dict[str, Any] | None, token: str | None) -> dict:
+        paging: dict[str, Any] = {
+            "max_results": self.PAGE,
+            **({"page_token": token} if token else {}),
+        }
+        if body is None:  # a GET search: paging in the query
+            return self._call(path, **paging)
+        return self._call(path, {**body, **paging})
 
     def _pages(self, path: str, key: str, body: dict[str, Any] | None = None) -> list[dict]:
-        """Every result of a search endpoint, following ``next_page_token``."""
+        """Every result of a search endpoint, following ``next_page_token`` as far as
+        ``MAX_PAGES``, never to a token already followed (that would read forever)."""
         found: list[dict] = []
-        token = None
-        while True:
-            if body is None:  # a GET search: paging in the query
-                query: dict[str, Any] = {"max_results": self.PAGE}
-                if token:
-                    query["page_token"] = token
-                page = self._call(path, **query)
-            else:
-                page = self._call(path, {**body, "max_results": self.PAGE,
-                                         **({"page_token": token} if token else {})})  # fmt: skip
-            found += page.get(key, [])
-            token = page.get("next_page_token")
-            if not token:
+        followed: set[str] = set()
+        token: str | None = None
+        for _ in range(self.MAX_PAGES):
+            page = self._page(path, body, token)
+            items = page.get(key, [])
+            if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+                raise self._unreadable(path, f"its {key!r} is not a list of objects")
+            found += items
+            token = page.get("next_page_token") or None
+            if token is None:
                 return found
+            if not isinstance(token, str) or token in followed:
+                repeated = f"its page token {str(token)[:40]!r} came before (or is no text)"
+                raise self._unreadable(path, repeated)
+            followed.add(token)
+        raise self._unreadable(path, f"it has more than {self.MAX_PAGES} pages of {self.PAGE}")
 
     @staticmethod
     def _model(found: dict[str, Any]) -> RegisteredModel:
@@ -206,6 +258,86 @@ class RestReader:
             tags = {t["key"]: t.get("value", "") for t in run.get("data", {}).get("tags", [])}
             runs.append(RunRecord(run["info"]["run_id"], run["info"]["artifact_uri"], tags))
         return runs
+
+
+class SameOriginAuthRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects followed as urllib follows them, but the credentials only to the origin they
+    were given for: urllib copies every header to wherever a redirect points, so a 302 to another
+    host (or to plain http) would hand it the tracking server's token or password. Once dropped,
+    the header stays dropped for the rest of the chain."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(new.full_url) != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """A URL's origin (RFC 6454): scheme, host and port, the scheme's default port spelled out."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    default = {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), parts.port or default
+
+
+def tls_context() -> ssl.SSLContext:
+    """The TLS settings MLflow's client takes from the environment (mlflow/utils/rest_utils.py:
+    MlflowHostCreds.verify and the ``cert`` it hands requests): MLFLOW_TRACKING_SERVER_CERT_PATH,
+    a CA bundle to verify the server with (instead of the default ones); INSECURE_TLS=true, no
+    verification at all (both set is refused, as MLflow refuses it); CLIENT_CERT_PATH, a .pem
+    holding the client's certificate and key. With neither, requests (MLflow's HTTP client) also
+    reads REQUESTS_CA_BUNDLE and CURL_CA_BUNDLE; else the system's CAs stand in for certifi's."""
+    insecure = _flag("MLFLOW_TRACKING_INSECURE_TLS")
+    server_cert = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None
+    client_cert = os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None
+    if insecure and server_cert:
+        raise UserError(
+            "MLFLOW_TRACKING_INSECURE_TLS=true and MLFLOW_TRACKING_SERVER_CERT_PATH are both set: "
+            "set only one of them, as MLflow requires"
+        )
+    try:
+        context = _unverified() if insecure else _verifying(server_cert)
+        if client_cert:
+            context.load_cert_chain(client_cert)
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+        raise UserError(
+            f"the TLS files named by MLFLOW_TRACKING_SERVER_CERT_PATH or "
+            f"MLFLOW_TRACKING_CLIENT_CERT_PATH cannot be used: {error}"
+        ) from None
+    return context
+
+
+def _verifying(ca_bundle: str | None) -> ssl.SSLContext:
+    bundle = ca_bundle or os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle and Path(bundle).is_dir():  # requests takes a folder of hashed CA files too
+        return ssl.create_default_context(capath=bundle)
+    return ssl.create_default_context(cafile=bundle or None)
+
+
+def _unverified() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # before verify_mode: ssl refuses CERT_NONE with it on
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _flag(name: str) -> bool:
+    """A boolean variable as MLflow reads one: true, false, 1 or 0 in any case, else refused."""
+    value = os.environ.get(name)
+    if value is None:
+        return False
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise UserError(f"{name}={value!r} is invalid: use true, false, 1 or 0")
+    return value.lower() in ("true", "1")
 
 
 def _auth_header(parts: urllib.parse.SplitResult) -> dict[str, str]:

@@ -89,15 +89,28 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def parse_time(text: str) -> datetime:
-    """The inverse of ``utc_now``: an RFC 3339 UTC timestamp as an aware datetime."""
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+def parse_time(text: str, what: str = "the time") -> datetime:
+    """The inverse of ``utc_now``: an RFC 3339 timestamp as an aware datetime. Times are read
+    back from the store, which anyone with access may write: one without a time zone (which
+    cannot be compared with now) or garbage is a one-line error that names ``what`` it is."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (AttributeError, TypeError, ValueError):
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise UserError(
+            f"{what} {str(text)[:40]!r} is not an RFC 3339 time with a time zone, such as "
+            "2026-01-31T09:00:00.000000Z"
+        )
+    return moment
 
 
-def expired_on(tags: dict[str, str]) -> str | None:
-    """A registered model's expiry time when it has passed (its ``expire_time`` tag), else None."""
+def expired_on(tags: dict[str, str], owner: str = "the model") -> str | None:
+    """A registered model's expiry time when it has passed (its ``expire_time`` tag), else None;
+    ``owner`` names the model in the error a bad tag gives."""
     expire = tags.get("expire_time")
-    return expire if expire and parse_time(expire) < datetime.now(timezone.utc) else None
+    moment = parse_time(expire, f"{owner}'s expire_time tag") if expire else None
+    return expire if moment and moment < datetime.now(timezone.utc) else None
 
 
 def write_json_atomic(path: Path, data: Any, indent: int | None = 2) -> None:

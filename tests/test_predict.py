@@ -250,26 +250,45 @@ def test_expired_model_cannot_predict_export_or_evaluate(trained) -> None:
 
 
 def test_urls_are_read_through_fsspec(tmp_path: Path) -> None:
-    """Any fsspec URL works: here fsspec's in-memory filesystem, read in this process."""
-    import fsspec
+    """With --allow-remote (a SourcePolicy with a timeout), http URLs are read through fsspec:
+    here from a local HTTP server, read in this process."""
+    import functools
+    import http.server
+    import threading
+
     import torch
     from PIL import Image
 
     from trainer.data.images import eval_transform
     from trainer.data.prediction import predict_images
+    from trainer.data.prediction_inputs import SourcePolicy
     from trainer.tasks.image_classification.predict import RESULTS_PREFIX, classification_records
 
-    with fsspec.open("memory://bucket/cat.png", "wb") as handle:
-        Image.new("RGB", (8, 8), (250, 10, 10)).save(handle, format="PNG")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    served = tmp_path / "bucket"
+    served.mkdir()
+    Image.new("RGB", (8, 8), (250, 10, 10)).save(served / "cat.png")
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(served))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
     network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
-    result = predict_images(
-        classification_records(network, ["cat", "dog"], 0.0),
-        ["memory://bucket/cat.png", "memory://bucket/gone.png"],
-        tmp_path, eval_transform([4, 4], [0.5] * 3, [0.5] * 3), tmp_path / "out",
-        RESULTS_PREFIX, workers=0,
-    )  # fmt: skip
+    try:
+        result = predict_images(
+            classification_records(network, ["cat", "dog"], 0.0),
+            [f"{url}/cat.png", f"{url}/gone.png"],
+            tmp_path, eval_transform([4, 4], [0.5] * 3, [0.5] * 3), tmp_path / "out",
+            RESULTS_PREFIX, workers=0, sources=SourcePolicy(10.0),
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
     assert (result.predicted, result.failed) == (1, 1)
     (record,) = read_jsonl(result.result_files)
-    assert record["ID"] == "memory://bucket/cat.png" and len(record["annotations"]) == 2
+    assert record["ID"] == f"{url}/cat.png" and len(record["annotations"]) == 2
     (error,) = read_jsonl(result.error_files)
-    assert error["errors"]["code"] == 5  # fsspec's missing file is NOT_FOUND too
+    assert error["errors"]["code"] == 5  # fsspec's missing file (404) is NOT_FOUND too

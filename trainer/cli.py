@@ -75,11 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = resources.add_parser("predict", help="batch prediction over a CSV of images")
     predict.add_argument("id", help="a model ID, bare or models/ICN123")
-    predict.add_argument("--input", required=True, help="CSV: one image path or URL per line")
+    predict.add_argument(
+        "--input", required=True,
+        help="CSV: one image path per line (local, or a URL with --allow-remote), at most "
+        "max_rows of conf/predict.yaml",
+    )  # fmt: skip
     predict.add_argument("--output", required=True, help="folder for the prediction folder")
     predict.add_argument("--score-threshold", type=float, default=0.5)
     predict.add_argument("--shard-size", type=int, default=1000, help="images per JSONL file")
-    predict.add_argument("--workers", type=int, default=None, help="decoding processes")
+    predict.add_argument(
+        "--workers", type=int, default=None,
+        help="decoding processes: 0 (the main process) to max_workers of conf/predict.yaml",
+    )  # fmt: skip
+    predict.add_argument(
+        "--allow-remote", action="store_true",
+        help="also read http, https, gs and s3 rows (videos: http, https), each read given "
+        "remote_timeout_seconds of conf/predict.yaml to connect and for each piece of data; "
+        "without it only local files are read. Other schemes (tcp:, concat:, pipe:, a::b ...), "
+        "FIFOs and devices always fail their own row",
+    )  # fmt: skip
     add_predict_options(predict)  # each task's own flags
 
     operations = resources.add_parser("operations", help="trainings").add_subparsers(

@@ -16,6 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from trainer.data.prediction import PredictionResult
+from trainer.data.prediction_inputs import (
+    SourcePolicy,
+    check_row_count,
+    check_workers,
+    prediction_limits,
+)
 from trainer.errors import UserError
 from trainer.store.automl import RpcCode
 from trainer.store.lifecycle import OperationRun, operation_on_record
@@ -39,12 +45,17 @@ def run_batch_prediction(catalog: Any, args: Any) -> PredictionResult:
         raise UserError(f"--score-threshold {args.score_threshold} must be within [0, 1]")
     if args.shard_size < 1:
         raise UserError(f"--shard-size {args.shard_size} must be at least 1")
+    limits = prediction_limits()
+    check_workers(args.workers, limits)
     trained = trained_model(catalog, args.id, "prediction")
     task = task_of(trained.settings)
     input_csv = Path(args.input).expanduser().resolve()
     if not input_csv.is_file():
         raise UserError(f"--input {input_csv}: no such file")
+    check_row_count(input_csv, limits)  # before the reader holds the whole file
     rows = task.read_prediction_input(input_csv, args)  # a bad CSV or flag costs nothing
+    # Remote rows only where asked for, each read bounded in time (conf/predict.yaml).
+    sources = SourcePolicy(limits.remote_timeout_seconds if args.allow_remote else None)
     folder = output_folder(Path(args.output).expanduser().resolve(), trained.model["displayName"])
     details = {  # AutoML's field names; the files are local here
         "inputConfig": {"gcsSource": {"inputUris": [str(input_csv)]}},
@@ -56,7 +67,7 @@ def run_batch_prediction(catalog: Any, args: Any) -> PredictionResult:
     with operation_on_record(catalog.store, name, tags, vars(args), operation) as run:
         print(operation.name, file=sys.stderr, flush=True)
         progress = ProgressLine(run)
-        request = PredictRequest(rows, input_csv.parent, folder, args, progress)
+        request = PredictRequest(rows, input_csv.parent, folder, args, progress, sources)
         try:
             result = task.predict(load_network(trained), trained.settings, trained.labels, request)
         finally:

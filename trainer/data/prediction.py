@@ -1,10 +1,12 @@
 """Batch prediction over images, as AutoML writes it; what image classification and object
 detection share (each task turns a batch of pixels into its own JSONL records).
 
-The input CSV has one image path per line (a local path or any fsspec URL; a path with spaces
-in double quotes). Results go to the prediction folder as ``<prefix>_1.jsonl``, ... with one
-line per image, and ``errors_1.jsonl``, ... for the images that are missing or cannot be
-decoded. Those never stop the job; a malformed CSV, or one where every image fails, does.
+The input CSV has one image path per line: a local path, or with ``--allow-remote`` an http,
+https, gs or s3 URL (what else a row may name: prediction_inputs.py); a path with spaces in
+double quotes. Results go to the prediction folder as ``<prefix>_1.jsonl``, ... with one line per
+image, and ``errors_1.jsonl``, ... for the images that are missing, refused, over Pillow's pixel
+limit or cannot be decoded. Those never stop the job; a malformed CSV, or one where every image
+fails, does.
 
 Images are decoded in DataLoader worker processes, in input order; each file holds at most
 ``shard_size`` images, and an image never spans two files.
@@ -22,6 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from trainer.data.prediction_inputs import (
+    LOCAL_ONLY,
+    Refused,
+    SourcePolicy,
+    is_timeout,
+    open_image_input,
+)
 from trainer.errors import UserError
 from trainer.store.automl import RpcCode
 
@@ -123,33 +132,49 @@ class InputImages:
     """A torch Dataset over the input paths; a failure is returned, never raised, so that one
     bad image cannot stop the job."""
 
-    def __init__(self, paths: Sequence[str], base: Path, transform: Callable) -> None:
+    def __init__(
+        self, paths: Sequence[str], base: Path, transform: Callable, sources: SourcePolicy
+    ) -> None:
         self.paths, self.base, self.transform = list(paths), base, transform
+        self.sources = sources
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Decoded:
+        path = self.paths[index]
+        try:
+            return Decoded(index, self.transform(self._image(path)))
+        except Refused as refused:
+            return Decoded(index, None, refused.code, str(refused))
+        except Exception as error:  # PIL raises many types for broken or truncated files
+            return Decoded(index, None, *self._failure(path, error))
+
+    def _failure(self, path: str, error: Exception) -> tuple[RpcCode, str]:
+        if is_timeout(error):  # fsspec's http says FileNotFoundError, from the timeout
+            waited = self.sources.remote_timeout_seconds or 0.0
+            return RpcCode.DEADLINE_EXCEEDED, f"{path}: no answer within {waited:g} s"
+        if isinstance(error, FileNotFoundError):
+            return RpcCode.NOT_FOUND, f"{path}: no such file"
+        return RpcCode.INVALID_ARGUMENT, f"cannot decode {path}: {type(error).__name__}: {error}"
+
+    def _image(self, path: str) -> Any:
+        """The row's image in RGB; one over Pillow's pixel limit is refused before decoding."""
+        import warnings
+
         from PIL import Image
 
-        try:
-            with open_image_file(self.paths[index], self.base) as handle, Image.open(handle) as im:
-                return Decoded(index, self.transform(im.convert("RGB")))
-        except FileNotFoundError:
-            return Decoded(index, None, RpcCode.NOT_FOUND, f"{self.paths[index]}: no such file")
-        except Exception as error:  # PIL raises many types for broken or truncated files
-            message = f"cannot decode {self.paths[index]}: {type(error).__name__}: {error}"
-            return Decoded(index, None, RpcCode.INVALID_ARGUMENT, message)
-
-
-def open_image_file(path: str, base: Path):
-    """Local paths (relative ones to the CSV's folder) directly; URLs through fsspec."""
-    if "://" in path and not path.startswith("file://"):
-        import fsspec
-
-        return fsspec.open(path, "rb").open()
-    local = Path(path.removeprefix("file://")).expanduser()
-    return (local if local.is_absolute() else base / local).open("rb")
+        with open_image_input(path, self.base, self.sources) as handle:
+            with warnings.catch_warnings():
+                # Pillow only warns between one and two times its limit, and decodes: each
+                # image can take half a gigabyte, a batch of them the machine's memory.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                try:
+                    image = Image.open(handle)
+                except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+                    raise Refused(RpcCode.INVALID_ARGUMENT, f"{path}: {error}") from None
+            with image:
+                return image.convert("RGB")
 
 
 def collate(batch: list[Decoded]) -> list[Decoded]:
@@ -219,6 +244,7 @@ def predict_images(
     shard_size: int = 1000,
     workers: int = 2,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
+    sources: SourcePolicy = LOCAL_ONLY,
 ) -> PredictionResult:
     """Run the model over every image; write results and errors; fail if nothing succeeded."""
     import torch
@@ -236,7 +262,7 @@ def predict_images(
     done = 0
     try:
         with torch.inference_mode():
-            for batch in batches(InputImages(paths, base, transform), workers):
+            for batch in batches(InputImages(paths, base, transform, sources), workers):
                 good = [item for item in batch if item.pixels is not None]
                 if good:
                     pixels = torch.stack([item.pixels for item in good])
@@ -268,11 +294,11 @@ def predict_request(
     records: Records, transform: Callable, results_prefix: str, request: Any
 ) -> PredictionResult:
     """``predict_images`` for a task's PredictRequest: its rows, base folder, output folder,
-    ``--shard-size`` and ``--workers``, and progress callback."""
+    ``--shard-size`` and ``--workers``, progress callback and what its rows may name."""
     options = request.options
     return predict_images(
         records, request.rows, request.base, transform, request.folder, results_prefix,
-        options.shard_size, options.workers, request.progress,
+        options.shard_size, options.workers, request.progress, request.sources,
     )  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from trainer import CONF_DIR
+from trainer.data.prediction_inputs import SourcePolicy
 from trainer.settings import ModelSettings, Settings
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ class PredictRequest:
     folder: Path
     options: Any  # the parsed flags: score_threshold, shard_size, workers and the task's own
     progress: Callable[[int, int], None] = lambda done, total: None
+    # What a row may name (local files; URLs with --allow-remote), for the task's reader.
+    sources: SourcePolicy = field(default_factory=SourcePolicy)
 
 
 @dataclass

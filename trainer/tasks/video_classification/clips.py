@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -56,15 +57,21 @@ class ClipSpec:
 
 
 def decode_clip(
-    path: str | Path, start: float, end: float, spec: ClipSpec, where: float = 0.5
+    path: str | Path,
+    start: float,
+    end: float,
+    spec: ClipSpec,
+    where: float = 0.5,
+    opening: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """The clip (C, T, H, W) of ``[start, end)`` seconds placed at ``where`` in [0, 1] of the room
     the segment leaves around it (0: at the start, 0.5: centred, 1: ending at the end).
+    ``opening``: av.open's keyword arguments (a prediction row's protocols and timeouts).
 
     Raises VideoDecodeError when the video cannot be read or has no frame in the range.
     """
     try:
-        frames = _read_frames(str(path), start, end, spec, where)
+        frames = _read_frames(str(path), start, end, spec, where, opening or {})
     except (av.FFmpegError, OSError, ValueError) as problem:
         raise VideoDecodeError(f"{path}: {problem}") from problem
     return to_clip_tensor(frames, spec)
@@ -75,8 +82,10 @@ def clip_positions(count: int) -> list[float]:
     return [(index + 0.5) / count for index in range(count)]
 
 
-def _read_frames(path: str, start: float, end: float, spec: ClipSpec, where: float) -> np.ndarray:
-    with av.open(path) as container:
+def _read_frames(
+    path: str, start: float, end: float, spec: ClipSpec, where: float, opening: Mapping[str, Any]
+) -> np.ndarray:
+    with av.open(path, **opening) as container:
         if not container.streams.video:
             raise VideoDecodeError(f"{path} has no video stream")
         stream = container.streams.video[0]

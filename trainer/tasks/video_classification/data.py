@@ -30,10 +30,11 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 from PIL import Image
@@ -253,13 +254,14 @@ class VideoInfo:
     fps: float
 
 
-def probe_video(file: str | Path) -> VideoInfo:
+def probe_video(file: str | Path, opening: Mapping[str, Any] | None = None) -> VideoInfo:
     """Duration and frame rate; decodes one frame to prove the video can be decoded.
+    ``opening``: av.open's keyword arguments (a prediction row's protocols and timeouts).
 
     Raises VideoUnreadable for a file that is not a decodable video.
     """
     try:
-        with av.open(str(file)) as container:
+        with av.open(str(file), **(opening or {})) as container:
             if not container.streams.video:
                 raise VideoUnreadable(f"{file} has no video stream")
             stream = container.streams.video[0]

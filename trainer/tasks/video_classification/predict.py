@@ -1,8 +1,9 @@
 """Batch prediction for video classification, as AutoML Video writes it.
 
 Input: a CSV with rows ``path,start_seconds,end_seconds`` (``inf`` or an absent end: the end of
-the video; an absent start: 0). Relative paths are relative to the CSV's folder; URLs that FFmpeg
-opens itself (http, https, file) pass through.
+the video; an absent start: 0). Relative paths are relative to the CSV's folder; ``file:`` URLs
+name local files, and http and https URLs are read with ``--allow-remote`` only, FFmpeg limited to
+the protocols each needs and every read given a timeout (trainer/data/prediction_inputs.py).
 
 Output, in the folder given: ``video_classification.csv`` with one row per input row, in input
 order, ``path,start,end,json_file,status`` (path, start and end as the input spelled them; status
@@ -41,7 +42,7 @@ import io
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +53,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from trainer.data.manifest import resolve_path
 from trainer.data.prediction import add_status, input_text, spreadsheet_safe
+from trainer.data.prediction_inputs import (
+    LOCAL_ONLY,
+    VIDEO_SCHEMES,
+    Refused,
+    SourcePolicy,
+    checked_source,
+    ffmpeg_open_arguments,
+    is_timeout,
+)
 from trainer.errors import UserError
 from trainer.store.resources import write_json_atomic
 from trainer.tasks.video_classification.clips import (
@@ -120,6 +129,8 @@ class Window:
 class RowPlan:
     windows: list[Window] = field(default_factory=list)
     status: str = "OK"
+    source: str = ""  # what FFmpeg opens: a checked local file or URL
+    opening: dict[str, Any] = field(default_factory=dict)  # av.open's protocols and timeouts
 
 
 @dataclass
@@ -179,15 +190,20 @@ class _RowError(Exception):
 
 
 def plan_row(
-    row_index: int, row: PredictionRow, base: Path, spec: ClipSpec, options: PredictOptions
+    row_index: int,
+    row: PredictionRow,
+    base: Path,
+    spec: ClipSpec,
+    options: PredictOptions,
+    sources: SourcePolicy = LOCAL_ONLY,
 ) -> RowPlan:
     """The time windows to classify for one input row, or the status saying why there are none."""
     try:
         if row.problem:
             raise _RowError("INVALID_ARGUMENT", row.problem)
         start, end = _row_times(row)
-        source = _video_source(row.path, base)
-        duration, fps = _probe(source, row.path)
+        source, opening = _video_source(row.path, base, sources)
+        duration, fps = _probe(source, row.path, opening)
         if start >= duration:
             raise _RowError(
                 "INVALID_ARGUMENT",
@@ -197,35 +213,51 @@ def plan_row(
         clip_seconds = spec.span_frames() / fps
         windows = []
         for kind in options.kinds():
-            for a, b in _kind_windows(kind, source, start, end, options):
+            for a, b in _kind_windows(kind, source, start, end, options, opening):
                 count = max(1, min(options.max_clips_per_window, int((b - a) // clip_seconds)))
                 windows.append(Window(row_index, kind, a, b, count))
-        return RowPlan(windows)
+        return RowPlan(windows, source=source, opening=opening)
     except _RowError as problem:
         return RowPlan(status=str(problem))
     except (VideoDecodeError, VideoUnreadable, av.FFmpegError, OSError, ValueError) as problem:
         # Whatever else one odd file raises fails its row, never the job.
-        return RowPlan(status=f"INVALID_ARGUMENT: {row.path}: {problem}")
+        return RowPlan(status=f"{_code_of(problem)}: {row.path}: {problem}")
 
 
-def _video_source(path: str, base: Path) -> str:
-    if "://" in path:
-        return path  # FFmpeg opens http(s) and file URLs itself
-    return str(resolve_path(path, base))
-
-
-def _probe(source: str, shown: str) -> tuple[float, float]:
-    if "://" not in source and not Path(source).is_file():
-        raise _RowError("NOT_FOUND", f"{shown}: no such file")
+def _video_source(path: str, base: Path, sources: SourcePolicy) -> tuple[str, dict[str, Any]]:
+    """The checked file or URL FFmpeg opens for a row, and av.open's arguments for it."""
     try:
-        info = probe_video(source)
+        source = checked_source(path, base, sources, VIDEO_SCHEMES)
+    except Refused as refused:
+        raise _RowError(refused.code.name, str(refused)) from None
+    except FileNotFoundError:
+        raise _RowError("NOT_FOUND", f"{path}: no such file") from None
+    return str(source), ffmpeg_open_arguments(source, sources)
+
+
+def _probe(source: str, shown: str, opening: dict[str, Any]) -> tuple[float, float]:
+    try:
+        info = probe_video(source, opening)
     except VideoUnreadable as problem:
+        if is_timeout(problem):
+            waited = f"{opening['timeout'][0]:g} s"
+            raise _RowError("DEADLINE_EXCEEDED", f"{shown}: no answer within {waited}") from None
         raise _RowError("INVALID_ARGUMENT", f"cannot decode {shown}: {problem}") from None
     return info.duration, info.fps
 
 
+def _code_of(problem: BaseException) -> str:
+    """DEADLINE_EXCEEDED for a remote read that waited too long, else INVALID_ARGUMENT."""
+    return "DEADLINE_EXCEEDED" if is_timeout(problem) else "INVALID_ARGUMENT"
+
+
 def _kind_windows(
-    kind: str, source: str, start: float, end: float, options: PredictOptions
+    kind: str,
+    source: str,
+    start: float,
+    end: float,
+    options: PredictOptions,
+    opening: Mapping[str, Any] | None = None,
 ) -> list[tuple[float, float]]:
     if kind == SEGMENT:
         return [(start, end)]
@@ -239,9 +271,11 @@ def _kind_windows(
             )
         return one_second_windows(start, end)
     try:
-        return detect_shots(source, start, end, options.shot_threshold, options.min_shot_seconds)
+        return detect_shots(
+            source, start, end, options.shot_threshold, options.min_shot_seconds, opening
+        )
     except VideoDecodeError as problem:
-        raise _RowError("INVALID_ARGUMENT", str(problem)) from None
+        raise _RowError(_code_of(problem), str(problem)) from None
 
 
 def one_second_windows(start: float, end: float) -> list[tuple[float, float]]:
@@ -255,10 +289,11 @@ def detect_shots(
     end: float,
     threshold: float = 0.4,
     min_shot_seconds: float = 0.5,
+    opening: Mapping[str, Any] | None = None,
 ) -> list[tuple[float, float]]:
     """Shots of ``[start, end)`` as (start, end) pairs covering it: a cut where two consecutive
     frames' colour histograms differ by more than ``threshold`` (see the module docstring)."""
-    times, distances = frame_changes(path, start, end)
+    times, distances = frame_changes(path, start, end, opening)
     cuts, last = [], start
     for moment, distance in zip(times, distances, strict=True):
         if distance > threshold and moment - last >= min_shot_seconds:
@@ -270,14 +305,16 @@ def detect_shots(
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
-def frame_changes(path: str | Path, start: float, end: float) -> tuple[list[float], list[float]]:
+def frame_changes(
+    path: str | Path, start: float, end: float, opening: Mapping[str, Any] | None = None
+) -> tuple[list[float], list[float]]:
     """For each frame of ``[start, end)`` after the first: its time, and the histogram distance
-    in [0, 1] to the frame before it."""
+    in [0, 1] to the frame before it (``opening``: av.open's keyword arguments)."""
     times: list[float] = []
     distances: list[float] = []
     previous = None
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(path), **(opening or {})) as container:
             stream = container.streams.video[0]
             offset = stream_offset(stream)
             seek_seconds(container, stream, start)
@@ -310,22 +347,24 @@ def _histogram(thumbnail: np.ndarray) -> np.ndarray:
 class WindowClips(Dataset):
     """Item: (window index, its clips (k, C, T, H, W)) or (window index, the error message)."""
 
-    def __init__(self, windows: Sequence[Window], sources: Sequence[str], spec: ClipSpec) -> None:
-        self.windows, self.sources, self.spec = list(windows), list(sources), spec
+    def __init__(self, windows: Sequence[Window], plans: Sequence[RowPlan], spec: ClipSpec) -> None:
+        self.windows, self.spec = list(windows), spec
+        # Each row's source and av.open arguments (a worker process gets only these).
+        self.sources = [(plan.source, plan.opening) for plan in plans]
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
         window = self.windows[index]
-        source = self.sources[window.row]
+        source, opening = self.sources[window.row]
         try:
             clips = [
-                decode_clip(source, window.start, window.end, self.spec, where)
+                decode_clip(source, window.start, window.end, self.spec, where, opening)
                 for where in clip_positions(window.clips)
             ]
         except VideoDecodeError as problem:
-            return index, f"INVALID_ARGUMENT: {problem}"
+            return index, f"{_code_of(problem)}: {problem}"
         return index, torch.stack(clips)
 
 
@@ -420,8 +459,10 @@ def predict_videos(
     options: PredictOptions = PredictOptions(),
     workers: int = 0,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
+    sources: SourcePolicy = LOCAL_ONLY,
 ) -> VideoPredictionResult:
     """Classify every row's windows; write the JSON files and ``video_classification.csv``.
+    ``sources``: what a row may name (local files only, by default).
 
     Raises UserError (after writing the CSV) when every row failed.
     """
@@ -431,13 +472,12 @@ def predict_videos(
     folder.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PyAV decodes without the GIL
         plans = list(
-            pool.map(lambda i: plan_row(i, rows[i], base, spec, options), range(len(rows)))
+            pool.map(lambda i: plan_row(i, rows[i], base, spec, options, sources), range(len(rows)))
         )
-    sources = [_video_source(row.path, base) for row in rows]
     windows = [window for plan in plans for window in plan.windows]
     writer = _RowWriter(folder, rows, plans, labels, options.score_threshold, on_progress)
     loader = DataLoader(
-        WindowClips(windows, sources, spec),
+        WindowClips(windows, plans, spec),
         batch_size=max(1, options.batch_size // options.max_clips_per_window),
         num_workers=workers,
         collate_fn=list,

@@ -138,7 +138,7 @@ class VideoClassification:
 
         result = predict_videos(
             request.rows, request.base, probabilities, labels, clip_spec(settings), request.folder,
-            options, flags.workers, request.progress,
+            options, flags.workers, request.progress, request.sources,
         )  # fmt: skip
         files = [result.csv_path, *result.json_files]
         return PredictionResult(

@@ -130,10 +130,18 @@ class _Book:
             if data["format"] != FORMAT:
                 raise ValueError(f"format {data['format']!r}, this reader knows {FORMAT}")
             trials = {
-                trial_id: TrialRecord(t["limit"], t["cost"], TrialState(t["state"]), t["overrun"])
+                str(trial_id): TrialRecord(
+                    _count("limit", t["limit"], minimum=1),
+                    _count("cost", t["cost"], minimum=0),
+                    TrialState(t["state"]),
+                    _count("overrun", t["overrun"], minimum=0),
+                )  # fmt: skip
                 for trial_id, t in data["trials"].items()
             }
-            return cls(data["budget_milli_node_hours"], trials)
+            # Figures read back are checked as given ones are: the file may have been changed
+            # (JSON's parser takes Infinity and NaN, and a negative cost bends every sum).
+            budget = _count("budget_milli_node_hours", data["budget_milli_node_hours"], minimum=1)
+            return cls(budget, trials)
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"{path} is not a sweep ledger: {error}") from error
 
@@ -290,7 +298,9 @@ def _lock_path(path: Path) -> Path:
 
 @contextlib.contextmanager
 def _locked(lock_path: Path) -> Iterator[None]:
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    # Never through a symbolic link (a link planted beside the ledger would have us create
+    # or lock what it points at).
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

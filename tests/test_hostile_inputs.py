@@ -5,16 +5,19 @@ budget."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import FAST, read_json, run_dirs, run_trainer
-from tests.test_manage import one_line_error
+from tests.conftest import FAST, REPO, read_json, run_dirs, run_trainer
+from tests.test_manage import mlflow_server, one_line_error  # noqa: F401 - a fixture
 from trainer.data.manifest import NOT_UTF8, TOO_LARGE, read_dataset
 from trainer.errors import UserError
 from trainer.tasks.image_classification.demo import write_shapes
@@ -204,6 +207,11 @@ def test_state_with_ids_that_are_not_ids_is_refused(tmp_path: Path) -> None:
     RunState("operations/ICN1", "ICN1234567890123456780", "a" * 32, {}, "t").save(tmp_path)
     with pytest.raises(UserError, match="is not an ID"):
         RunState.load(tmp_path)
+    name = "operations/ICN1234567890123456789"
+    for when in ("t", "2026-01-31T09:00:00"):  # garbage; no time zone
+        RunState(name, "ICN1234567890123456780", "a" * 32, {}, when).save(tmp_path)
+        with pytest.raises(UserError, match="create_time .* is not an RFC 3339 time"):
+            RunState.load(tmp_path)
 
 
 def test_the_cost_on_record_in_the_store_is_billed_at_least() -> None:
@@ -272,6 +280,23 @@ def test_credentials_are_redacted_from_uris_and_messages() -> None:
         "cannot reach https://mlflow.example.com:5000/path (timeout)"
     )
     assert redact("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+    # Any RFC 3986 userinfo: an @ or a : in the password, percent-encoding, a user alone,
+    # another scheme (an Optuna storage); a path's own @ stays.
+    for given, shown in [
+        ("https://alice:p@ss@host:5000/x", "https://host:5000/x"),
+        ("https://alice:p%40s:s@host", "https://host"),
+        ("http://token@host/api", "http://host/api"),
+        (
+            "postgresql+psycopg://u:pw@db.example:5432/optuna",
+            "postgresql+psycopg://db.example:5432/optuna",
+        ),
+        (
+            "['mlflow.tracking_uri=https://a:b@h', 'x=1']",
+            "['mlflow.tracking_uri=https://h', 'x=1']",
+        ),
+        ("file:///data/photo@2x.png", "file:///data/photo@2x.png"),
+    ]:
+        assert redact(given) == shown
     typed = settings(mlflow={"tracking_uri": uri, "experiment_name": "x"})
     assert "s3cret" not in str(typed.to_dict()) and typed.mlflow.tracking_uri.reveal() == uri
 
@@ -487,3 +512,340 @@ def test_an_operation_file_that_is_not_the_operation_is_written_afresh(tmp_path:
     Operation(resource_id(name), path).fail(10, "interrupted")
     reopened = Operation.reopen(path, name)
     assert "error" not in reopened.resource and reopened.resource["done"] is False
+
+
+# -- detached trainings ---------------------------------------------------------------------------
+
+META = "imageClassificationModelMetadata"
+
+# Stops BUDGET_REACHED in a few seconds, so that it may be resumed with more.
+SHORT = [*FAST, "budget.train_budget_milli_node_hours=5", "budget.disable_early_stopping=true"]
+
+
+def wait_for_operation(cwd: Path, name: str, *flags: str) -> dict:
+    """The operation once it is done, from ``operations get`` as a user would see it."""
+    from tests.test_manage import cli
+    from tests.test_resume import wait_for
+
+    def ended() -> bool:
+        got = cli(*flags, "operations", "get", name, "--json", cwd=cwd)
+        return got.returncode == 0 and json.loads(got.stdout)["done"]
+
+    wait_for(ended, timeout=240)
+    return json.loads(cli(*flags, "operations", "get", name, "--json", cwd=cwd).stdout)
+
+
+def test_detach_written_with_plus_plus_starts_one_training(tmp_path: Path, tiny_shapes) -> None:
+    """``++detach=true`` once passed the filter that drops ``detach=``: the background process
+    detached again, and its own did, forever, and no training ever ran."""
+    started = run_trainer(*SHORT, f"dataset.path={tiny_shapes}", "++detach=true",
+                          cwd=tmp_path, home=tmp_path)  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    operation = wait_for_operation(tmp_path, started.stdout.strip())
+    assert operation["metadata"]["createTime"] and "error" not in operation
+    (run_dir,) = run_dirs(tmp_path)
+    assert "in the background" not in (run_dir / "train.log").read_text()  # it trained
+
+
+@pytest.mark.slow  # two trainings
+def test_a_detached_resume_goes_on_with_the_same_operation(tmp_path: Path, tiny_shapes) -> None:
+    first = run_trainer(*SHORT, f"dataset.path={tiny_shapes}", cwd=tmp_path, home=tmp_path)
+    assert first.returncode == 0, first.stderr
+    (run_dir,) = run_dirs(tmp_path)
+    name = read_json(run_dir / "operation.json")["name"]
+    cost = int(read_json(run_dir / "model.json")[META]["trainCostMilliNodeHours"])
+    resumed = run_trainer(
+        f"resume_operation={name.rsplit('/', 1)[-1]}", "detach=true",
+        "budget.train_budget_milli_node_hours=12", cwd=tmp_path, home=tmp_path,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip() == name  # the operation that goes on, not a new one
+    from tests.test_resume import wait_for
+
+    # Done already (BUDGET_REACHED) until the background process takes it up: its model is
+    # recorded again at the larger budget when it ends.
+    wait_for(lambda: read_json(run_dir / "model.json")[META]["trainBudgetMilliNodeHours"] == "12",
+             timeout=240)  # fmt: skip
+    assert wait_for_operation(tmp_path, name)["done"]
+    assert int(read_json(run_dir / "model.json")[META]["trainCostMilliNodeHours"]) > cost
+    assert "resume" in (run_dir / "train.log").read_text()  # its log is the operation's
+
+
+# -- no secret on disk ----------------------------------------------------------------------------
+
+# Loaded into every process of the internal-error case (PYTHONPATH): its training fails with an
+# error that is not the user's, which Hydra would report with the command line as it was.
+BREAK_TRAINING = """
+import os
+if os.environ.get("BREAK_TRAINING"):
+    import trainer.app
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal failure")
+
+    trainer.app._operation = broken
+"""
+
+
+@pytest.mark.slow
+def test_a_password_appears_nowhere(
+    mlflow_server: str,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+    tiny_shapes: Path,
+) -> None:
+    """With a real ``mlflow server`` whose URI holds a password: a training, its resume, a
+    prediction, an export, an internal error, a detached training and a sweep on submitit's
+    executor; no file under the working folder, the home or the server's store and artifacts
+    holds the password, nor does any output."""
+    from tests.test_sweep import TRIAL, environment
+
+    secret = mlflow_server.replace("http://", "http://alice:s3cret@")
+    said = _all_phases(tmp_path / "work", tmp_path / "home", tiny_shapes, secret)
+    sweep = subprocess.run(
+        [sys.executable, "-m", "trainer", "-m", "hydra/sweeper=budgeted", *TRIAL,
+         f"dataset.path={tiny_shapes}", "optimizer.lr=tag(log,interval(1e-4,3e-2))",
+         "sweep.budget_milli_node_hours=8", "sweep.min_trial_milli_node_hours=4",
+         "sweep.max_trial_milli_node_hours=4", "sweep.pruning=none",
+         "sweep.executor=submitit_local", f"mlflow.tracking_uri={secret}"],
+        cwd=tmp_path / "work", env=environment(tmp_path / "home"), capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    said += sweep.stdout + sweep.stderr
+    assert "s3cret" not in said
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".pkl" for p in written)  # submitit's jobs, among what is read
+    assert [p for p in written if b"s3cret" in p.read_bytes()] == []
+    sweeps = tmp_path / "home" / "sweeps"
+    assert {oct(p.stat().st_mode & 0o777) for p in [sweeps, *sweeps.iterdir()]} == {"0o700"}
+
+
+def _all_phases(work: Path, home: Path, data: Path, secret: str) -> str:
+    """Every phase but the sweep, its URI given as each takes it; what they printed."""
+    work.mkdir()
+    store = f"mlflow.tracking_uri={secret}"
+    said = []
+
+    def trainer(*args: str, env: dict | None = None, code: int = 0) -> str:
+        ran = run_trainer(*args, cwd=work, home=home, env=env)
+        assert ran.returncode == code, ran.stderr[-3000:]
+        said.append(ran.stdout + ran.stderr)
+        return ran.stdout
+
+    model = json.loads(trainer(*SHORT, f"dataset.path={data}", store))
+    (run_dir,) = run_dirs(work)
+    operation = read_json(run_dir / "operation.json")["name"].rsplit("/", 1)[-1]
+    trainer(f"resume_operation={operation}", "budget.train_budget_milli_node_hours=8", store)
+    model_id = model["name"].rsplit("/", 1)[-1]
+    (work / "rows.csv").write_text(f"{next(data.rglob('*.png'))}\n")
+    verbs = ["--tracking-uri", secret]
+    trainer(*verbs, "predict", model_id, "--input", "rows.csv", "--output", "predicted")
+    trainer(*verbs, "models", "export", model_id, "--format", "torchscript", "--output", "out")
+    hook = work / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(BREAK_TRAINING)
+    broken = trainer(*SHORT, f"dataset.path={data}", store, code=1, env={
+        "BREAK_TRAINING": "1", "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"})  # fmt: skip
+    assert "an internal failure" in said[-1] and not broken
+    detached = trainer(*SHORT, f"dataset.path={data}", store, "detach=true").strip()
+    wait_for_operation(work, detached, *verbs)
+    return "".join(said)
+
+
+def test_the_ranks_brief_travels_as_json_not_a_pickle(tmp_path: Path, monkeypatch) -> None:
+    """What a torchrun or srun rank receives is parsed as JSON: nothing that reaches it through
+    the group's store is unpickled (the torchrun tests carry it between real processes)."""
+    import torch.distributed as dist
+
+    from trainer.job import distributed
+
+    def pickled(*args, **kwargs):
+        raise AssertionError("broadcast_object_list unpickles what it receives")
+
+    monkeypatch.setattr(dist, "broadcast_object_list", pickled)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        brief = {"config": {"seed": 1}, "run_dir": "/x", "reserves": {"recording": 1.5}}
+        assert distributed._broadcast_json(brief) == brief
+        distributed._hand_over(None)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_lock_file_planted_as_a_link_is_refused_and_what_it_names_is_untouched(
+    tmp_path: Path,
+) -> None:
+    from trainer.job.run_state import hold_run_dir
+    from trainer.store.store import _store_lock
+
+    precious = tmp_path / "precious"
+    precious.write_text("keep")
+    symbolic, hard = tmp_path / "run", tmp_path / "other_run"
+    for run_dir in (symbolic, hard):
+        run_dir.mkdir()
+    (symbolic / ".lock").symlink_to(precious)
+    os.link(precious, hard / ".lock")
+    for run_dir, what in ((symbolic, "symbolic link"), (hard, "not a lock file of its own")):
+        with pytest.raises(UserError, match=what):
+            hold_run_dir(run_dir)
+    Path(f"{tmp_path / 'mlflow.db'}.lock").symlink_to(precious)
+    with (
+        pytest.raises(UserError, match="symbolic link"),
+        _store_lock(f"sqlite:///{tmp_path}/mlflow.db"),
+    ):
+        pass
+    assert precious.read_text() == "keep"
+
+
+# -- processes known by more than a pid ------------------------------------------------------------
+
+
+def interrupted_sweep(folder: Path, sweep_pid: int) -> None:
+    """A sweep's folder as one whose process died: status RUNNING, its lock held by nobody."""
+    from budgets.ledger import SweepLedger
+    from tests.test_sweep_record import WRITTEN
+
+    (folder / "trials").mkdir(parents=True)
+    (folder / "sweep.json").write_text(
+        json.dumps({**WRITTEN, "name": f"sweeps/{folder.name}", "pid": sweep_pid})
+    )
+    (folder / "sweep.lock").touch()
+    SweepLedger.create(folder / "ledger.json", 40).admit("0", 8)
+
+
+def test_a_reused_pid_is_taken_for_neither_the_trial_nor_the_sweep(tmp_path: Path) -> None:
+    """An unrelated ``sleep`` holds the pid that the sweep and its trial had: the sweep shows as
+    interrupted, and its resume settles the trial (at its whole grant) instead of waiting on
+    the stranger forever."""
+    from dataclasses import replace
+
+    from budgets.ledger import SweepLedger, TrialState
+    from trainer.sweep import liveness, record
+    from trainer.sweep.record import SweepStatus, TrialRecord
+    from trainer.sweep.runner import Sweep
+
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        folder = tmp_path / "SWP1"
+        interrupted_sweep(folder, stranger.pid)
+        started = liveness.start_ticks(stranger.pid)
+        assert started is not None
+        run_dir = str(folder / "trials" / "0")
+        trial = TrialRecord(0, {"optimizer.lr": 0.01}, "ICN1", "ICN2", run_dir,
+                            pid=stranger.pid, pid_start=started - 1)  # fmt: skip
+        trial.save(folder)
+        assert not trial.alive() and replace(trial, pid_start=started).alive()
+        assert record.summary(folder).sweep.status is SweepStatus.INTERRUPTED
+        sweep = Sweep(folder, tracking_uri=None, storage=None)
+        sweep.study.ask(sweep.space.distributions)
+        sweep._adopt()
+        assert sweep.processes == {0: None}
+        sweep._reap()
+        assert sweep.processes == {}
+        assert SweepLedger(folder / "ledger.json").trials()["0"].state is TrialState.FAILED
+    finally:
+        stranger.kill()
+
+
+def test_one_process_per_sweep(tmp_path: Path) -> None:
+    """A second ``sweeps resume`` of a running sweep is refused, as long as the first lives."""
+    from trainer.sweep import liveness, record
+    from trainer.sweep.record import SweepStatus
+    from trainer.sweep.runner import resume_sweep
+
+    folder = tmp_path / "sweeps" / "SWP1234567890123456789"
+    interrupted_sweep(folder, 0)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from trainer.sweep import liveness; liveness.hold_sweep(Path(sys.argv[1])); "
+         "print('held', flush=True); time.sleep(60)", str(folder)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert record.summary(folder).sweep.status is SweepStatus.RUNNING
+        with pytest.raises(UserError, match="running in another process"):
+            resume_sweep(str(tmp_path), folder.name, None, "sqlite:////nowhere.db", None)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not liveness.sweep_running(folder, None)
+
+
+# -- records read back ----------------------------------------------------------------------------
+
+
+def test_a_stored_display_name_that_is_a_path_is_refused_before_it_names_a_folder() -> None:
+    """An export is written to ``model-export-<displayName>-<time>`` under --output, and a
+    prediction to a folder named after it: the store's value is checked as a user's would be."""
+    from trainer.stored_model import trained_model
+
+    class Registry:
+        client = None
+
+        def usable_model(self, model_id: str, purpose: str) -> tuple[dict, dict]:
+            name = "projects/local/locations/local/models/ICN1234567890123456789"
+            return {"name": name, "displayName": "../../x"}, {"run_id": "r"}
+
+    with pytest.raises(UserError, match="displayName '../../x' is invalid"):
+        trained_model(Registry(), "ICN1234567890123456789", "export")
+
+
+def test_sweep_ids_and_stray_files_are_checked_as_user_input(tmp_path: Path) -> None:
+    from tests.test_sweep_record import WRITTEN
+    from trainer.sweep import record
+
+    folder = tmp_path / "sweeps" / "SWP1234567890123456789"
+    (folder / "trials").mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps(WRITTEN))
+    (tmp_path / "sweep.json").write_text(json.dumps(WRITTEN))  # what ../ would reach
+    for hostile in ("..", "../..", "sweeps/../..", "SWP1/../../x"):
+        with pytest.raises(UserError, match="is not a sweep ID"):
+            record.sweep_folder(tmp_path, hostile)
+    assert record.sweep_folder(tmp_path, "sweeps/SWP1234567890123456789") == folder
+    (folder / "trials" / "notes.json").write_text("{}")  # a stray file a user left there
+    (folder / "trials" / "0.json.swp").write_text("")
+    assert record.read_trials(folder) == []
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("cost", "Infinity"), ("cost", "-5"), ("limit", "8.5"), ("budget", "NaN"), ("limit", "true")],
+)
+def test_a_ledger_whose_figures_are_not_counts_is_refused(
+    tmp_path: Path, field: str, value: str
+) -> None:
+    from budgets.ledger import SweepLedger
+
+    path = tmp_path / "ledger.json"
+    ledger = SweepLedger.create(path, 40)
+    ledger.admit("0", 8)
+    text = path.read_text()
+    if field == "budget":
+        text = text.replace('"budget_milli_node_hours": 40', f'"budget_milli_node_hours": {value}')
+    else:
+        original = '"limit": 8' if field == "limit" else '"cost": 0'
+        text = text.replace(original, f'"{field}": {value}')
+    path.write_text(text)
+    with pytest.raises(ValueError, match="is not a whole number|is below"):
+        SweepLedger(path)
+
+
+def test_a_closed_stdout_does_not_fail_a_finished_training(tmp_path: Path, tiny_shapes) -> None:
+    """``python -m trainer ... | head -c0``: the reader has gone by the time the Model is
+    printed, after it is registered; the training stays a success."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trainer", *SHORT, f"dataset.path={tiny_shapes}"], cwd=tmp_path,
+        env={**env, "VISION_TRAINER_HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    process.stdout.close()
+    stderr = process.communicate(timeout=300)[1]
+    assert process.returncode == 0, stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path)
+    assert read_json(run_dir / "state.json")["status"] == "SUCCEEDED"
+    assert "error" not in read_json(run_dir / "operation.json")
+    assert "could not print the model" in stderr

@@ -62,6 +62,22 @@ def test_the_space_is_hydras_grammar_checked_against_the_config() -> None:
     ]  # fmt: skip
 
 
+def test_a_trials_values_reach_it_as_they_were_chosen() -> None:
+    """Each value goes on the trial's command line quoted where Hydra's grammar would read it
+    otherwise: a comma would make a list, a quote end the value, "1e-3" become a number."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from trainer.sweep.space import SearchSpace
+
+    chosen = {"a": "two words, one comma", "b": "it's", "c": "back\\", "d": "1e-3",
+              "e": "null", "f": "${oc.env:HOME}", "g": 0.5, "h": True,
+              "i": "plain-word"}  # fmt: skip
+    parser = OverridesParser.create()
+    overrides = SearchSpace({}, []).overrides(chosen)
+    assert {o.key_or_group: o.value() for o in parser.parse_overrides(overrides)} == chosen
+    assert "i=plain-word" in overrides
+
+
 @pytest.mark.parametrize(
     ("argument", "says"),
     [

@@ -158,7 +158,7 @@ def test_a_resumed_sweep_recovers_the_grants_of_trials_without_a_record(tmp_path
         folder
     )
     (folder / "trials" / "2.log").write_text("")
-    sweep = Sweep(folder)
+    sweep = Sweep(folder, tracking_uri=None, storage=None)
     for _ in range(3):
         sweep.study.ask(sweep.space.distributions)
     sweep._adopt()

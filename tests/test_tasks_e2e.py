@@ -50,6 +50,22 @@ def test_detection_trains_evaluates_and_is_listed(detection_model) -> None:
     assert "mAP@0.5" in evaluations.stdout
 
 
+def test_mlflow_loads_the_logged_detector_without_unpickling(detection_model, monkeypatch) -> None:
+    """A detector is TorchScript (torch.export cannot follow its NMS), logged as a pyfunc from
+    code that runs torch.jit.load: MLflow loads it with pickle refused, and `mlflow models
+    serve`'s pyfunc finds boxes with it."""
+    import mlflow
+    import numpy as np
+
+    cwd, _, model, _ = detection_model.only()
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
+    served = mlflow.pyfunc.load_model(f"models:/{model['name'].rsplit('/', 1)[1]}/1")
+    images = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    found = np.asarray(served.predict(images))
+    assert found.shape == (1, 100, 6)  # a row per box: its corners, score and label (or -1)
+
+
 def test_detection_batch_prediction(detection_model, detection_csv: Path) -> None:
     cwd, _, model, _ = detection_model.only()
     images = sorted((detection_csv.parent / "images").glob("*.png"))[:3]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,7 @@ def train_job(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = list(HydraConfig.get().overrides.task)
     _redact_hydra_files(run_dir)
-    try:
+    with errors_reported():
         from trainer.job import distributed  # light: no torch until a rank needs it
 
         brief = distributed.brief_to_follow()
@@ -46,10 +49,21 @@ def train_job(cfg: DictConfig) -> float:
             finally:
                 distributed.release_followers()
         return _operation(resolved, overrides, run_dir)
+
+
+@contextlib.contextmanager
+def errors_reported() -> Iterator[None]:
+    """Errors as the user sees them, redacted: a UserError in one line (exit 2), any other with
+    its traceback (exit 1). Never through Hydra's report, which prints the command line's
+    overrides as they are (a tracking URI's password among them); SystemExit passes it by."""
+    try:
+        yield
     except UserError as error:
-        # SystemExit passes through Hydra's error reporting, which would print a traceback.
         print(f"error: {redact(error)}", file=sys.stderr)
         raise SystemExit(error.exit_code) from None
+    except Exception:
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        raise SystemExit(1) from None
 
 
 def _cluster_facts(resolved: dict[str, Any]) -> tuple[str, int, int]:
@@ -81,6 +95,8 @@ def _operation(resolved: dict[str, Any], overrides: list[str], run_dir: Path) ->
             resume = operation.rsplit("/", 1)[-1]
     if resume:  # checked with the operation's own config and bounds
         settings, run_dir, start = _resumed(resolved, resume, overrides)
+        if resolved["detach"]:
+            return _detach(settings, overrides, run_dir, resumed=start.state.operation)
     else:
         settings = checked_settings(resolved)
         if settings.detach:
@@ -106,21 +122,40 @@ def _redact_hydra_files(run_dir: Path) -> None:
             path.write_text(redact(text))
 
 
-def _detach(settings: Settings, overrides: list[str], run_dir: Path) -> float:
-    """Start the same training as a background process; print its operation name at once."""
+# Overrides the background process of a detached training must not get again: detach itself
+# (however it was written: ``++detach=true`` too, or every child would detach once more) and
+# where it runs, which it is told.
+NOT_PASSED_ON = {"detach", "hydra.run.dir", "hydra.output_subdir"}
+
+
+def _detach(
+    settings: Settings, overrides: list[str], run_dir: Path, resumed: str | None = None
+) -> float:
+    """Start the same training (or the resume of operation ``resumed``, in its own run
+    directory) as a background process; print its operation name at once."""
     import os
     import subprocess
 
     from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV
+    from trainer.job.run_state import release_run_dir
+    from trainer.store.automl import bare_id
     from trainer.store.resources import new_id
 
     if HydraConfig.get().mode.name == "MULTIRUN":
         raise UserError("detach=true runs one training; drop -m, or launch each job detached")
-    prefix = settings.task.id_prefix
-    operation_id, model_id = new_id(prefix), new_id(prefix)
-    kept = [o for o in overrides if not o.startswith(("detach=", "hydra.run.dir="))]
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in NOT_PASSED_ON]
     command = [sys.executable, "-m", "trainer", *kept, f"hydra.run.dir='{run_dir}'"]
-    environment = {**os.environ, OPERATION_ID_ENV: operation_id, MODEL_ID_ENV: model_id}
+    where = parent(settings)
+    if resumed is None:
+        prefix = settings.task.id_prefix
+        operation_id, model_id = new_id(prefix), new_id(prefix)
+        environment = {**os.environ, OPERATION_ID_ENV: operation_id, MODEL_ID_ENV: model_id}
+        doing = f"training {where.name('models', model_id)}"
+    else:
+        operation_id, environment = bare_id(resumed, "operations"), dict(os.environ)
+        command.append("hydra.output_subdir=null")  # the operation's folder has its own
+        release_run_dir(run_dir)  # the background process takes it
+        doing = "resuming it"
     log_file = run_dir / "train.log"
     with log_file.open("ab") as log:
         subprocess.Popen(
@@ -131,10 +166,8 @@ def _detach(settings: Settings, overrides: list[str], run_dir: Path) -> float:
             env=environment,
             start_new_session=True,  # survives this terminal closing, and its Ctrl-C
         )
-    where = parent(settings)
     print(where.name("operations", operation_id))
-    model_name = where.name("models", model_id)
-    print(f"training {model_name} in the background; log: {log_file}", file=sys.stderr)
+    print(f"{doing} in the background; log: {log_file}", file=sys.stderr)
     return float("nan")
 
 

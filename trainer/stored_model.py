@@ -22,10 +22,15 @@ from trainer.errors import UserError
 from trainer.job.checkpoints import load_checkpoint
 from trainer.settings import Settings, Workspace, migrate
 from trainer.store.automl import Operation, Parent, resource_id
-from trainer.store.resources import check_id, file_sha256, new_id, stored_labels
+from trainer.store.resources import (
+    check_id,
+    check_name,
+    downloads,
+    file_sha256,
+    new_id,
+    stored_labels,
+)
 from trainer.tasks import task_of
-
-DOWNLOADS = Path(".model-cache")  # artifacts fetched from a remote store, per model ID
 
 
 @dataclass
@@ -61,8 +66,10 @@ def trained_model(catalog: Any, model_id: str, purpose: str) -> TrainedModel:
     """
     model, tags = catalog.usable_model(model_id, purpose)
     model_id = check_id(resource_id(model["name"]), "the stored model ID")
+    # It names the files and folders of predictions and exports.
+    check_name(f"model {model_id}'s stored displayName", str(model.get("displayName")))
     run_dir = Path(tags.get("run_dir", ""))
-    scratch = DOWNLOADS / model_id
+    scratch = downloads(Workspace.current().home, model_id)
 
     def fetch(artifact: str) -> Path:
         return Path(catalog.client.download_artifacts(tags["run_id"], artifact, str(scratch)))

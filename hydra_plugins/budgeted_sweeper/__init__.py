@@ -26,16 +26,11 @@ class BudgetedSweeper(Sweeper):
         self.config = config
 
     def sweep(self, arguments: list[str]) -> Any:
-        from trainer.errors import UserError
+        from trainer.app import errors_reported
         from trainer.sweep.runner import start_sweep
 
         assert self.config is not None
         choices = OmegaConf.to_container(self.config.hydra.runtime.choices)
         assert isinstance(choices, dict)  # Hydra's group -> chosen option
-        try:
+        with errors_reported():
             return start_sweep(self.config, arguments, {str(k): v for k, v in choices.items()})
-        except UserError as error:
-            import sys
-
-            print(f"error: {error}", file=sys.stderr)
-            raise SystemExit(error.exit_code) from None

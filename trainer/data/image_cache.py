@@ -41,7 +41,7 @@ from torchvision.transforms import v2
 from trainer.data.manifest import TRAIN, VALIDATE, Item, Manifest
 from trainer.data.settings import cache_mode
 from trainer.errors import UserError
-from trainer.store.resources import write_json_atomic
+from trainer.store.resources import open_lock, write_json_atomic
 
 log = logging.getLogger("trainer")
 
@@ -387,16 +387,16 @@ def _pwrite_durably(path: Path, array: np.ndarray, offset: int) -> None:
 @contextmanager
 def _exclusive(lock_path: Path) -> Iterator[bool]:
     """A non-blocking lock held while building; released by the OS if the process dies."""
-    with lock_path.open("a") as handle:
+    handle = open_lock(lock_path)
+    try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield True
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def _remove_stale(root: Path, layout: Layout) -> None:

@@ -20,6 +20,7 @@ from trainer.store.automl import bare_id, recorded_details
 from trainer.store.resources import (
     SPENT_SECONDS,
     check_id,
+    downloads,
     expired_on,
     parse_time,
     stored_labels,
@@ -44,7 +45,7 @@ MAY_CHANGE_ON_RESUME = (
     "mlflow.",
     "dataset.path",  # a moved dataset; its labels are checked once it is read
 )
-IGNORED_ON_RESUME = ("resume_operation", "hydra.")
+IGNORED_ON_RESUME = ("resume_operation", "hydra.", "detach")  # how it runs, not what
 
 
 @dataclass
@@ -132,7 +133,7 @@ def from_base_model(settings: Settings, store: Any, tags: dict[str, str]) -> Sta
         # an artifact of the model's run.
         if "run_id" not in tags:
             return None
-        folder = Path(".base_models") / model_id
+        folder = downloads(settings.home, model_id)
         return store.download(tags["run_id"], "checkpoints/best.ckpt", folder)
 
     return StartFrom(

@@ -132,11 +132,7 @@ def _cluster_environment() -> Any:
 def receive_brief() -> dict[str, Any] | None:
     """A rank that torchrun or srun started: rank 0's brief, once its set-up is done (None if
     it ended before training)."""
-    import torch.distributed
-
-    box: list[Any] = [None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+    return _broadcast_json(None)
 
 
 def release_followers() -> None:
@@ -147,10 +143,28 @@ def release_followers() -> None:
 
 
 def _hand_over(brief: dict[str, Any] | None) -> None:
-    import torch.distributed
-
     _handover["pending"] = False
-    torch.distributed.broadcast_object_list([brief], src=0)
+    _broadcast_json(brief)
+
+
+def _broadcast_json(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank, sent as JSON bytes: torch's broadcast_object_list
+    pickles, and a rank would unpickle whatever reaches it through the group's unauthenticated
+    store and sockets. Its length goes first, then its bytes."""
+    import torch
+    import torch.distributed as dist
+
+    nccl = dist.get_backend() == "nccl"  # NCCL sends only what lies on the rank's own GPU
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
+    sending = dist.get_rank() == 0
+    payload = json.dumps(value).encode() if sending else b""
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    data = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    if sending:
+        data.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(data, src=0)
+    return value if sending else json.loads(data.cpu().numpy().tobytes())
 
 
 def may_launch_processes(trainer: TrainerSettings) -> bool:
@@ -180,7 +194,7 @@ def write_brief(
         "spent_seconds": job.meter.elapsed_seconds(),
         "written": time.time(),
     }
-    write_json_atomic(path, brief)  # also a record of what the ranks started from
+    write_json_atomic(path, brief, private=True)  # also a record of what the ranks started from
     if _handover["pending"]:
         _hand_over(brief)
     else:

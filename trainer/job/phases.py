@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,7 +317,7 @@ def record(
     serving, model_format = serving_network(
         kind.serving(module.backbone.eval().cpu()), example, job.settings.mlflow.model_format
     )
-    logged = store.log_network(state.run_id, serving, example, model_format)
+    logged = _log_network(job, serving, example, model_format)
     store.log_files(state.run_id, [fitted.best_path], "checkpoints")
     # The cost is measured once the network is logged; what follows is a few small writes.
     model, details = _resources(job, data, fitted, node_qps, job.meter.cost_milli_node_hours())
@@ -328,8 +330,19 @@ def record(
     names = ("model.json", "model_details.json", "metrics.json", "operation.json")
     store.log_files(state.run_id, [job.run_dir / name for name in names])
     store.end_run(state.run_id)
-    print(json.dumps(model, indent=2), flush=True)
+    _print_model(model)
     return started
+
+
+def _print_model(model: dict[str, Any]) -> None:
+    """The Model on stdout, for scripts. The training has succeeded by now: a reader that has
+    gone (``| head``, a closed terminal) changes nothing of that."""
+    try:
+        print(json.dumps(model, indent=2), flush=True)
+    except OSError as error:  # BrokenPipeError among them
+        log.warning("could not print the model (%s); it is in model.json", error)
+        # Python would flush stdout again at exit, fail again and exit with 120.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _resources(
@@ -380,6 +393,27 @@ def _learn_reserves(history: WorkHistory, built: Built, fitted: Fitted, started:
         "recorded the model in %.1f s (%.1f s after training but the TEST pass, %.1f s reserved)",
         now - started, after_training, built.reserves.recording,
     )  # fmt: skip
+
+
+def _log_network(job: Job, network: Any, example: Any, model_format: str) -> Any:
+    """Logged so that MLflow loads it without unpickling anything: a pt2 program in its
+    pytorch flavour (whose TorchScript it keeps under its pickle label, and then refuses to
+    load with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false), a scripted module as a pyfunc logged
+    as code that runs torch.jit.load."""
+    if model_format == "pt2":
+        return job.store.log_network(job.state.run_id, network, example)
+    import torch
+
+    from trainer.tasks import torchscript_pyfunc
+
+    saved = job.run_dir / "checkpoints" / "serving.pt"  # the checkpoints' own folder
+    torch.jit.save(network, str(saved))
+    try:
+        code, example = Path(torchscript_pyfunc.__file__), torch.as_tensor(example).numpy()
+        artifacts = {torchscript_pyfunc.ARTIFACT: saved}
+        return job.store.log_code_model(job.state.run_id, code, artifacts, example)
+    finally:
+        saved.unlink(missing_ok=True)
 
 
 def serving_network(network: Any, example: Any, wanted: str) -> tuple[Any, str]:

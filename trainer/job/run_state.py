@@ -19,7 +19,14 @@ from typing import Any
 
 from trainer.errors import UserError
 from trainer.store.automl import is_resource_name, resource_id
-from trainer.store.resources import check_id, check_name, utc_now, write_json_atomic
+from trainer.store.resources import (
+    check_id,
+    check_name,
+    open_lock,
+    parse_time,
+    utc_now,
+    write_json_atomic,
+)
 
 RUNNING, INTERRUPTED, SUCCEEDED, FAILED = "RUNNING", "INTERRUPTED", "SUCCEEDED", "FAILED"
 CANCELLED = "CANCELLED"
@@ -62,7 +69,7 @@ class RunState:
 
     def save(self, run_dir: Path) -> None:
         self.updated = utc_now()
-        write_json_atomic(run_dir / "state.json", asdict(self))
+        write_json_atomic(run_dir / "state.json", asdict(self), private=True)
 
     @classmethod
     def load(cls, run_dir: Path) -> RunState:
@@ -99,6 +106,10 @@ class RunState:
             raise ValueError("global_step and pid must be whole numbers, global_step >= 0")
         if self.status not in STATUSES:
             raise ValueError(f"status {self.status!r} is not one of {', '.join(STATUSES)}")
+        try:  # recorded at the end of the training: a bad one would fail it, its budget spent
+            parse_time(self.create_time, "create_time")
+        except UserError as error:
+            raise ValueError(str(error)) from None
         self.piece_started = checked_seconds(self.piece_started, "piece_started")
         texts = (self.phase, self.host, self.pretrained_weights)
         if not all(isinstance(text, str) for text in texts):
@@ -137,7 +148,7 @@ def hold_run_dir(run_dir: Path) -> None:
     if run_dir in _HELD:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held open until the process ends
+    handle = os.fdopen(open_lock(run_dir / ".lock"), "r+")  # held open until the process ends
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -153,3 +164,10 @@ def hold_run_dir(run_dir: Path) -> None:
     handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
     _HELD[run_dir] = handle
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Let another process take ``run_dir``: the background process of a detached resume."""
+    handle = _HELD.pop(run_dir.resolve(), None)
+    if handle is not None:
+        handle.close()  # closing the file drops its flock

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 from trainer.errors import UserError
 from trainer.store.automl import bare_id, details_of, resource_id
 from trainer.store.reader import MODEL_TAG, RunRecord, local_artifact_root, open_reader
-from trainer.store.resources import expired_on, parse_time, utc_now
+from trainer.store.resources import downloads, expired_on, parse_time, utc_now
 
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED")
 # A RUNNING operation that has not put its cost on record for this long is taken as dead
@@ -153,7 +153,10 @@ class Catalog:
         parsed = urlparse(run.artifact_uri)
         if parsed.scheme in ("", "file"):  # a local store: read the file, no MLflow import
             return json.loads((Path(unquote(parsed.path)) / relative).read_text())
-        fetched = self.client.download_artifacts(run.run_id, relative, ".model-cache")
+        from trainer.settings import Workspace
+
+        folder = downloads(Workspace.current().home, run.tags.get("model_id", ""))
+        fetched = self.client.download_artifacts(run.run_id, relative, str(folder))
         return json.loads(Path(fetched).read_text())
 
     # -- operations ------------------------------------------------------------------------

@@ -3,11 +3,13 @@ the checks that values read back from the store get, and the redaction of creden
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import secrets
+import stat
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,6 +57,31 @@ def stored_labels(text: str) -> list[str]:
     ):
         raise UserError(f"the model's stored labels {text[:80]!r} are not a list of label names")
     return labels
+
+
+def downloads(home: str | Path, key: str) -> Path:
+    """Where artifacts fetched from the store for ``key`` (a model's or run's ID) are kept:
+    under the home, not in whatever folder a verb or a training was started from."""
+    return Path(home) / "downloads" / check_id(key)
+
+
+def open_lock(path: Path) -> int:
+    """A lock file's descriptor, for flock: created 0600 where missing, never opened through a
+    symbolic link (O_NOFOLLOW) and never truncated on opening, and refused unless it is a file
+    of its own: a link planted in a shared folder would have us write to what it points at."""
+    try:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise UserError(f"{path} is a symbolic link: a lock file must be a file of its own; "
+                        "remove it") from None  # fmt: skip
+    found = os.fstat(handle)
+    if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
+        os.close(handle)
+        raise UserError(f"{path} is not a lock file of its own (a link to another file, or not "
+                        "a file); remove it")  # fmt: skip
+    return handle
 
 
 def fsync_directory(folder: Path) -> None:
@@ -113,9 +140,10 @@ def expired_on(tags: dict[str, str], owner: str = "the model") -> str | None:
     return expire if moment and moment < datetime.now(timezone.utc) else None
 
 
-def write_json_atomic(path: Path, data: Any, indent: int | None = 2) -> None:
+def write_json_atomic(path: Path, data: Any, indent: int | None = 2, private: bool = False) -> None:
     """Write to a temporary file beside ``path`` and rename, so a reader never sees half a file;
-    the file gets the permissions an ordinary write would (mkstemp's are private)."""
+    the file gets the permissions an ordinary write would, or with ``private`` (a file that
+    holds a configuration, which may name more than it should) mkstemp's own: 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -123,7 +151,8 @@ def write_json_atomic(path: Path, data: Any, indent: int | None = 2) -> None:
             json.dump(data, out, indent=indent)
             out.write("\n")
             out.flush()
-            os.fchmod(out.fileno(), 0o666 & ~UMASK)
+            if not private:
+                os.fchmod(out.fileno(), 0o666 & ~UMASK)
             os.fsync(out.fileno())
         os.replace(temp, path)
         fsync_directory(path.parent)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from trainer.store.automl import FIGURES, resource_id
 from trainer.store.reader import MODEL_TAG, StoreReader, local_artifact_root, open_reader
-from trainer.store.resources import SPENT_SECONDS, check_id
+from trainer.store.resources import SPENT_SECONDS, check_id, open_lock
 
 # Listing requirements explicitly saves MLflow ~8 s of inferring them on every log_model call.
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1"]
@@ -106,12 +105,12 @@ def _store_lock(tracking_uri: str) -> Iterator[None]:
         return
     database = Path(tracking_uri.removeprefix("sqlite:///"))
     database.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{database}.lock", "w") as lock:
+    lock = open_lock(Path(f"{database}.lock"))
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield
+    finally:
+        os.close(lock)  # releases the lock
 
 
 class Store:
@@ -159,33 +158,40 @@ class Store:
             if file.is_file():
                 self.client.log_artifact(run_id, str(file), artifact_path)
 
-    def log_network(
-        self, run_id: str, network: Any, input_example: Any, model_format: str = "pt2"
-    ) -> Any:
-        """Log the network so that `mlflow models serve` can serve it; return its ModelInfo.
-
-        ``pt2``: torch.export's program, which MLflow loads without unpickling; ``torchscript``:
-        a scripted or traced module (MLflow writes it with torch.jit.save under its "pickle"
-        label, but loading it runs no Python pickle of this project's classes).
-        """
+    def log_network(self, run_id: str, network: Any, input_example: Any) -> Any:
+        """Log a torch.export program (pt2) in MLflow's pytorch flavour, which MLflow loads
+        without unpickling anything (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false) and `mlflow
+        models serve` serves; return its ModelInfo."""
         import mlflow.pytorch  # imported here: the flavour pulls in more than the store needs
 
-        # MLflow warns about its pickle label on every TorchScript save; the docstring says why
-        # that is not a pickle of our modules.
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         with mlflow.start_run(run_id=run_id), _no_requirement_scan():
-            info = mlflow.pytorch.log_model(
+            return mlflow.pytorch.log_model(
                 network,
                 name="model",
                 input_example=input_example,
                 pip_requirements=PIP_REQUIREMENTS,
-                serialization_format="pt2" if model_format == "pt2" else "pickle",
+                serialization_format="pt2",
                 # MLflow would load the saved model back and predict the example: 2.4 s of the
                 # 6 s a MobileNetV3-Small recording took on 2 cores, paid by every training.
                 # tests/test_training_e2e.py loads a logged model and predicts with it instead.
                 validate_serving_input=False,
             )
-        return info
+
+    def log_code_model(
+        self, run_id: str, code: Path, artifacts: dict[str, Path], input_example: Any
+    ) -> Any:
+        """Log a pyfunc as code (MLflow's "models from code"): loading it runs ``code`` with
+        its ``artifacts``, and unpickles nothing; `mlflow models serve` serves it."""
+        import mlflow.pyfunc
+
+        with mlflow.start_run(run_id=run_id), _no_requirement_scan():
+            return mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(code),
+                artifacts={key: str(path) for key, path in artifacts.items()},
+                input_example=input_example,
+                pip_requirements=PIP_REQUIREMENTS,
+            )
 
     def register(
         self,

@@ -11,7 +11,7 @@ the typed objects below, read and written only through their ``from_json`` and `
 from __future__ import annotations
 
 import json
-import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -19,7 +19,9 @@ from typing import Any
 
 from budgets.ledger import SweepLedger, TrialState
 from trainer.errors import UserError
+from trainer.settings import redact
 from trainer.store.resources import write_json_atomic
+from trainer.sweep import liveness
 
 ID_PREFIX = "SWP"
 
@@ -36,7 +38,12 @@ def sweeps_root(home: str | Path) -> Path:
 
 
 def sweep_folder(home: str | Path, sweep_id: str) -> Path:
-    folder = sweeps_root(home) / sweep_id.removeprefix("sweeps/")
+    """A sweep's folder from an ID a user gave (bare or ``sweeps/SWP...``), checked: it becomes
+    a path, which ``..`` would lead out of the home."""
+    bare = sweep_id.removeprefix("sweeps/")
+    if not re.fullmatch(rf"{ID_PREFIX}[1-9][0-9]{{18}}", bare):
+        raise UserError(f"{sweep_id[:80]!r} is not a sweep ID such as SWP1234567890123456789")
+    folder = sweeps_root(home) / bare
     if not (folder / "sweep.json").is_file():
         raise UserError(f"sweep {sweep_id} is not in {sweeps_root(home)}: list them with "
                         "python -m trainer sweeps list")  # fmt: skip
@@ -128,6 +135,17 @@ class TrialRecord:
     pid: int | None = None
     slot: int = 0  # which of the sweep.parallel slots (and so which GPUs) it runs in
     results: list[RungRecord] = field(default_factory=list)
+    pid_start: int | None = None  # when that process started (liveness.start_ticks)
+    job_id: str | None = None  # its SLURM job, under sweep.executor=slurm or submitit_local
+
+    def alive(self) -> bool:
+        """Whether its process (or SLURM job) still runs: known by more than its pid."""
+        if self.pid:
+            return liveness.process_alive(self.pid, self.pid_start)
+        if self.job_id:
+            queued = liveness.slurm_job_queued(self.job_id)
+            return queued or liveness.run_dir_held(Path(self.run_dir))
+        return False
 
     @property
     def cost(self) -> int:
@@ -143,6 +161,8 @@ class TrialRecord:
             "model": self.model, "run_dir": self.run_dir, "rung": self.rung,
             "state": self.state.value, "pid": self.pid, "slot": self.slot,
             "results": [asdict(r) for r in self.results],
+            **({"pid_start": self.pid_start} if self.pid_start is not None else {}),
+            **({"job_id": self.job_id} if self.job_id else {}),
         }  # fmt: skip
 
     @classmethod
@@ -154,14 +174,22 @@ class TrialRecord:
             state=TrialState(data.get("state", TrialState.RUNNING.value)), pid=data.get("pid"),
             slot=int(data.get("slot", 0)),  # records written before slots had none
             results=[RungRecord(**r) for r in data.get("results", [])],
+            pid_start=data.get("pid_start"), job_id=data.get("job_id"),
         )  # fmt: skip
 
     def save(self, folder: Path) -> None:
-        write_json_atomic(folder / "trials" / f"{self.number}.json", self.to_json())
+        write_json_atomic(folder / "trials" / f"{self.number}.json", self.to_json(), private=True)
 
     @classmethod
     def load(cls, path: Path) -> TrialRecord:
         return cls.from_json(json.loads(path.read_text()))
+
+
+def with_credentials(recorded: str, given: str | None) -> str:
+    """A URI as sweep.json keeps it (``recorded``: its credentials redacted) with the
+    credentials of ``given``, the one this process was given (MLFLOW_TRACKING_URI,
+    ``--tracking-uri``, ``sweep.storage=``), when both name the same place; else as recorded."""
+    return given if given and redact(given) == recorded else recorded
 
 
 def read_sweep(folder: Path) -> SweepRecord:
@@ -173,28 +201,13 @@ def read_sweep(folder: Path) -> SweepRecord:
 
 
 def write_sweep(folder: Path, sweep: SweepRecord) -> None:
-    write_json_atomic(folder / "sweep.json", sweep.to_json())
+    write_json_atomic(folder / "sweep.json", sweep.to_json(), private=True)
 
 
 def read_trials(folder: Path) -> list[TrialRecord]:
-    paths = sorted((folder / "trials").glob("*.json"), key=lambda p: int(p.stem))
-    return [TrialRecord.load(path) for path in paths]
-
-
-def process_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (ended, not yet reaped by its parent) is not running.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+    """The trials' records, ``trials/<number>.json``; anything else there is not one of them."""
+    paths = [p for p in (folder / "trials").glob("*.json") if p.stem.isdigit()]
+    return [TrialRecord.load(path) for path in sorted(paths, key=lambda p: int(p.stem))]
 
 
 def best_trial(trials: list[TrialRecord], maximize: bool) -> TrialRecord | None:
@@ -238,7 +251,7 @@ def summary(folder: Path) -> Summary:
     sweep = read_sweep(folder)
     ledger = SweepLedger(folder / "ledger.json")
     trials = read_trials(folder)
-    if sweep.status is SweepStatus.RUNNING and not process_alive(sweep.pid):
+    if sweep.status is SweepStatus.RUNNING and not liveness.sweep_running(folder, sweep.pid):
         sweep = replace(sweep, status=SweepStatus.INTERRUPTED)
     granted = sum(t.reserved for t in ledger.trials().values())
     return Summary(

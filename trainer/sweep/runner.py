@@ -36,9 +36,10 @@ from budgets.ledger import SweepLedger, TrialState
 from budgets.meter import milli_node_hours
 from trainer.errors import UserError
 from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV, PARENT_RUN_ENV
+from trainer.settings import redact
 from trainer.store.automl import recorded_details
 from trainer.store.resources import new_id, utc_now
-from trainer.sweep import record
+from trainer.sweep import liveness, record
 from trainer.sweep.policy import Decision, Promote, Start, SweepPolicy
 from trainer.sweep.record import RungRecord, SweepRecord, SweepStatus, TrialRecord
 from trainer.sweep.rungs import rung_budgets
@@ -128,25 +129,42 @@ def start_sweep(cfg: DictConfig, arguments: list[str], groups: dict[str, Any]) -
     mlflow_cfg = _section(cfg, "mlflow")
     sweep_id = new_id(record.ID_PREFIX)
     folder = record.sweeps_root(str(cfg.home)) / sweep_id
-    (folder / "trials").mkdir(parents=True)
+    # Private: submitit's pickled jobs are there, which the sweep unpickles (their results).
+    record.sweeps_root(str(cfg.home)).mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700)
+    (folder / "trials").mkdir(mode=0o700)
+    liveness.hold_sweep(folder)
     SweepLedger.create(folder / "ledger.json", settings.budget)
     tracking_uri = _absolute(str(mlflow_cfg["tracking_uri"]))
     experiment = str(mlflow_cfg["experiment_name"])
-    parent_run = _parent_run(tracking_uri, experiment, sweep_id, sweep_cfg)
+    kept = _redacted(sweep_cfg)  # what the sweep's record and run keep: no credentials
+    parent_run = _parent_run(tracking_uri, experiment, sweep_id, kept)
     record.write_sweep(folder, SweepRecord(
         name=f"sweeps/{sweep_id}", create_time=utc_now(), status=SweepStatus.RUNNING,
-        settings=sweep_cfg, rungs=settings.rungs, arguments=tuple(arguments),
-        fixed=tuple(space.fixed), distributions=_distributions_json(space),
+        settings=kept, rungs=settings.rungs, arguments=tuple(map(redact, arguments)),
+        fixed=tuple(o for o in space.fixed if not _names_the_store(o)),
+        distributions=_distributions_json(space),
         monitor=str(task["monitor"]), maximize=task["monitor_mode"] == "max",
         id_prefix=str(task["id_prefix"]), home=str(Path(str(cfg.home)).resolve()),
-        cwd=os.getcwd(), tracking_uri=tracking_uri, experiment=experiment,
+        cwd=os.getcwd(), tracking_uri=redact(tracking_uri), experiment=experiment,
         parent_run_id=parent_run, pid=os.getpid(),
     ))  # fmt: skip
     print(f"sweeps/{sweep_id}", flush=True)
     log.info("sweep %s: %s milli-node-hours, rungs %s, %d at once; watch it with: "
              "python -m trainer sweeps get %s", sweep_id, settings.budget, list(settings.rungs),
              settings.parallel, sweep_id)  # fmt: skip
-    return Sweep(folder).run()
+    return Sweep(folder, tracking_uri, settings.storage).run()
+
+
+def _redacted(sweep_cfg: dict[str, Any]) -> dict[str, Any]:
+    storage = sweep_cfg.get("storage")
+    return {**sweep_cfg, "storage": redact(storage)} if storage else sweep_cfg
+
+
+def _names_the_store(override: str) -> bool:
+    """Trials get the store through MLFLOW_TRACKING_URI (conf/ reads it), in their environment:
+    an override of it would put its credentials on their command lines and in sweep.json."""
+    return override.lstrip("+~").split("=", 1)[0] == "mlflow.tracking_uri"
 
 
 def _section(cfg: DictConfig, key: str) -> dict[str, Any]:
@@ -181,12 +199,22 @@ def _distributions_json(space: SearchSpace) -> dict[str, str]:
 class Sweep:
     """A sweep's loop over its folder's records; run again by ``sweeps resume``."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, tracking_uri: str | None, storage: str | None) -> None:
+        """``tracking_uri`` and ``storage``: the ones this process was given, whose credentials
+        the sweep's record does not keep (``record.with_credentials``)."""
         from optuna.distributions import json_to_distribution
 
         self.folder = folder
         self.record = record.read_sweep(folder)
-        self.settings = settings_of(self.record.settings)
+        self.tracking_uri = record.with_credentials(self.record.tracking_uri, tracking_uri)
+        # The trials inherit it from this process's environment (conf/ reads it there): their
+        # command lines, and submitit's pickled jobs, do not carry it.
+        os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
+        recorded = self.record.settings.get("storage")
+        self.settings = replace(
+            settings_of(self.record.settings),
+            storage=record.with_credentials(recorded, storage) if recorded else None,
+        )
         self.ledger = SweepLedger(folder / "ledger.json")
         self.space = SearchSpace(
             {k: json_to_distribution(v) for k, v in self.record.distributions.items()},
@@ -305,22 +333,22 @@ class Sweep:
             args = [*self.space.overrides(trial.params), budget,
                     f"display_name={self.record.id}_{trial.number}",
                     f"hydra.run.dir={trial.run_dir}"]  # fmt: skip
-        env = {
-            **os.environ,
-            PARENT_RUN_ENV: self.record.parent_run_id,
-            "MLFLOW_TRACKING_URI": self.record.tracking_uri,
-            "VISION_TRAINER_HOME": self.record.home,
-        }
+        # What a trial is told beyond the sweep's own environment, which it inherits (the
+        # store's URI, its credentials included, is there: see __init__).
+        told = {PARENT_RUN_ENV: self.record.parent_run_id, "VISION_TRAINER_HOME": self.record.home}
         if not resume:
-            env.update({OPERATION_ID_ENV: trial.operation, MODEL_ID_ENV: trial.model})
+            told.update({OPERATION_ID_ENV: trial.operation, MODEL_ID_ENV: trial.model})
         if self.settings.gpus_per_trial > 0:  # each trial on its own GPUs
             first = trial.slot * self.settings.gpus_per_trial
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(
+            told["CUDA_VISIBLE_DEVICES"] = ",".join(
                 str(first + i) for i in range(self.settings.gpus_per_trial)
             )
         command = [sys.executable, "-m", "trainer", *args]
-        process = self._start(command, env, trial)
-        trial.pid = process.pid
+        process = self._start(command, told, trial)
+        trial.pid, trial.job_id = process.pid, getattr(process, "job_id", None)
+        if trial.pid is None and self.settings.executor == "submitit_local":
+            trial.pid = int(str(trial.job_id))  # its controller process, which runs the trial
+        trial.pid_start = liveness.start_ticks(trial.pid) if trial.pid else None
         trial.save(self.folder)
         self.processes[trial.number] = process
 
@@ -329,19 +357,19 @@ class Sweep:
         taken = {self.trials[n].slot for n in self.processes}
         return min(set(range(self.settings.parallel)) - taken)
 
-    def _start(self, command: list[str], env: dict[str, str], trial: TrialRecord) -> TrialProcess:
+    def _start(self, command: list[str], told: dict[str, str], trial: TrialRecord) -> TrialProcess:
         if self.settings.executor != "local":
             from trainer.sweep.slurm import submit
 
             return submit(
-                command, env, self.record.cwd, self.folder / "submitit",
+                command, told, self.record.cwd, self.folder / "submitit",
                 f"{self.folder.name}-{trial.number}", self.settings.executor,
                 self.settings.slurm, self.settings.gpus_per_trial,
             )  # fmt: skip
         with (self.folder / "trials" / f"{trial.number}.log").open("ab") as output:
             # A session of its own: the trial outlives a sweep killed or closed with its terminal.
             return subprocess.Popen(
-                command, cwd=self.record.cwd, env=env, stdin=subprocess.DEVNULL,
+                command, cwd=self.record.cwd, env={**os.environ, **told}, stdin=subprocess.DEVNULL,
                 stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
 
@@ -369,10 +397,8 @@ class Sweep:
     def _reap(self) -> None:
         for number, process in list(self.processes.items()):
             trial = self.trials[number]
-            if process is None:
-                ended = not record.process_alive(trial.pid)
-            else:
-                ended = process.poll() is not None
+            # Not our child (adopted after a restart of the sweep): known by its record.
+            ended = not trial.alive() if process is None else process.poll() is not None
             if ended:
                 del self.processes[number]
                 self._ended(trial)
@@ -401,14 +427,14 @@ class Sweep:
         """The sweep's MLflow store, opened once: its runs and its trials' runs."""
         from trainer.store.store import Store
 
-        return Store(self.record.tracking_uri, self.record.experiment)
+        return Store(self.tracking_uri, self.record.experiment)
 
     @cached_property
     def catalog(self) -> Catalog:
         """The same store as the verbs read it: what ``operations cancel`` goes through."""
         from trainer.store.catalog import Catalog
 
-        return Catalog(self.record.tracking_uri, self.record.experiment)
+        return Catalog(self.tracking_uri, self.record.experiment)
 
     def _cancel_running(self) -> None:
         for number in set(self.processes) - self._cancel_sent:
@@ -543,12 +569,14 @@ def _failed() -> optuna.trial.TrialState:
     return optuna.trial.TrialState.FAIL
 
 
-def resume_sweep(home: str, sweep_id: str, budget: int | None) -> float:
-    """``sweeps resume``: the sweep goes on, with a larger total budget if given."""
+def resume_sweep(
+    home: str, sweep_id: str, budget: int | None, tracking_uri: str, storage: str | None
+) -> float:
+    """``sweeps resume``: the sweep goes on, with a larger total budget if given.
+    ``tracking_uri``, ``storage``: this process's, with the credentials the record lacks."""
     folder = record.sweep_folder(home, sweep_id)
     current = record.read_sweep(folder)
-    if current.status is SweepStatus.RUNNING and record.process_alive(current.pid):
-        raise UserError(f"sweep {sweep_id} is running (process {current.pid})")
+    liveness.hold_sweep(folder)  # refused while another process runs it
     settings = current.settings
     if budget is not None:
         try:
@@ -559,4 +587,4 @@ def resume_sweep(home: str, sweep_id: str, budget: int | None) -> float:
     resumed = replace(current, status=SweepStatus.RUNNING, pid=os.getpid(),
                       cancel_requested=False, settings=settings)  # fmt: skip
     record.write_sweep(folder, resumed)
-    return Sweep(folder).run()
+    return Sweep(folder, tracking_uri, storage).run()

@@ -7,6 +7,9 @@ Each job runs the trial's ``python -m trainer`` command as it is; its output lan
 
 from __future__ import annotations
 
+import os
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +24,7 @@ class SubmittedTrial:
 
     def __init__(self, job: submitit.Job[Any]) -> None:
         self.job = job
+        self.job_id = str(job.job_id)  # SLURM's, or the local executor's controller pid
 
     def poll(self) -> int | None:
         if not self.job.done():
@@ -30,7 +34,7 @@ class SubmittedTrial:
 
 def submit(
     command: list[str],
-    env: dict[str, str],
+    told: dict[str, str],
     cwd: str,
     folder: Path,
     name: str,
@@ -39,7 +43,8 @@ def submit(
     gpus_per_trial: int,
 ) -> SubmittedTrial:
     """Submit ``command`` as job ``name``, its files in ``folder``, with the sweep's
-    ``executor`` and ``sweep.slurm`` settings."""
+    ``executor`` and ``sweep.slurm`` settings; ``told``: the variables it adds to the
+    environment it inherits."""
     import submitit
 
     cluster = "local" if executor == "submitit_local" else "slurm"
@@ -51,5 +56,20 @@ def submit(
             gpus_per_node=int(slurm.get("gpus_per_node") or gpus_per_trial or 0),
             cpus_per_task=int(slurm.get("cpus_per_task") or 1),
         )
-    job = jobs.submit(submitit.helpers.CommandFunction(command, cwd=cwd, env=env))
+    job = jobs.submit(TrialCommand(command, cwd, told))
     return SubmittedTrial(job)
+
+
+@dataclass(frozen=True)
+class TrialCommand:
+    """What submitit pickles into the job's folder and runs there: the command, and only the
+    variables the trial is told beyond the environment the job inherits from the sweep (sbatch
+    exports it; the local executor passes it on). submitit's own CommandFunction takes the
+    whole environment, which would put every secret in it into that pickle."""
+
+    command: list[str]
+    cwd: str
+    told: dict[str, str]
+
+    def __call__(self) -> None:
+        subprocess.run(self.command, cwd=self.cwd, env={**os.environ, **self.told}, check=True)

@@ -9,6 +9,7 @@ line and exit 2.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from trainer.errors import UserError
 # What the sweep sets for each trial itself; and what a trial cannot be.
 SET_BY_SWEEP = ("budget.train_budget_milli_node_hours", "display_name")
 NOT_IN_A_SWEEP = ("resume_operation", "detach")
+PLAIN = re.compile(r"[A-Za-z0-9_./:+-]+")  # needs no quotes in an override
 
 
 @dataclass
@@ -122,8 +124,22 @@ def _plain(value: Any) -> Any:
 
 
 def _literal(value: Any) -> str:
+    """``value`` as Hydra's override grammar reads it back: a string other than a plain word
+    is quoted, so that a space, a comma or a ``${...}`` in a choice stays part of the value."""
     if isinstance(value, bool):
         return str(value).lower()
     if value is None:
         return "null"
+    if isinstance(value, str) and (not PLAIN.fullmatch(value) or _reads_as_other(value)):
+        escaped = re.sub(r"(\\*)'", r"\1\1\\'", value)  # a quote, and backslashes before it
+        return "'" + re.sub(r"(\\+)$", r"\1\1", escaped) + "'"  # and before the closing one
     return str(value)
+
+
+def _reads_as_other(text: str) -> bool:
+    """Whether Hydra would read the bare word as a number, a bool or null, not as text."""
+    try:
+        float(text)
+    except ValueError:
+        return text.lower() in ("true", "false", "null")
+    return True

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
-from trainer.sweep import record
+from trainer.settings import redact
+from trainer.sweep import liveness, record
 from trainer.sweep.record import SweepRecord, SweepStatus
 
 PrintTable = Callable[[list[str], list[list[str]]], None]
@@ -37,7 +38,11 @@ def add_sweep_verbs(resources: argparse._SubParsersAction[argparse.ArgumentParse
     cancel.add_argument("id")
     resume = verbs.add_parser("resume", help="go on with a stopped sweep")
     resume.add_argument("id")
-    resume.add_argument("budget", nargs="?", help="sweep.budget_milli_node_hours=M: a new total")
+    resume.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="sweep.budget_milli_node_hours=M: a new total; sweep.storage=URL: the study's "
+        "storage with the credentials that sweep.json does not keep",
+    )  # fmt: skip
 
 
 def run_sweep_verb(
@@ -98,8 +103,8 @@ def _cancel(args: argparse.Namespace, print_table: PrintTable, print_fields: Pri
         )
     sweep = replace(sweep, cancel_requested=True)
     record.write_sweep(folder, sweep)
-    if not record.process_alive(sweep.pid):
-        _cancel_trials(folder, sweep)
+    if not liveness.sweep_running(folder, sweep.pid):
+        _cancel_trials(folder, sweep, args.tracking_uri)
     deadline = time.monotonic() + CANCEL_WAIT_SECONDS
     while time.monotonic() < deadline and _still_running(folder, sweep):
         time.sleep(0.5)
@@ -109,33 +114,40 @@ def _cancel(args: argparse.Namespace, print_table: PrintTable, print_fields: Pri
     print(f"cancelled {sweep.name}")
 
 
-def _cancel_trials(folder: Path, sweep: SweepRecord) -> None:
+def _cancel_trials(folder: Path, sweep: SweepRecord, tracking_uri: str) -> None:
     from trainer.store.catalog import Catalog
 
-    catalog = Catalog(sweep.tracking_uri, sweep.experiment)
+    catalog = Catalog(record.with_credentials(sweep.tracking_uri, tracking_uri), sweep.experiment)
     for trial in record.read_trials(folder):
-        if record.process_alive(trial.pid):
+        if trial.alive():
             with contextlib.suppress(UserError):  # ended meanwhile
                 catalog.cancel(trial.operation)
 
 
 def _still_running(folder: Path, sweep: SweepRecord) -> bool:
     trials = record.read_trials(folder)
-    return record.process_alive(sweep.pid) or any(record.process_alive(t.pid) for t in trials)
+    return liveness.sweep_running(folder, sweep.pid) or any(t.alive() for t in trials)
 
 
 def _resume(args: argparse.Namespace, print_table: PrintTable, print_fields: PrintFields) -> None:
-    budget = None
-    if args.budget is not None:
-        key, _, value = args.budget.partition("=")
-        if key != "sweep.budget_milli_node_hours" or not value.isdigit():
-            raise UserError(
-                f"{args.budget!r}: give the new total as sweep.budget_milli_node_hours=M"
-            )
-        budget = int(value)
+    given = dict(_resume_override(o) for o in args.overrides)
+    budget = given.get("sweep.budget_milli_node_hours")
     import logging
 
     from trainer.sweep.runner import resume_sweep
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
-    resume_sweep(args.home, args.id, budget)
+    resume_sweep(
+        args.home, args.id, None if budget is None else int(budget), args.tracking_uri,
+        given.get("sweep.storage"),
+    )  # fmt: skip
+
+
+def _resume_override(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    if key == "sweep.budget_milli_node_hours" and value.isdigit():
+        return key, value
+    if key == "sweep.storage" and value:
+        return key, value
+    raise UserError(f"{redact(override)!r}: give the new total as sweep.budget_milli_node_hours=M "
+                    "(and the study's storage as sweep.storage=URL)")  # fmt: skip

@@ -849,3 +849,15 @@ def test_a_closed_stdout_does_not_fail_a_finished_training(tmp_path: Path, tiny_
     assert read_json(run_dir / "state.json")["status"] == "SUCCEEDED"
     assert "error" not in read_json(run_dir / "operation.json")
     assert "could not print the model" in stderr
+
+
+def test_a_model_recorded_without_an_expiry_expires_with_its_term() -> None:
+    """No expire_time tag is not "never": creation plus the task's model_lifespan_months."""
+    from trainer.store.resources import expired_on
+
+    old = {"create_time": "2020-01-31T09:00:00.000000Z", "task": "image_classification"}
+    assert expired_on(old) == "2021-07-31T09:00:00.000000Z"  # 18 months (conf/task)
+    assert expired_on({**old, "create_time": "2099-01-01T00:00:00.000000Z"}) is None
+    assert expired_on({**old, "task": "../../etc/passwd"}) is None  # not one of ours to count
+    with pytest.raises(UserError, match="create_time tag"):
+        expired_on({**old, "create_time": "yesterday"})

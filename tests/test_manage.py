@@ -298,7 +298,7 @@ def test_expired_model_cannot_be_trained_further(store, trainer_home: Path) -> N
 
 
 def test_add_months_clamps_the_day() -> None:
-    from trainer.store.automl import add_months
+    from trainer.store.resources import add_months
 
     assert add_months("2026-08-31T10:00:00.000000Z", 18) == "2028-02-29T10:00:00.000000Z"
     assert add_months("2026-11-26T04:10:00.123456Z", 24) == "2028-11-26T04:10:00.123456Z"

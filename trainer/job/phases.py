@@ -26,9 +26,9 @@ from trainer.job.job import Job
 from trainer.job.run_state import SUCCEEDED
 from trainer.job.work_history import SaveReserves, WorkHistory, save_reserves
 from trainer.settings import Settings
-from trainer.store.automl import add_months, model_details, model_metadata, model_resource
+from trainer.store.automl import model_details, model_metadata, model_resource
 from trainer.store.evaluations import record_evaluation
-from trainer.store.resources import file_sha256, write_json_atomic
+from trainer.store.resources import add_months, file_sha256, write_json_atomic
 from trainer.tasks import Loaders, Task, task_of
 from trainer.tasks.pretrained import choose
 

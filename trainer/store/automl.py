@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -163,21 +162,6 @@ def model_details(
 ) -> dict[str, Any]:
     """``model_details.json``: what AutoML's Model has no field for, beside the Model."""
     return {"name": model["name"], "task": task_name, "expireTime": expire_time, **figures}
-
-
-def add_months(timestamp: str, months: int) -> str:
-    """An RFC 3339 UTC timestamp ``months`` later, the day clamped to the month's length."""
-    moment = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%S.%fZ")
-    month_index = moment.month - 1 + months
-    year, month = moment.year + month_index // 12, month_index % 12 + 1
-    for day in range(moment.day, 27, -1):
-        try:
-            return moment.replace(year=year, month=month, day=day).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        except ValueError:
-            continue
-    return moment.replace(year=year, month=month, day=min(moment.day, 28)).strftime(
-        "%Y-%m-%dT%H:%M:%S.%fZ"
-    )
 
 
 def recorded_details(run_dir: Path) -> dict[str, Any]:

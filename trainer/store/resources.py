@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from trainer import CONF_DIR
 from trainer.errors import UserError
 
 ID_PATTERN = re.compile(r"^[A-Z]{3}[1-9][0-9]{18}$")
@@ -132,12 +133,40 @@ def parse_time(text: str, what: str = "the time") -> datetime:
     return moment
 
 
+def add_months(timestamp: str, months: int) -> str:
+    """An RFC 3339 UTC timestamp ``months`` later, the day clamped to the month's length."""
+    moment = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%S.%fZ")
+    month_index = moment.month - 1 + months
+    year, month = moment.year + month_index // 12, month_index % 12 + 1
+    for day in range(moment.day, 27, -1):
+        try:
+            return moment.replace(year=year, month=month, day=day).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        except ValueError:
+            continue
+    return moment.replace(year=year, month=month, day=min(moment.day, 28)).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ"
+    )
+
+
 def expired_on(tags: dict[str, str], owner: str = "the model") -> str | None:
     """A registered model's expiry time when it has passed (its ``expire_time`` tag), else None;
     ``owner`` names the model in the error a bad tag gives."""
-    expire = tags.get("expire_time")
+    expire = tags.get("expire_time") or _term_end(tags, owner)
     moment = parse_time(expire, f"{owner}'s expire_time tag") if expire else None
     return expire if moment and moment < datetime.now(timezone.utc) else None
+
+
+def _term_end(tags: dict[str, str], owner: str) -> str | None:
+    """A model recorded without an expiry time expires as its task's models do: its creation
+    plus ``model_lifespan_months`` (conf/task/<task>.yaml). A missing tag is not "never"."""
+    created, task = tags.get("create_time"), str(tags.get("task", ""))
+    lifespans = CONF_DIR / "task" / f"{task}.yaml"
+    if not created or not re.fullmatch(r"[a-z_]+", task) or not lifespans.is_file():
+        return None  # nothing to count from: not one of this project's models
+    from omegaconf import OmegaConf
+
+    parse_time(created, f"{owner}'s create_time tag")
+    return add_months(created, int(OmegaConf.load(lifespans).model_lifespan_months))
 
 
 def write_json_atomic(path: Path, data: Any, indent: int | None = 2, private: bool = False) -> None:

@@ -86,7 +86,8 @@ def run_trainer(
     environment = {
         key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "HYDRA_"))
     }
-    environment.update(VISION_TRAINER_HOME=str(home), PYTHONPATH=str(REPO), **(env or {}))
+    # ``env`` may set PYTHONPATH too (a test that loads a module of its own first).
+    environment.update({"VISION_TRAINER_HOME": str(home), "PYTHONPATH": str(REPO), **(env or {})})
     return subprocess.run(
         [sys.executable, "-m", "trainer", *args],
         cwd=cwd,

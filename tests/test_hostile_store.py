@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import LOCAL, cli_in_process, run_trainer
+from tests.test_registry_records import FIGURES_OF_NEW as FIGURES_OF
 from trainer.errors import UserError
 from trainer.store.reader import MODEL_TAG, RestReader
 
@@ -319,15 +320,6 @@ OURS = {  # createTime, expire_time
     NAIVE: ("2026-12-02T09:00:00.000000Z", "2099-06-01T09:00:00"),
     GARBAGE: ("2026-12-03T09:00:00.000000Z", "next tuesday"),
     BAD_CREATE: ("yesterday", "2099-06-01T09:00:00.000000Z"),
-}
-FIGURES_OF = {
-    "baseModelId": "",
-    "modelType": "mobile-versatile-1",
-    "trainBudgetMilliNodeHours": "2000",
-    "trainCostMilliNodeHours": "1873",
-    "stopReason": "MODEL_CONVERGED",
-    "nodeQps": 3.2,
-    "nodeCount": "1",
 }
 # Other teams' entries: plain text, nothing, and JSON of the very shape a Model's first fields
 # have (name, displayName, createTime), which is still not this project's.

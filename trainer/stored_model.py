@@ -69,7 +69,8 @@ def trained_model(catalog: Any, model_id: str, purpose: str) -> TrainedModel:
     # It names the files and folders of predictions and exports.
     check_name(f"model {model_id}'s stored displayName", str(model.get("displayName")))
     run_dir = Path(tags.get("run_dir", ""))
-    scratch = downloads(Workspace.current().home, model_id)
+    workspace = Workspace.current()  # read once: its home and store are this process's
+    scratch = downloads(workspace.home, model_id)
 
     def fetch(artifact: str) -> Path:
         return Path(catalog.client.download_artifacts(tags["run_id"], artifact, str(scratch)))
@@ -82,7 +83,7 @@ def trained_model(catalog: Any, model_id: str, purpose: str) -> TrainedModel:
             config = json.loads(fetch("config.json").read_text())
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"the config of model {model_id} cannot be read ({error})") from None
-    settings = _stored_settings(config, model_id)
+    settings = _stored_settings(config, model_id, workspace)
     checkpoint = _verified_checkpoint(
         run_dir / "checkpoints" / "best.ckpt",
         lambda: fetch("checkpoints/best.ckpt"),
@@ -93,7 +94,7 @@ def trained_model(catalog: Any, model_id: str, purpose: str) -> TrainedModel:
     return TrainedModel(model, settings, labels, checkpoint, tags["run_id"])
 
 
-def _stored_settings(config: Any, model_id: str) -> Settings:
+def _stored_settings(config: Any, model_id: str, workspace: Workspace) -> Settings:
     """The training's settings as the store keeps them, migrated from an older version's shape;
     the home is this process's (demo datasets are regenerated under it, never a path the
     store names), and so is the store."""
@@ -105,7 +106,6 @@ def _stored_settings(config: Any, model_id: str) -> Settings:
         raise UserError(
             f"the config stored with model {model_id} is not a training config"
         ) from None
-    workspace = Workspace.current()
     mlflow = {**migrated["mlflow"], "tracking_uri": workspace.tracking_uri}
     return Settings.parse({**migrated, "home": workspace.home, "mlflow": mlflow})
 

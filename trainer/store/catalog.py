@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from trainer.errors import UserError
+from trainer.errors import FailedPrecondition, NotFound, UserError
 from trainer.store.automl import bare_id, details_of, resource_id
 from trainer.store.reader import MODEL_TAG, RunRecord, local_artifact_root, open_reader
 from trainer.store.resources import downloads, expired_on, parse_time, utc_now
@@ -77,15 +77,15 @@ class Catalog:
         wanted = model_id
         found = self.reader.registered_model(bare_id(model_id, "models"))
         if found is None:
-            raise UserError(f"model {wanted!r} is not in {self.tracking_uri}")
+            raise NotFound(f"model {wanted!r} is not in {self.tracking_uri}")
         model = found.resource()
         if model is None:
-            raise UserError(
+            raise NotFound(
                 f"model {wanted!r} is not in this project: {self.tracking_uri} has a registered "
                 f"model of that name, but it is another project's (no {MODEL_TAG} tag of ours)"
             )
         if wanted.startswith("projects/") and wanted != model["name"]:
-            raise UserError(f"model {wanted!r} is not in {self.tracking_uri}")
+            raise NotFound(f"model {wanted!r} is not in {self.tracking_uri}")
         return model, found.tags
 
     def usable_model(self, model_id: str, purpose: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -96,7 +96,7 @@ class Catalog:
         model, tags = self._lookup(model_id)
         expire = expired_on(tags, f"model {resource_id(model['name'])}")
         if expire:
-            raise UserError(
+            raise FailedPrecondition(
                 f"model {resource_id(model['name'])} expired on {expire}; it can be listed and "
                 f"deleted, not used for {purpose}"
             )
@@ -107,7 +107,7 @@ class Catalog:
         runs = self.reader.runs()
         for run in _active(runs):
             if model_id in (run.tags.get("model_id"), run.tags.get("base_model_id")):
-                raise UserError(
+                raise FailedPrecondition(
                     f"model {model_id} is in use by the running operation "
                     f"{run.tags.get('operation')}; cancel it first"
                 )
@@ -185,7 +185,9 @@ class Catalog:
         run = self._run_of(operation_id)
         state, name = run.tags.get("state", ""), run.tags["operation"]
         if state in FINISHED_STATES:
-            raise UserError(f"operation {name} has already ended ({state}); nothing to cancel")
+            raise FailedPrecondition(
+                f"operation {name} has already ended ({state}); nothing to cancel"
+            )
         self.client.set_tag(run.run_id, "cancel_request_time", utc_now())
         self.client.set_tag(run.run_id, "cancel_requested", "true")
         return name
@@ -202,7 +204,7 @@ class Catalog:
                 and not full_name_differs
             ):
                 return run
-        raise UserError(f"operation {operation_id!r} is not in {self.tracking_uri}")
+        raise NotFound(f"operation {operation_id!r} is not in {self.tracking_uri}")
 
 
 def _active(runs: list[RunRecord]) -> list[RunRecord]:

@@ -32,7 +32,7 @@ class SearchSpace:
 
     def overrides(self, params: dict[str, Any]) -> list[str]:
         """A trial's command-line overrides: the shared ones, then its own values."""
-        return [*self.fixed, *(f"{key}={_literal(value)}" for key, value in params.items())]
+        return [*self.fixed, *(f"{key}={override_literal(value)}" for key, value in params.items())]
 
     def grid(self) -> dict[str, list[Any]]:
         """For the grid sampler: every parameter's values (choices only)."""
@@ -123,7 +123,7 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _literal(value: Any) -> str:
+def override_literal(value: Any) -> str:
     """``value`` as Hydra's override grammar reads it back: a string other than a plain word
     is quoted, so that a space, a comma or a ``${...}`` in a choice stays part of the value."""
     if isinstance(value, bool):

@@ -1,25 +1,24 @@
 """The one exception type for a user's mistake: the CLI prints its message and exits with 2.
 
-The API server answers each with google.rpc's status of its kind (``rpc_status``): a missing
-resource is NOT_FOUND, a request the state of a resource refuses FAILED_PRECONDITION, any other
-mistake INVALID_ARGUMENT.
-"""
+Its subclasses say which of Google's API errors a mistake is (the API server answers with that
+status: trainer/server/errors.py); the CLI treats them all alike."""
 
 
 class UserError(Exception):
     """A mistake the user can fix; its message names the value and the fix, on one line."""
 
     exit_code = 2
-    rpc_status = "INVALID_ARGUMENT"
+    status = "INVALID_ARGUMENT"  # google.rpc.Code's name, for the API server
 
 
 class NotFound(UserError):
-    """A resource (model, operation, dataset) that is not on record."""
+    """What was named (a model, an operation, a dataset) is not on record."""
 
-    rpc_status = "NOT_FOUND"
+    status = "NOT_FOUND"
 
 
 class FailedPrecondition(UserError):
-    """A request the resource's state refuses now (an import still running on a dataset)."""
+    """The request is right, but the resource is not in a state that allows it (a running
+    operation's model deleted, a finished operation cancelled)."""
 
-    rpc_status = "FAILED_PRECONDITION"
+    status = "FAILED_PRECONDITION"

@@ -18,10 +18,13 @@ CLI can read the task configs quickly.
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from trainer import CONF_DIR
@@ -178,7 +181,14 @@ def default_task() -> str:
 
 
 def task_configs() -> dict[str, dict[str, Any]]:
-    """Every task's conf/task/<name>.yaml, by name (YAML only: no Hydra, no torch)."""
+    """Every task's conf/task/<name>.yaml, by name (YAML only: no Hydra, no torch). Read once
+    per process (`models list` asked once per model: 6,000 parses for 2,000 models); each call
+    gets its own copy, so a caller that changes one changes no one else's."""
+    return copy.deepcopy(_parsed_task_configs())
+
+
+@functools.cache
+def _parsed_task_configs() -> dict[str, dict[str, Any]]:
     import yaml
 
     found = {}
@@ -188,10 +198,17 @@ def task_configs() -> dict[str, dict[str, Any]]:
     return found
 
 
+@functools.cache
+def task_metadata_keys() -> Mapping[str, str]:
+    """Each task's Model metadata key (``metadata_key`` of conf/task/<name>.yaml), by task name:
+    what the lists' ``task=`` filter and a Model's task are read from."""
+    configs = _parsed_task_configs()
+    return MappingProxyType({name: config["metadata_key"] for name, config in configs.items()})
+
+
 def task_name_of_model(model: dict[str, Any]) -> str:
     """The task of a Model resource, from its metadata key."""
-    keys = {config["metadata_key"]: name for name, config in task_configs().items()}
-    return next((keys[key] for key in model if key in keys), "")
+    return next((name for name, key in task_metadata_keys().items() if key in model), "")
 
 
 def task_of(settings: Settings) -> Task:
@@ -201,7 +218,7 @@ def task_of(settings: Settings) -> Task:
 
 def task_named(name: str) -> Task:
     """The task of that name: one of conf/task/."""
-    if name not in task_configs():
+    if name not in _parsed_task_configs():
         raise ValueError(f"no task {name!r}")
     return importlib.import_module(f"trainer.tasks.{name}.task").TASK
 
@@ -220,7 +237,7 @@ def split_loaders(manifest: Any, loader: Callable[[list[Any], bool], Any]) -> Lo
 
 def add_predict_options(parser: Any) -> None:
     """Each task's own flags of the predict verb, from its light package module."""
-    for name in task_configs():
+    for name in _parsed_task_configs():
         add = getattr(importlib.import_module(f"trainer.tasks.{name}"), "add_predict_options", None)
         if add is not None:
             add(parser)

@@ -134,8 +134,8 @@ def _detach(
     """Start the same training (or the resume of operation ``resumed``, in its own run
     directory) as a background process; print its operation name at once."""
     import os
-    import subprocess
 
+    from trainer.background import start_in_background, trainer_command
     from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV
     from trainer.job.run_state import release_run_dir
     from trainer.store.automl import bare_id
@@ -144,7 +144,7 @@ def _detach(
     if HydraConfig.get().mode.name == "MULTIRUN":
         raise UserError("detach=true runs one training; drop -m, or launch each job detached")
     kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in NOT_PASSED_ON]
-    command = [sys.executable, "-m", "trainer", *kept, f"hydra.run.dir='{run_dir}'"]
+    command = trainer_command(*kept, f"hydra.run.dir='{run_dir}'")
     where = parent(settings)
     if resumed is None:
         prefix = settings.task.id_prefix
@@ -157,15 +157,7 @@ def _detach(
         release_run_dir(run_dir)  # the background process takes it
         doing = "resuming it"
     log_file = run_dir / "train.log"
-    with log_file.open("ab") as log:
-        subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=environment,
-            start_new_session=True,  # survives this terminal closing, and its Ctrl-C
-        )
+    start_in_background(command, log_file, environment)  # outlives this terminal and its Ctrl-C
     print(where.name("operations", operation_id))
     print(f"{doing} in the background; log: {log_file}", file=sys.stderr)
     return float("nan")

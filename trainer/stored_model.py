@@ -11,6 +11,7 @@ run's MLflow artifacts instead.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 
 from trainer.errors import UserError
 from trainer.job.checkpoints import load_checkpoint
+from trainer.job.ids import OPERATION_ID_ENV
 from trainer.settings import Settings, Workspace, migrate
 from trainer.store.automl import Operation, Parent, resource_id
 from trainer.store.resources import (
@@ -50,7 +52,9 @@ class TrainedModel:
         project and location, of its task's AutoML API."""
         api = self.settings.task.automl_api
         parent = Parent.of_name(self.model["name"])
-        return Operation(new_id(self.model_id[:3]), None, details, parent, api)
+        # The API server chose the ID already, and answered with it.
+        operation_id = os.environ.pop(OPERATION_ID_ENV, None) or new_id(self.model_id[:3])
+        return Operation(operation_id, None, details, parent, api)
 
     def manifest(self) -> Any:
         """The dataset the model was trained on (its splits as in training)."""

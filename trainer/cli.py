@@ -18,8 +18,9 @@ from trainer import front_door
 from trainer.errors import UserError
 from trainer.settings import Workspace, redact
 from trainer.store.automl import progress_of, resource_id
+from trainer.store.listing import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, ListRequestError
 from trainer.sweep.verbs import add_sweep_verbs, run_sweep_verb
-from trainer.tasks import add_predict_options, task_name_of_model
+from trainer.tasks import add_predict_options, task_metadata_keys, task_name_of_model
 from trainer.weights import add_weights_verbs, download
 
 
@@ -48,9 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     models = resources.add_parser("models", help="trained models").add_subparsers(
         dest="verb", required=True
     )
-    listing = models.add_parser("list", help="list models")
-    listing.add_argument("--filter", default="", help="task=..., model_type=..., display_name=...")
-    listing.add_argument("--json", action="store_true", help="the Model resources as JSON")
+    listing = models.add_parser("list", help="list models, newest first, a page at a time")
+    listing.add_argument(
+        "--filter", default="",
+        help="task=..., model_type=..., display_name=..., or AutoML's <task>_model_metadata:*, "
+        "dataset_id=ID, dataset_id!=ID; terms joined by AND",
+    )  # fmt: skip
+    listing.add_argument("--json", action="store_true", help="AutoML's ListModelsResponse")
+    add_paging(listing)
     get = models.add_parser("get", help="one model")
     get.add_argument(
         "id", help="a model ID (ICN123) or name (projects/P/locations/L/models/ICN123)"
@@ -99,9 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     operations = resources.add_parser("operations", help="trainings").add_subparsers(
         dest="verb", required=True
     )
-    listing = operations.add_parser("list", help="list operations")
-    listing.add_argument("--filter", default="", help="done=true|false, worksOn=models/ID")
-    listing.add_argument("--json", action="store_true")
+    listing = operations.add_parser("list", help="list operations, newest first, a page at a time")
+    listing.add_argument(
+        "--filter", default="", help="done=true|false, worksOn=models/ID; terms joined by AND"
+    )
+    listing.add_argument("--json", action="store_true", help="AutoML's ListOperationsResponse")
+    add_paging(listing)
     get = operations.add_parser("get", help="one operation")
     get.add_argument("id", help="an operation ID, bare or operations/ICN123")
     get.add_argument("--json", action="store_true")
@@ -112,15 +121,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_filter(text: str, allowed: tuple[str, ...]) -> dict[str, str]:
-    """AutoML's filter syntax, as far as these resources need it: `a=b AND c=d`."""
-    terms: dict[str, str] = {}
-    for term in text.replace(" AND ", " ").replace(" and ", " ").split():
-        key, sep, value = term.partition("=")
-        if not sep or key not in allowed:
-            raise UserError(f"--filter term {term!r} is not understood; use {', '.join(allowed)}")
-        terms[key] = value.strip("\"'")
-    return terms
+def add_paging(listing: argparse.ArgumentParser) -> None:
+    """The paging flags of a list, as AutoML's List methods page (pageSize, pageToken)."""
+    listing.add_argument(
+        "--page-size", type=int, default=0,
+        help=f"entries per page (default {DEFAULT_PAGE_SIZE}, at most {MAX_PAGE_SIZE})",
+    )  # fmt: skip
+    listing.add_argument(
+        "--page-token", default="",
+        help="the page after the one that gave it (printed on stderr, or the JSON's nextPageToken)",
+    )  # fmt: skip
+    listing.add_argument("--all", action="store_true", help="every entry, in one list")
+
+
+# What the API names a list's arguments (listing.ListRequestError), as the CLI's flags.
+FLAGS = {"filter": "--filter", "pageSize": "--page-size", "pageToken": "--page-token"}
+
+
+def list_page(
+    read: Callable[[int | None, str], tuple[list, str]], args: argparse.Namespace
+) -> tuple[list, str]:
+    """One page of a list (``read(page_size, page_token)``; every entry with --all), a bad
+    argument named by its flag."""
+    try:
+        return read(None if args.all else args.page_size, args.page_token)
+    except ListRequestError as error:
+        raise UserError(f"{FLAGS[error.argument]} {error.problem}") from None
+
+
+def next_page(token: str) -> dict[str, str]:
+    """``nextPageToken`` as AutoML's List responses have it: omitted after the last page."""
+    return {"nextPageToken": token} if token else {}
+
+
+def say_next_page(token: str) -> None:
+    # On stderr: stdout stays the table that scripts read.
+    if token:
+        print(f"next page: --page-token {token}", file=sys.stderr)
 
 
 def run(argv: list[str]) -> int:
@@ -159,19 +196,13 @@ def run(argv: list[str]) -> int:
 
 
 def models_list(catalog: Any, args: argparse.Namespace) -> None:
-    terms = parse_filter(args.filter, ("task", "model_type", "display_name"))
+    def read(page_size: int | None, page_token: str) -> tuple[list, str]:
+        return catalog.models_page(args.filter, page_size, page_token, task_metadata_keys())
 
-    def keep(model: dict[str, Any], details: dict[str, Any]) -> bool:
-        fields = {
-            "task": task_name_of_model(model),
-            "model_type": details.get("modelType"),
-            "display_name": model["displayName"],
-        }
-        return all(fields[key] == value for key, value in terms.items())
-
-    models = [(model, details) for model, details in catalog.models() if keep(model, details)]
+    models, token = list_page(read, args)
     if args.json:  # AutoML's ListModelsResponse
-        print(json.dumps({"model": [model for model, _ in models]}, indent=2))
+        listed = {"model": [model for model, _ in models], **next_page(token)}
+        print(json.dumps(listed, indent=2))
         return
     rows = []
     for model, meta in models:
@@ -190,6 +221,7 @@ def models_list(catalog: Any, args: argparse.Namespace) -> None:
     headers = ["ID", "display name", "task", "model type", "budget", "cost", "stop reason",
                "created (UTC)"]  # fmt: skip
     print_table(headers, rows)
+    say_next_page(token)
 
 
 def models_get(catalog: Any, args: argparse.Namespace) -> None:
@@ -298,17 +330,12 @@ def operation_state(operation: dict[str, Any]) -> str:
 
 
 def operations_list(catalog: Any, args: argparse.Namespace) -> None:
-    terms = parse_filter(args.filter, ("done", "worksOn"))
-    operations = catalog.operations()
-    if "done" in terms:
-        if terms["done"] not in ("true", "false"):
-            raise UserError(f"--filter done={terms['done']!r}: use done=true or done=false")
-        operations = [op for op in operations if op["done"] == (terms["done"] == "true")]
-    if "worksOn" in terms:
-        names = catalog.operations_working_on(terms["worksOn"])
-        operations = [op for op in operations if resource_id(op["name"]) in names]
-    if args.json:
-        print(json.dumps({"operations": operations}, indent=2))
+    def read(page_size: int | None, page_token: str) -> tuple[list, str]:
+        return catalog.operations_page(args.filter, page_size, page_token)
+
+    operations, token = list_page(read, args)
+    if args.json:  # AutoML's ListOperationsResponse
+        print(json.dumps({"operations": operations, **next_page(token)}, indent=2))
         return
     rows = [
         [
@@ -321,6 +348,7 @@ def operations_list(catalog: Any, args: argparse.Namespace) -> None:
         for op in operations
     ]
     print_table(["ID", "state", "progress", "started (UTC)", "updated (UTC)"], rows)
+    say_next_page(token)
 
 
 def operations_get(catalog: Any, args: argparse.Namespace) -> None:
@@ -364,7 +392,15 @@ HANDLERS: dict[tuple[str, str], Callable[[Any, argparse.Namespace], None]] = {
 # -- output -------------------------------------------------------------------------------
 
 
+# rich lays a table out at about 0.5 ms a row (5 s for 10,000): a longer table is written as the
+# plain columns rich writes off a terminal.
+RICH_ROWS_AT_MOST = 200
+
+
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    if len(rows) > RICH_ROWS_AT_MOST:
+        print_columns(headers, rows)
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -377,6 +413,15 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
     console.print(table)
     if not rows:
         print("(none)")
+
+
+def print_columns(headers: list[str], rows: list[list[str]]) -> None:
+    """A table as rich prints one off a terminal: every cell padded to its column's width, the
+    columns two spaces apart."""
+    cells = [headers, *([str(cell) for cell in row] for row in rows)]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(headers))]
+    lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def print_fields(fields: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from pathlib import Path
@@ -17,8 +18,23 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from trainer.errors import FailedPrecondition, NotFound, UserError
-from trainer.store.automl import bare_id, details_of, resource_id
-from trainer.store.reader import MODEL_TAG, RunRecord, local_artifact_root, open_reader
+from trainer.store.automl import Parent, bare_id, details_of, resource_id
+from trainer.store.listing import (
+    decode_token,
+    encode_token,
+    model_filter,
+    operation_filter,
+    page,
+    page_limit,
+)
+from trainer.store.reader import (
+    MODEL_TAG,
+    OPERATION_TAG,
+    RegisteredModel,
+    RunRecord,
+    local_artifact_root,
+    open_reader,
+)
 from trainer.store.resources import downloads, expired_on, parse_time, utc_now
 
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED")
@@ -52,14 +68,39 @@ class Catalog:
         with a bad time is listed all the same, last, and the bad field reported: a list is
         where a user finds such an entry to delete it, and failing it would hide every other
         model. The verbs that use a model refuse it instead (``usable_model``)."""
-        found: list[tuple[dict[str, Any], dict[str, Any]]] = []
-        for entry in self.reader.registered_models():
+        return self.models_page(page_size=None)[0]
+
+    def models_page(
+        self,
+        filter: str = "",
+        page_size: int | None = 0,
+        page_token: str = "",
+        task_keys: Mapping[str, str] | None = None,
+        parent: str = "",
+    ) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], str]:
+        """AutoML's ListModels: one page of the Models ``filter`` keeps (listing.model_filter),
+        each with its details as ``models`` gives them, newest first, and the next page's token
+        ("" after the last page). ``page_size`` 0 is DEFAULT_PAGE_SIZE, at most MAX_PAGE_SIZE;
+        None is every one (the CLI's --all). ``task_keys`` (task name to metadata key, as
+        trainer.tasks.task_metadata_keys gives it) adds the ``task=`` term; ``parent``
+        (``projects/P/locations/L``) keeps the models under it alone. A bad filter, size or
+        token is a ListRequestError (a UserError) naming which."""
+        keep = model_filter(filter, task_keys)
+        limit = page_limit(page_size)
+        after = decode_token(page_token, "models", filter, parent)
+
+        def accept(entry: RegisteredModel) -> tuple[dict, dict, dict] | None:
             model = entry.resource()
-            if model is None:  # another project's entry in a shared registry
-                continue
-            _report_bad_times(model, entry.tags)
-            found.append((model, details_of(model, entry.tags)))
-        return sorted(found, key=lambda pair: _sort_time(pair[0]), reverse=True)
+            if model is None or not _under(model["name"], parent):  # another project's entry
+                return None
+            details = details_of(model, entry.tags)
+            return (model, details, entry.tags) if keep(model, details) else None
+
+        found, last = page(self.reader.model_listing(), accept, limit, after)
+        for model, _, tags in found:  # the page's own: what is shown is what is reported
+            _report_bad_times(model, tags)
+        token = encode_token("models", filter, last, parent) if last else ""
+        return [(model, details) for model, details, _ in found], token
 
     def model(self, model_id: str) -> dict[str, Any]:
         return self.model_and_tags(model_id)[0]
@@ -162,12 +203,27 @@ class Catalog:
     # -- operations ------------------------------------------------------------------------
 
     def operations(self) -> list[dict[str, Any]]:
-        found = [
-            json.loads(run.tags["operation_json"])
-            for run in self.reader.runs()
-            if "operation_json" in run.tags
-        ]
-        return sorted(found, key=lambda op: op["metadata"]["createTime"], reverse=True)
+        """Every Operation resource of the experiment, newest first."""
+        return self.operations_page(page_size=None)[0]
+
+    def operations_page(
+        self, filter: str = "", page_size: int | None = 0, page_token: str = "", parent: str = ""
+    ) -> tuple[list[dict[str, Any]], str]:
+        """AutoML's ListOperations: one page of the Operations ``filter`` keeps
+        (listing.operation_filter), newest first, and the next page's token ("" after the last
+        page); ``page_size``, ``parent`` and errors as ``models_page``'s."""
+        keep = operation_filter(filter)
+        limit = page_limit(page_size)
+        after = decode_token(page_token, "operations", filter, parent)
+
+        def accept(run: RunRecord) -> dict[str, Any] | None:
+            operation = _operation_of(run)
+            if operation is None or not _under(str(operation.get("name", "")), parent):
+                return None
+            return operation if keep(operation, run.tags) else None
+
+        found, last = page(self.reader.operation_listing(), accept, limit, after)
+        return found, encode_token("operations", filter, last, parent) if last else ""
 
     def operation(self, operation_id: str) -> dict[str, Any]:
         return json.loads(self._run_of(operation_id).tags["operation_json"])
@@ -242,12 +298,25 @@ def _report_bad_times(model: dict[str, Any], tags: dict[str, str]) -> None:
         log.warning("warning: %s", problem)
 
 
-def _sort_time(model: dict[str, Any]) -> datetime:
-    """When a model was created, for sorting: one with a bad time sorts as the oldest."""
+def _under(name: str, parent: str) -> bool:
+    """Whether a resource is under ``parent`` (``projects/P/locations/L``; "": any). Names
+    written before they were full ones (``models/ID``) are the default parent's."""
+    found = Parent.of_name(name)
+    return not parent or parent == f"projects/{found.project}/locations/{found.location}"
+
+
+def _operation_of(run: RunRecord) -> dict[str, Any] | None:
+    """The Operation a run holds; None (and a warning) for a tag that is not one, which
+    would fail the table of every other operation."""
     try:
-        return parse_time(model["createTime"])
-    except UserError:
-        return datetime.min.replace(tzinfo=timezone.utc)
+        operation = json.loads(run.tags[OPERATION_TAG])
+    except ValueError:
+        operation = None
+    if isinstance(operation, dict) and isinstance(operation.get("metadata"), dict):
+        return operation
+    log.warning("warning: run %s's %s tag is not an Operation; not listed", run.run_id,
+                OPERATION_TAG)  # fmt: skip
+    return None
 
 
 def _remove_local(artifact_uri: str, root: Path | None) -> None:

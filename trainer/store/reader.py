@@ -17,10 +17,11 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Generic, Protocol, TypeVar
 
 from trainer.errors import UserError
 from trainer.store.resources import ID_PATTERN
@@ -67,11 +68,70 @@ class RunRecord:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+Record = TypeVar("Record", RegisteredModel, RunRecord)
+
+
+@dataclass
+class Listing(Generic[Record]):
+    """A list's entries without their records, to be put in order and paged: each entry's key
+    (a registered model's name, an operation's run ID) with the ``createTime`` its record holds,
+    as recorded (None where the record has none, or is not JSON); ``load`` reads the whole
+    records of the keys asked for (those still there), so a page reads only its own."""
+
+    created: list[tuple[str, Any]]
+    load: Callable[[Sequence[str]], dict[str, Record]]
+
+
 class StoreReader(Protocol):
     def registered_models(self) -> list[RegisteredModel]: ...
     def registered_model(self, name: str) -> RegisteredModel | None: ...
     def runs(self) -> list[RunRecord]: ...
     def run_tag(self, run_id: str, key: str) -> str | None: ...
+    def model_listing(self) -> Listing[RegisteredModel]: ...
+    def operation_listing(self) -> Listing[RunRecord]: ...
+
+
+OPERATION_TAG = "operation_json"  # the run tag that holds an operation's resource (store.py)
+
+
+def _recorded(text: str | None, *path: str) -> Any:
+    """The value at ``path`` in a record's JSON text; None where there is none."""
+    try:
+        value = json.loads(text or "")
+    except ValueError:
+        return None
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _model_created(model: RegisteredModel) -> Any:
+    """The createTime of the record ``RegisteredModel.resource`` reads."""
+    return _recorded(model.tags.get(MODEL_TAG, model.description), "createTime")
+
+
+def _listing_in_memory(records: Iterable[Record], key: Callable[[Record], str],
+                       created: Callable[[Record], Any]) -> Listing[Record]:  # fmt: skip
+    """A listing of records already read whole (a tracking server answers with whole ones)."""
+    found = {key(record): record for record in records}
+
+    def load(keys: Sequence[str]) -> dict[str, Record]:
+        return {k: found[k] for k in keys if k in found}
+
+    return Listing([(k, created(record)) for k, record in found.items()], load)
+
+
+def _in_memory_models(models: list[RegisteredModel]) -> Listing[RegisteredModel]:
+    return _listing_in_memory(models, lambda model: model.name, _model_created)
+
+
+def _in_memory_operations(runs: list[RunRecord]) -> Listing[RunRecord]:
+    operations = [run for run in runs if OPERATION_TAG in run.tags]
+    return _listing_in_memory(
+        operations,
+        lambda run: run.run_id,
+        lambda run: _recorded(run.tags[OPERATION_TAG], "metadata", "createTime"),
+    )
 
 
 def local_artifact_root(tracking_uri: str) -> Path | None:
@@ -88,6 +148,50 @@ def open_reader(tracking_uri: str, experiment: str) -> StoreReader:
     if tracking_uri.startswith("sqlite:///"):
         return SqliteReader(Path(tracking_uri.removeprefix("sqlite:///")), experiment)
     raise ValueError(f"unsupported tracking URI {tracking_uri!r}: use sqlite:/// or http(s)://")
+
+
+# Each entry's createTime where RegisteredModel.resource and the operation's JSON hold it, read
+# by SQLite's JSON functions: the order of 10,000 entries in about 0.1 s, without their records.
+MODEL_TIMES = f"""
+    SELECT m.name, CASE
+        WHEN t.value IS NOT NULL THEN
+            CASE WHEN json_valid(t.value) THEN json_extract(t.value, '$.createTime') END
+        WHEN json_valid(m.description) THEN json_extract(m.description, '$.createTime') END
+    FROM registered_models m
+    LEFT JOIN registered_model_tags t ON t.name = m.name AND t.key = '{MODEL_TAG}'"""
+OPERATION_TIMES = f"""
+    SELECT r.run_uuid,
+        CASE WHEN json_valid(t.value) THEN json_extract(t.value, '$.metadata.createTime') END
+    FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id
+    JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = '{OPERATION_TAG}'
+    WHERE e.name = ? AND r.lifecycle_stage = 'active'"""
+
+
+class _Lookup(Generic[Record]):
+    """A listing's ``load``: a few records looked up by key, or past ``LOOKUP_AT_MOST`` every
+    record read at once, and kept for the listing's later loads (a filter that passes most
+    entries by asks for more and more of them)."""
+
+    # Past this many, one read of every record is quicker than looking them up
+    # (registered_model_tags has no index on a model's name alone), and SQLite's limit on a
+    # query's parameters is never near.
+    LOOKUP_AT_MOST = 500
+
+    def __init__(
+        self,
+        some: Callable[[Sequence[str]], dict[str, Record]],
+        every: Callable[[], list[Record]],
+        key: Callable[[Record], str],
+    ) -> None:
+        self.some, self.every, self.key = some, every, key
+        self.everything: dict[str, Record] | None = None
+
+    def __call__(self, keys: Sequence[str]) -> dict[str, Record]:
+        if self.everything is None and len(keys) > self.LOOKUP_AT_MOST:
+            self.everything = {self.key(record): record for record in self.every()}
+        if self.everything is None:
+            return self.some(keys)
+        return {key: self.everything[key] for key in keys if key in self.everything}
 
 
 class SqliteReader:
@@ -140,6 +244,56 @@ class SqliteReader:
     def run_tag(self, run_id: str, key: str) -> str | None:
         rows = self._query("SELECT value FROM tags WHERE run_uuid = ? AND key = ?", run_id, key)
         return rows[0][0] if rows else None
+
+    def model_listing(self) -> Listing[RegisteredModel]:
+        try:
+            lookup = _Lookup(self._models_named, self.registered_models, lambda m: m.name)
+            return Listing(self._query(MODEL_TIMES), lookup)
+        except sqlite3.OperationalError as error:
+            _without_json_functions(error)
+            return _in_memory_models(self.registered_models())
+
+    def operation_listing(self) -> Listing[RunRecord]:
+        try:
+            lookup = _Lookup(self._runs_with_ids, self.runs, lambda run: run.run_id)
+            return Listing(self._query(OPERATION_TIMES, self.experiment), lookup)
+        except sqlite3.OperationalError as error:
+            _without_json_functions(error)
+            return _in_memory_operations(self.runs())
+
+    def _models_named(self, names: Sequence[str]) -> dict[str, RegisteredModel]:
+        marks = ", ".join("?" for _ in names)
+        models = {
+            name: RegisteredModel(name, description or "")
+            for name, description in self._query(
+                f"SELECT name, description FROM registered_models WHERE name IN ({marks})", *names
+            )
+        }
+        tags = f"SELECT key, value, name FROM registered_model_tags WHERE name IN ({marks})"
+        for key, value, name in self._query(tags, *names):
+            if name in models:
+                models[name].tags[key] = value
+        return models
+
+    def _runs_with_ids(self, run_ids: Sequence[str]) -> dict[str, RunRecord]:
+        marks = ", ".join("?" for _ in run_ids)
+        runs = {
+            run_id: RunRecord(run_id, artifact_uri)
+            for run_id, artifact_uri in self._query(
+                f"SELECT run_uuid, artifact_uri FROM runs WHERE run_uuid IN ({marks})", *run_ids
+            )
+        }
+        tags = f"SELECT key, value, run_uuid FROM tags WHERE run_uuid IN ({marks})"
+        for key, value, run_id in self._query(tags, *run_ids):
+            runs[run_id].tags[key] = value
+        return runs
+
+
+def _without_json_functions(error: sqlite3.OperationalError) -> None:
+    """Passes when SQLite was built without its JSON functions (before 3.38 they were optional):
+    the records are then read whole and ordered in Python. Any other error is raised again."""
+    if "no such function" not in str(error):
+        raise error
 
 
 class RestReader:
@@ -238,6 +392,13 @@ class RestReader:
     def registered_models(self) -> list[RegisteredModel]:
         found = self._pages("registered-models/search", "registered_models")
         return [self._model(m) for m in found]
+
+    def model_listing(self) -> Listing[RegisteredModel]:
+        # The server answers with whole records: one read of them all, paged here.
+        return _in_memory_models(self.registered_models())
+
+    def operation_listing(self) -> Listing[RunRecord]:
+        return _in_memory_operations(self.runs())
 
     def registered_model(self, name: str) -> RegisteredModel | None:
         found = self._call("registered-models/get", name=name)

@@ -11,6 +11,7 @@ MANAGEMENT = (
     "predict",
     "weights",
     "sweeps",
+    "serve",
     "--tracking-uri",
     "--experiment",
     "-h",

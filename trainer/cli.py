@@ -16,6 +16,7 @@ from typing import Any
 
 from trainer import front_door
 from trainer.errors import UserError
+from trainer.server.main import add_serve_verb
 from trainer.settings import Workspace, redact
 from trainer.store.automl import progress_of, resource_id
 from trainer.store.listing import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, ListRequestError
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("id")
     add_weights_verbs(resources)
     add_sweep_verbs(resources)
+    add_serve_verb(resources)
     return parser
 
 
@@ -176,6 +178,11 @@ def run(argv: list[str]) -> int:
             return 0
         if args.resource == "sweeps":  # the sweep's folder under the home
             run_sweep_verb(args, print_table, print_fields)
+            return 0
+        if args.resource == "serve":  # until stopped
+            from trainer.server.main import run_server
+
+            run_server(args, workspace)
             return 0
         catalog = Catalog(args.tracking_uri, args.experiment)
         handler = HANDLERS[(args.resource, getattr(args, "verb", None))]

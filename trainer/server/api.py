@@ -1,0 +1,388 @@
+"""The routes of AutoML's v1 REST API (and v1beta1's, for video): models, their evaluations,
+operations, datasets, batch prediction and export, each through the functions the CLI verbs
+use, on the same store.
+
+Each long-running operation (a training, an import, a batch prediction, an export) runs as a
+process of its own: the answer names its Operation at once, and a stopped server loses none of
+them (trainer/server/started.py). Request bodies are parsed strictly by Google's own message
+types (camelCase or snake_case, unknown fields refused).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from trainer.background import start_in_background, trainer_command
+from trainer.errors import NotFound
+from trainer.job.ids import OPERATION_ID_ENV
+from trainer.server import trainings
+from trainer.server.errors import ApiError, install_error_handlers
+from trainer.server.guard import PathRoots
+from trainer.server.started import StartedOperations
+from trainer.settings import Workspace
+from trainer.store.automl import Operation, Parent, resource_id
+from trainer.store.resources import new_id
+
+EXPORT_FORMATS = ("onnx", "torchscript")  # models export's --format
+
+
+@dataclass
+class Service:
+    """What every route shares: the store, the operations started here, where requests may read
+    and write, the defaults of every training, and the variables the processes are told."""
+
+    catalog: Any
+    workspace: Workspace
+    roots: PathRoots
+    defaults: list[str]
+    runs: Path  # the run directories of the trainings started here
+    max_wait_seconds: float = 60.0
+    started: StartedOperations = field(init=False)
+    _children: list[subprocess.Popen] = field(default_factory=list)
+    _writing: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.started = StartedOperations(Path(self.workspace.home) / "serve" / "operations")
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """What each process started here is told: the store this server uses."""
+        return {
+            "MLFLOW_TRACKING_URI": self.workspace.tracking_uri.reveal(),
+            "MLFLOW_EXPERIMENT_NAME": self.workspace.experiment_name,
+            "VISION_TRAINER_HOME": self.workspace.home,
+        }
+
+    def spawn(self, command: list[str], log: Path, operation_id: str = "") -> subprocess.Popen:
+        told = {**os.environ, **self.environment}
+        if operation_id:
+            told[OPERATION_ID_ENV] = operation_id
+        process = start_in_background(command, log, told)
+        self._reap()
+        self._children.append(process)
+        return process
+
+    def _reap(self) -> None:
+        """Collect the processes that ended (a process nobody waits for stays a zombie)."""
+        self._children = [child for child in self._children if child.poll() is None]
+
+    # -- operations ------------------------------------------------------------------------
+
+    def operation(self, operation_id: str) -> dict[str, Any]:
+        """The store's record; for one started here and not on record yet, the server's."""
+        try:
+            return self.catalog.operation(operation_id)
+        except NotFound:
+            started = self.started.get(resource_id(operation_id))
+            if started is None:
+                raise
+            return started.current()
+
+    def not_yet_recorded(self, parent: Parent) -> list[dict[str, Any]]:
+        """The operations started here that the store does not have yet (newest first);
+        those it has are forgotten here, a cancel asked for meanwhile passed on."""
+        waiting = []
+        for started in self.started.all():
+            try:
+                self.catalog.operation(started.operation_id)
+            except NotFound:
+                if started.operation["name"].startswith(f"{parent_name(parent)}/"):
+                    waiting.append(started.current())
+                continue
+            if started.cancel_requested:
+                self.catalog.cancel(started.operation_id)
+            if not started.operation.get("done"):
+                self.started.forget(started.operation_id)
+        return sorted(waiting, key=lambda op: op["metadata"]["createTime"], reverse=True)
+
+
+def parent_name(parent: Parent) -> str:
+    return f"projects/{parent.project}/locations/{parent.location}"
+
+
+def _parent(project: str, location: str) -> Parent:
+    return Parent(project, location)  # refuses a malformed project or location
+
+
+def _name(parent: Parent, collection: str, resource: str) -> str:
+    return parent.name(collection, resource)
+
+
+async def _body(request: Request, message: Any) -> Any:
+    """The request's JSON as Google's ``message``, strictly: an unknown field is refused."""
+    from google.protobuf.json_format import ParseError
+
+    raw = await request.body()
+    try:
+        return message.from_json(raw.decode("utf-8") or "{}", ignore_unknown_fields=False)
+    except (ParseError, UnicodeDecodeError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "not JSON"
+        raise ApiError("INVALID_ARGUMENT", f"the request body: {first}") from None
+
+
+def _types(request: Request) -> Any:
+    """Google's message types of the request's API version."""
+    if request.url.path.startswith("/v1beta1/"):
+        from google.cloud import automl_v1beta1
+
+        return automl_v1beta1
+    from google.cloud import automl_v1
+
+    return automl_v1
+
+
+def _page_args(request: Request) -> tuple[str, int, str]:
+    query = request.query_params
+    try:
+        page_size = int(query.get("pageSize", query.get("page_size", "0")) or 0)
+    except ValueError:
+        raise ApiError("INVALID_ARGUMENT", "pageSize must be a whole number") from None
+    token = query.get("pageToken", query.get("page_token", ""))
+    return query.get("filter", ""), page_size, token
+
+
+def _listed(key: str, items: list[Any], token: str) -> dict[str, Any]:
+    """A List response as proto3's JSON writes it: an empty list or token is left out."""
+    listed: dict[str, Any] = {key: items} if items else {}
+    return {**listed, "nextPageToken": token} if token else listed
+
+
+def done_operation(
+    parent: Parent, details: tuple[str, dict[str, Any]], api: str = "v1"
+) -> dict[str, Any]:
+    """An operation that ended as it began (a deletion): succeeded, its response Empty."""
+    operation = Operation(new_id("OP"), None, details, parent, api)
+    operation.succeed("", {})
+    return operation.resource
+
+
+def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per AutoML method
+    router = APIRouter()
+    base = "/projects/{project}/locations/{location}"
+
+    # -- models ----------------------------------------------------------------------------
+
+    @router.get(base + "/models")
+    def list_models(project: str, location: str, request: Request) -> dict[str, Any]:
+        parent = _parent(project, location)
+        filter_, page_size, token = _page_args(request)
+        pairs, next_token = service.catalog.models_page(
+            filter_, page_size, token, parent=parent_name(parent)
+        )
+        return _listed("model", [model for model, _ in pairs], next_token)
+
+    @router.post(base + "/models")
+    async def create_model(project: str, location: str, request: Request) -> dict[str, Any]:
+        parent = _parent(project, location)
+        model = await _body(request, _types(request).Model)
+        wanted = trainings.training_request(model, parent)
+        if wanted.base_model_id:
+            service.catalog.usable_model(wanted.base_model_id, "training further")
+        settings = trainings.checked(service.defaults, wanted.overrides)
+        operation, pid, log = trainings.start_training(
+            settings, [*service.defaults, *wanted.overrides], service.runs, service.environment
+        )
+        service.started.add(operation, pid, str(log))
+        return operation
+
+    @router.get(base + "/models/{model_id}")
+    def get_model(project: str, location: str, model_id: str) -> dict[str, Any]:
+        return service.catalog.model(_name(_parent(project, location), "models", model_id))
+
+    @router.delete(base + "/models/{model_id}")
+    def delete_model(project: str, location: str, model_id: str) -> dict[str, Any]:
+        parent = _parent(project, location)
+        with service._writing:
+            service.catalog.delete_model(_name(parent, "models", model_id))
+        operation = done_operation(parent, ("deleteDetails", {}))
+        service.started.add(operation)
+        return operation
+
+    @router.post(base + "/models/{model_id}:export")
+    async def export_model(project: str, location: str, model_id: str, request: Request) -> Any:
+        parent = _parent(project, location)
+        asked = await _body(request, _types(request).ExportModelRequest)
+        config = asked.output_config
+        fmt = config.model_format or "onnx"
+        if fmt not in EXPORT_FORMATS:
+            raise ApiError("INVALID_ARGUMENT", f"modelFormat {fmt!r} is not offered here; use "
+                           f"one of {', '.join(EXPORT_FORMATS)}")  # fmt: skip
+        prefix = config.gcs_destination.output_uri_prefix
+        folder = service.roots.writable(prefix, "outputConfig.gcsDestination.outputUriPrefix")
+        name = _name(parent, "models", model_id)
+        model, _ = service.catalog.usable_model(name, "export")
+        command = trainer_command("models", "export", model_id, "--format", fmt,
+                                  "--output", str(folder))  # fmt: skip
+        details = {"outputInfo": {"gcsOutputDirectory": str(folder)}}
+        return _start_verb(service, parent, model, command, ("exportModelDetails", details))
+
+    @router.post(base + "/models/{model_id}:batchPredict")
+    async def batch_predict(project: str, location: str, model_id: str, request: Request) -> Any:
+        parent = _parent(project, location)
+        asked = await _body(request, _types(request).BatchPredictRequest)
+        uris = list(asked.input_config.gcs_source.input_uris)
+        if len(uris) != 1:
+            raise ApiError("INVALID_ARGUMENT", "inputConfig.gcsSource.inputUris: give one CSV")
+        source = service.roots.readable(uris[0], "inputConfig.gcsSource.inputUris")
+        prefix = asked.output_config.gcs_destination.output_uri_prefix
+        output = service.roots.writable(prefix, "outputConfig.gcsDestination.outputUriPrefix")
+        name = _name(parent, "models", model_id)
+        model, _ = service.catalog.usable_model(name, "prediction")
+        flags = _predict_flags(dict(asked.params))
+        command = trainer_command("predict", model_id, "--input", str(source),
+                                  "--output", str(output), *flags)  # fmt: skip
+        details = {
+            "inputConfig": {"gcsSource": {"inputUris": [str(source)]}},
+            "outputInfo": {"gcsOutputDirectory": str(output)},
+        }
+        return _start_verb(service, parent, model, command, ("batchPredictDetails", details))
+
+    @router.post(base + "/models/{model_id}:deploy")
+    @router.post(base + "/models/{model_id}:undeploy")
+    @router.post(base + "/models/{model_id}:predict")
+    def not_yet(project: str, location: str, model_id: str) -> None:
+        raise ApiError("UNIMPLEMENTED", "deploy, undeploy and online predict are not offered "
+                       "yet; use batchPredict")  # fmt: skip
+
+    @router.get(base + "/models/{model_id}/modelEvaluations")
+    def list_evaluations(project: str, location: str, model_id: str) -> dict[str, Any]:
+        name = _name(_parent(project, location), "models", model_id)
+        return _listed("modelEvaluation", service.catalog.evaluation_resources(name), "")
+
+    @router.get(base + "/models/{model_id}/modelEvaluations/{evaluation_id}")
+    def get_evaluation(
+        project: str, location: str, model_id: str, evaluation_id: str
+    ) -> dict[str, Any]:
+        name = _name(_parent(project, location), "models", model_id)
+        for evaluation in service.catalog.evaluation_resources(name):
+            if evaluation["name"] == f"{name}/modelEvaluations/{evaluation_id}":
+                return evaluation
+        raise NotFound(f"model evaluation {evaluation_id!r} is not one of model {model_id}'s")
+
+    # -- operations ------------------------------------------------------------------------
+
+    @router.get(base + "/operations")
+    def list_operations(project: str, location: str, request: Request) -> dict[str, Any]:
+        parent = _parent(project, location)
+        filter_, page_size, token = _page_args(request)
+        found, next_token = service.catalog.operations_page(
+            filter_, page_size, token, parent=parent_name(parent)
+        )
+        if not token:  # the newest of all: those the store has not got yet
+            found = [*_filtered(service.not_yet_recorded(parent), filter_), *found]
+        return _listed("operations", found, next_token)
+
+    @router.get(base + "/operations/{operation_id}")
+    def get_operation(project: str, location: str, operation_id: str) -> dict[str, Any]:
+        return service.operation(_name(_parent(project, location), "operations", operation_id))
+
+    @router.post(base + "/operations/{operation_id}:cancel")
+    def cancel_operation(project: str, location: str, operation_id: str) -> dict[str, Any]:
+        name = _name(_parent(project, location), "operations", operation_id)
+        started = service.started.get(operation_id)
+        try:
+            with service._writing:
+                service.catalog.cancel(name)
+        except NotFound:
+            if started is None or started.operation.get("done"):
+                raise
+            started.cancel_requested = True  # passed on once the training has it on record
+            service.started.save(started)
+        return {}
+
+    @router.delete(base + "/operations/{operation_id}")
+    def delete_operation(project: str, location: str, operation_id: str) -> dict[str, Any]:
+        name = _name(_parent(project, location), "operations", operation_id)
+        operation = service.operation(name)
+        if not operation.get("done"):
+            raise ApiError("FAILED_PRECONDITION", f"operation {name} is running; cancel it "
+                           "first")  # fmt: skip
+        service.started.forget(operation_id)
+        return {}
+
+    @router.post(base + "/operations/{operation_id}:wait")
+    async def wait_operation(project: str, location: str, operation_id: str,
+                             request: Request) -> dict[str, Any]:  # fmt: skip
+        import asyncio
+
+        from google.longrunning import operations_pb2
+        from google.protobuf.json_format import Parse, ParseError
+
+        raw = (await request.body()).decode("utf-8", "replace") or "{}"
+        try:
+            asked = Parse(raw, operations_pb2.WaitOperationRequest())
+        except ParseError as error:
+            raise ApiError("INVALID_ARGUMENT", f"the request body: {error}") from None
+        timeout = asked.timeout.ToTimedelta().total_seconds() if asked.HasField("timeout") else 0
+        limit = min(timeout or service.max_wait_seconds, service.max_wait_seconds)
+        name = _name(_parent(project, location), "operations", operation_id)
+        deadline = time.monotonic() + limit
+        while True:
+            operation = service.operation(name)
+            if operation.get("done") or time.monotonic() >= deadline:
+                return operation
+            await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    return router
+
+
+def _filtered(operations: list[dict[str, Any]], filter_: str) -> list[dict[str, Any]]:
+    """The started operations a list's filter keeps (its ``done=`` term; none of them works on a
+    model on record yet, so a ``worksOn`` filter keeps none)."""
+    if "worksOn" in filter_ or "works_on" in filter_:
+        return []
+    if "done" in filter_:
+        wanted = "true" in filter_.split("done", 1)[1][:8]
+        return [op for op in operations if bool(op.get("done")) == wanted]
+    return operations
+
+
+def _predict_flags(params: dict[str, str]) -> list[str]:
+    """AutoML's batch prediction ``params`` as the predict verb's flags."""
+    flags = []
+    for key, value in params.items():
+        if key != "score_threshold":
+            raise ApiError("INVALID_ARGUMENT", f"params {key!r}: only score_threshold is taken")
+        flags += ["--score-threshold", value]
+    return flags
+
+
+def _start_verb(
+    service: Service,
+    parent: Parent,
+    model: dict[str, Any],
+    command: list[str],
+    details: tuple[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """A verb on a model (predict, export) as a process of its own, its operation named here."""
+    api = "v1beta1" if "videoClassificationModelMetadata" in model else "v1"
+    operation_id = new_id(resource_id(model["name"])[:3])
+    operation = Operation(operation_id, None, details, parent, api).resource
+    log = Path(service.workspace.home) / "serve" / "logs" / f"{operation_id}.log"
+    process = service.spawn(command, log, operation_id)
+    service.started.add(operation, process.pid, str(log))
+    return operation
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="vision-trainer: AutoML's API", docs_url=None, redoc_url=None,
+                  openapi_url=None)  # fmt: skip
+    install_error_handlers(app)
+    router = build_router(service)
+    app.include_router(router, prefix="/v1")
+    app.include_router(router, prefix="/v1beta1")  # AutoML Video's
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    return app

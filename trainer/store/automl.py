@@ -244,6 +244,15 @@ class Operation:
         operation._write()
         return operation
 
+    @classmethod
+    def of_resource(cls, resource: dict[str, Any], api: str = "v1") -> Operation:
+        """An operation another process put on record (a detached import's), carried on here:
+        kept in memory and published to the store, with no file of its own."""
+        operation = cls.__new__(cls)
+        operation.path, operation.api, operation.name = None, api, resource["name"]
+        operation.resource = resource
+        return operation
+
     def progress(self, fraction: float) -> None:
         if self.resource["done"]:
             return

@@ -298,18 +298,22 @@ def _read_csv(csv_path: Path) -> list[Item]:
     items: list[Item] = []
     seen: set[str] = set()
     for line_no, cells in csv_rows(csv_path):
-        ml_use, row = take_ml_use(cells)
-        if len(row) < 2 or not row[0] or not row[1]:
-            raise UserError(
-                f"{csv_path}:{line_no}: expected [ML_USE,]path,label but got {','.join(row)!r}"
-            )
-        key, label = row[0], check_name("label", row[1])
+        ml_use, key, label = image_row(cells, f"{csv_path}:{line_no}")
         if key in seen:
             continue
         seen.add(key)
         split = ML_USE.get(ml_use) or split_for(key)
         items.append(Item(resolve_path(key, csv_path.parent), label, split, key))
     return items
+
+
+def image_row(cells: list[str], where: str) -> tuple[str, str, str]:
+    """A CSV row ``[ML_USE,]path,label`` as (ML_USE, path as spelled, label); a malformed row
+    is the user's error, naming ``where`` it is."""
+    ml_use, row = take_ml_use(cells)
+    if len(row) < 2 or not row[0] or not row[1]:
+        raise UserError(f"{where}: expected [ML_USE,]path,label but got {','.join(row)!r}")
+    return ml_use, row[0], check_name("label", row[1])
 
 
 def describe(manifest: Manifest) -> str:

@@ -9,6 +9,8 @@ A task is one package here plus its configs, and nothing else names it:
 - ``trainer/tasks/<name>/task.py``: ``TASK``, an object with every method of ``Task`` below;
 - ``trainer/tasks/<name>/__init__.py``: optionally ``add_predict_options(parser)``, the task's own
   flags of the ``predict`` verb. It must not import torch: the CLI builds its parser from it.
+- ``trainer/tasks/<name>/data.py``: ``DATASET_FORMAT``, how a dataset import reads the task's
+  CSVs (trainer/data/dataset_rows.py's ``DatasetFormat``). It must not import torch either.
 
 The training job (trainer/job/train.py), ``models evaluate``, ``predict``, ``models export`` and
 the stored-model loader ask ``task_of(settings)`` for what they need. Budgets, checkpoints, resume,
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.utils.data import DataLoader
 
+    from trainer.data.dataset_rows import DatasetFormat
     from trainer.data.prediction import PredictionResult
     from trainer.store.evaluations import Evaluation
 
@@ -221,6 +224,14 @@ def task_named(name: str) -> Task:
     if name not in _parsed_task_configs():
         raise ValueError(f"no task {name!r}")
     return importlib.import_module(f"trainer.tasks.{name}.task").TASK
+
+
+def dataset_format(name: str) -> DatasetFormat:
+    """How a dataset of task ``name`` imports its rows: its light data module's
+    ``DATASET_FORMAT``."""
+    if name not in task_configs():
+        raise ValueError(f"no task {name!r}")
+    return importlib.import_module(f"trainer.tasks.{name}.data").DATASET_FORMAT
 
 
 def split_loaders(manifest: Any, loader: Callable[[list[Any], bool], Any]) -> Loaders:

@@ -14,11 +14,24 @@ imports torch: the management CLI and the config checks stay fast.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from trainer.data.dataset_rows import (
+    FileCheck,
+    ImportRow,
+    RowFailure,
+    RowProblem,
+    automl_split,
+    check_image,
+    csv_import_rows,
+    trainability,
+)
+from trainer.data.label_stats import SMALL_BOXES
 from trainer.data.manifest import (
     ML_USE,
     SPLITS,
@@ -35,6 +48,7 @@ from trainer.data.manifest import (
     take_ml_use,
 )
 from trainer.errors import UserError
+from trainer.store.automl import RpcCode
 from trainer.store.resources import check_name
 
 MIN_EDGE = 0.01  # AutoML's smallest box edge, as a fraction of the image
@@ -235,3 +249,55 @@ def describe(manifest: DetectionManifest) -> str:
         f"test {counts[TEST]}/{boxes[TEST]} images/boxes)"
     )
     return text + manifest.skipped_summary()
+
+
+# -- importing into a dataset (trainer/data/dataset_rows.py) -----------------------------------
+
+
+class DetectionFormat:
+    """A detection CSV as a dataset import reads it: each box row on its own, a box the
+    training would skip (outside, inverted, an edge under 0.01) refused with its row."""
+
+    metadata_key = "imageObjectDetectionDatasetMetadata"
+    unit = "image"
+
+    def metadata(self, classification_type: str | None) -> dict[str, Any]:
+        if classification_type:
+            raise UserError("classificationType is image classification's: an object detection "
+                            "dataset takes none")  # fmt: skip
+        return {}
+
+    def read(self, source: Path) -> Iterator[ImportRow | RowFailure]:
+        try:
+            csv_path = _csv_file(source)
+        except UserError as error:
+            yield RowFailure(RpcCode.INVALID_ARGUMENT, str(source), str(error))
+            return
+        yield from csv_import_rows(csv_path, _import_row)
+
+    def check_file(self, path: Path) -> FileCheck:
+        return check_image(path)
+
+    def row_problem(self, row: ImportRow, facts: dict[str, Any]) -> str | None:
+        return None
+
+    def trainable(self, rows_csv: Path) -> str | None:
+        return trainability(lambda path: read_detection_dataset(path, check_files=False), rows_csv)
+
+
+def _import_row(cells: list[str], base: Path, where: str) -> ImportRow:
+    ml_use, key, box = _parse_row(cells, where)
+    path = Path(os.path.abspath(resolve_path(key, base)))
+    split = automl_split(ml_use)
+    if box is None:  # an image without objects
+        return ImportRow(split, path, (), (), f"{path}\tnone")
+    problem = box_problem(box)
+    if problem:
+        raise RowProblem(problem, (box.label,), SMALL_BOXES if problem == TOO_SMALL else "")
+    x_min, y_min, x_max, y_max = (f"{v:.6f}" for v in box.as_tuple())
+    rest = (box.label, x_min, y_min, "", "", x_max, y_max, "", "")
+    identity = "\t".join([str(path), *rest])  # the same box under another ML_USE contradicts
+    return ImportRow(split, path, rest, (box.label,), identity, box.as_tuple())
+
+
+DATASET_FORMAT = DetectionFormat()

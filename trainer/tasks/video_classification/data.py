@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -39,6 +40,14 @@ from typing import Any
 import av
 from PIL import Image
 
+from trainer.data.dataset_rows import (
+    FileCheck,
+    ImportRow,
+    RowFailure,
+    automl_split,
+    csv_import_rows,
+    trainability,
+)
 from trainer.data.manifest import (
     ML_USE,
     SPLITS,
@@ -55,6 +64,7 @@ from trainer.data.manifest import (
     take_ml_use,
 )
 from trainer.errors import UserError
+from trainer.store.automl import RpcCode
 from trainer.store.resources import check_name
 
 VALIDATION_FRACTION = 0.125
@@ -364,3 +374,51 @@ def describe(manifest: VideoManifest) -> str:
         f"validate {counts[VALIDATE]} in {videos[VALIDATE]}, test {counts[TEST]} in {videos[TEST]})"
     )
     return text + manifest.skipped_summary("segments")
+
+
+# -- importing into a dataset (trainer/data/dataset_rows.py) -----------------------------------
+
+
+class VideoFormat:
+    """AutoML Video's CSV as a dataset import reads it: each segment row on its own, its video
+    probed as a training probes it, a segment that starts past the video's end refused."""
+
+    metadata_key = "videoClassificationDatasetMetadata"
+    unit = "video"
+
+    def metadata(self, classification_type: str | None) -> dict[str, Any]:
+        if classification_type:
+            raise UserError("classificationType is image classification's: a video "
+                            "classification dataset takes none")  # fmt: skip
+        return {}
+
+    def read(self, source: Path) -> Iterator[ImportRow | RowFailure]:
+        if not source.is_file():
+            problem = "is not a file; give a CSV ML_USE,path,label,start_seconds,end_seconds"
+            yield RowFailure(RpcCode.INVALID_ARGUMENT, str(source), problem)
+            return
+        yield from csv_import_rows(source, _import_row)
+
+    def check_file(self, path: Path) -> FileCheck:
+        found = _probe(path)
+        return FileCheck(found) if isinstance(found, str) else FileCheck(facts={"duration": found})
+
+    def row_problem(self, row: ImportRow, facts: dict[str, Any]) -> str | None:
+        start, duration = float(row.rest[1]), facts["duration"]
+        if start >= duration:
+            return f"the segment starts at {start:g}s, the video ends at {duration:g}s"
+        return None
+
+    def trainable(self, rows_csv: Path) -> str | None:
+        return trainability(lambda path: read_video_dataset(path, check_files=False), rows_csv)
+
+
+def _import_row(cells: list[str], base: Path, where: str) -> ImportRow:
+    row = _parse_row(cells, base, where)
+    path = Path(os.path.abspath(row.path))
+    rest = (row.label, repr(row.start), "inf" if math.isinf(row.end) else repr(row.end))
+    identity = "\t".join([str(path), *rest])  # the reader's: video, label, start and end
+    return ImportRow(automl_split(row.ml_use), path, rest, (row.label,), identity)
+
+
+DATASET_FORMAT = VideoFormat()

@@ -11,6 +11,7 @@ MANAGEMENT = (
     "predict",
     "weights",
     "sweeps",
+    "datasets",
     "serve",
     "--tracking-uri",
     "--experiment",

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from trainer import front_door
+from trainer.dataset_verbs import add_dataset_verbs, run_dataset_verb
 from trainer.errors import UserError
 from trainer.server.main import add_serve_verb
 from trainer.settings import Workspace, redact
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("id")
     add_weights_verbs(resources)
     add_sweep_verbs(resources)
+    add_dataset_verbs(resources)
     add_serve_verb(resources)
     return parser
 
@@ -178,6 +180,9 @@ def run(argv: list[str]) -> int:
             return 0
         if args.resource == "sweeps":  # the sweep's folder under the home
             run_sweep_verb(args, print_table, print_fields)
+            return 0
+        if args.resource == "datasets":  # trainer/datasets.py: the API server's functions too
+            run_dataset_verb(args, workspace.home, print_table, print_fields)
             return 0
         if args.resource == "serve":  # until stopped
             from trainer.server.main import run_server
@@ -371,7 +376,7 @@ def operations_get(catalog: Any, args: argparse.Namespace) -> None:
     }
     if "error" in operation:
         fields["error"] = f"{operation['error']['code']}: {operation['error']['message']}"
-    if "response" in operation:
+    if "name" in operation.get("response", {}):  # a Model; an import's response is Empty
         fields["model"] = operation["response"]["name"]
     fields.pop("createModelDetails", None)
     print_fields(fields)

@@ -34,6 +34,11 @@ KEYS = (
         "[ML_USE,]path,label; empty (the default): the bundled demo dataset",
     ),
     (
+        "dataset_id=ID",
+        "a dataset on record instead of a path: its imported rows (python -m trainer datasets "
+        "--help)",
+    ),
+    (
         "budget.train_budget_milli_node_hours=N",
         "the budget, never exceeded (1 milli-node-hour = 3.6 node-seconds); bounds and default "
         "per model type",
@@ -116,6 +121,7 @@ def epilog(conf: Path = CONF_DIR) -> str:
         "  python -m trainer models --help       python -m trainer models list --help",
         "  python -m trainer predict --help      python -m trainer operations --help",
         "  python -m trainer weights --help      python -m trainer sweeps --help",
+        "  python -m trainer datasets --help",
         "",
         "More: README.md (training, budgets, the verbs) and conf/README.md (the groups).",
     ]

@@ -347,6 +347,7 @@ class Settings(Section):
     task: TaskSettings
     model: ModelSettings
     dataset: DatasetSettings
+    dataset_id: str | None  # a dataset on record, read in place of dataset.path
     data: DataSettings
     budget: BudgetSettings
     optimizer: OptimizerSettings

@@ -355,8 +355,8 @@ def _resources(
         state.base_model_id,
     )  # fmt: skip
     model = model_resource(
-        job.model_name, settings.display_name, data.manifest.fingerprint(), state.create_time,
-        settings.task, figures,
+        job.model_name, settings.display_name, settings.dataset_id or data.manifest.fingerprint(),
+        state.create_time, settings.task, figures,
     )  # fmt: skip
     expire_time = add_months(state.create_time, settings.task.model_lifespan_months)
     details = model_details(model, settings.task.name, expire_time, figures)

@@ -9,7 +9,7 @@ from typing import Any
 
 from trainer import CONF_DIR
 from trainer.errors import UserError
-from trainer.settings import Settings
+from trainer.settings import Settings, Workspace
 from trainer.store.automl import Parent
 from trainer.store.resources import check_name
 from trainer.tasks import default_task
@@ -22,6 +22,8 @@ def checked_settings(resolved: Mapping[str, Any]) -> Settings:
     values (trainer/settings.py), then what needs the store's rules or the file system."""
     settings = Settings.parse(resolved)
     check_name("display_name", settings.display_name)
+    if settings.dataset_id is not None:
+        settings = _from_dataset(settings)
     path = settings.dataset.path
     if path is not None and not Path(path).expanduser().exists():
         raise UserError(
@@ -30,6 +32,18 @@ def checked_settings(resolved: Mapping[str, Any]) -> Settings:
         )
     parent(settings)  # resource names: the project and location must fit in one
     return settings
+
+
+def _from_dataset(settings: Settings) -> Settings:
+    """The settings of a training on a dataset on record: its rows as ``dataset.path`` (a copy
+    pinned to their version, trainer/store/datasets.py), its bare ID as ``dataset_id``."""
+    from trainer.store.datasets import rows_for_training
+
+    dataset_id, rows = rows_for_training(
+        Workspace.of(settings), str(settings.dataset_id), settings.task.name, settings.dataset.path
+    )
+    settings = settings.replace_in("dataset", path=str(rows))
+    return settings.model_copy(update={"dataset_id": dataset_id})
 
 
 def parent(settings: Settings) -> Parent:

@@ -98,7 +98,7 @@ def decode_token(token: str, kind: str, filter_text: str, parent: str = "") -> S
             "pageToken", f"was given with another filter ({cursor.get('filter')!r}); "
             "give that filter again, or start again without a page token",
         )  # fmt: skip
-    return tuple(cursor["after"])  # type: ignore[return-value]
+    return tuple(cursor["after"])
 
 
 def _cursor(token: str) -> dict[str, Any] | None:
@@ -203,8 +203,8 @@ def _model_term(term: Term, task_keys: Mapping[str, str] | None) -> ModelTest:
         if value not in task_keys:
             raise ListRequestError("filter", f"task={value!r} is not a task; use "
                                    f"{', '.join(sorted(task_keys))}")  # fmt: skip
-        metadata = task_keys[value]
-        return lambda model, details: metadata in model
+        task_key = task_keys[value]
+        return lambda model, details: task_key in model
     if key == "model_type" and operator == "=":
         return lambda model, details: details.get("modelType") == value
     if key == "display_name" and operator == "=":

@@ -184,7 +184,9 @@ class _Lookup(Generic[Record]):
         every: Callable[[], list[Record]],
         key: Callable[[Record], str],
     ) -> None:
-        self.some, self.every, self.key = some, every, key
+        self.some: Callable[[Sequence[str]], dict[str, Record]] = some
+        self.every: Callable[[], list[Record]] = every
+        self.key: Callable[[Record], str] = key
         self.everything: dict[str, Record] | None = None
 
     def __call__(self, keys: Sequence[str]) -> dict[str, Record]:

@@ -164,12 +164,16 @@ def test_bad_rows_become_partial_failures(cli, shapes: Path, tmp_path: Path) -> 
 
 def test_an_import_of_nothing_but_bad_rows_fails(cli, tmp_path: Path) -> None:
     dataset = created(cli)
-    rows = [["TRAIN", str(tmp_path / "a.png"), "circle"], ["TRAIN", "b.png"]]
+    rows = [["TRAIN", str(tmp_path / f"{i}.png"), "circle"] for i in range(25)]
+    rows.append(["TRAIN", "b.png"])
     result = cli("datasets", "import", bare(dataset), str(write_csv(tmp_path / "bad.csv", rows)))
-    assert result.returncode == 2 and "no row was imported: 2 failed" in result.stderr
+    assert result.returncode == 2 and "no row was imported: 26 failed" in result.stderr
     ended = operation(cli, result.stdout.strip())
     assert ended["done"] and ended["error"]["code"] == 3
-    assert len(ended["metadata"]["partialFailures"]) == 2
+    failures = ended["metadata"]["partialFailures"]
+    assert len(failures) == 21 and failures[-1]["message"].startswith("6 more: see import_errors")
+    (listed,) = (tmp_path / "mlartifacts").rglob("import_errors.csv")  # every one of them
+    assert len(listed.read_text().splitlines()) == 1 + 26
     assert get_dataset_count(cli, dataset) == 0
 
 

@@ -414,8 +414,11 @@ def _refused(earlier: dict[str, dict[str, int]], failures: list[RowFailure]) -> 
 
 def _report_failures(run: OperationRun, failures: list[RowFailure]) -> None:
     """The first failures in ``partialFailures`` and a last one counting the rest; every one
-    in the import run's ``import_errors.csv``."""
+    in the import run's ``import_errors.csv``. None: the field is left out, as AutoML's JSON
+    leaves out an empty list."""
     assert run.operation is not None
+    if not failures:
+        return
     statuses = [failure.status() for failure in failures[:MAX_PARTIAL_FAILURES]]
     more = len(failures) - len(statuses)
     if more > 0:

@@ -27,9 +27,18 @@ from trainer.job.ids import OPERATION_ID_ENV
 from trainer.server import trainings
 from trainer.server.errors import ApiError, install_error_handlers
 from trainer.server.guard import PathRoots
+from trainer.server.messages import (
+    listed,
+    message_types,
+    page_arguments,
+    parent_name,
+    parent_of,
+    parsed_body,
+)
 from trainer.server.started import StartedOperations
 from trainer.settings import Workspace
 from trainer.store.automl import Operation, Parent, resource_id
+from trainer.store.listing import operation_filter
 from trainer.store.resources import new_id
 
 EXPORT_FORMATS = ("onnx", "torchscript")  # models export's --format
@@ -105,57 +114,6 @@ class Service:
         return sorted(waiting, key=lambda op: op["metadata"]["createTime"], reverse=True)
 
 
-def parent_name(parent: Parent) -> str:
-    return f"projects/{parent.project}/locations/{parent.location}"
-
-
-def _parent(project: str, location: str) -> Parent:
-    return Parent(project, location)  # refuses a malformed project or location
-
-
-def _name(parent: Parent, collection: str, resource: str) -> str:
-    return parent.name(collection, resource)
-
-
-async def _body(request: Request, message: Any) -> Any:
-    """The request's JSON as Google's ``message``, strictly: an unknown field is refused."""
-    from google.protobuf.json_format import ParseError
-
-    raw = await request.body()
-    try:
-        return message.from_json(raw.decode("utf-8") or "{}", ignore_unknown_fields=False)
-    except (ParseError, UnicodeDecodeError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "not JSON"
-        raise ApiError("INVALID_ARGUMENT", f"the request body: {first}") from None
-
-
-def _types(request: Request) -> Any:
-    """Google's message types of the request's API version."""
-    if request.url.path.startswith("/v1beta1/"):
-        from google.cloud import automl_v1beta1
-
-        return automl_v1beta1
-    from google.cloud import automl_v1
-
-    return automl_v1
-
-
-def _page_args(request: Request) -> tuple[str, int, str]:
-    query = request.query_params
-    try:
-        page_size = int(query.get("pageSize", query.get("page_size", "0")) or 0)
-    except ValueError:
-        raise ApiError("INVALID_ARGUMENT", "pageSize must be a whole number") from None
-    token = query.get("pageToken", query.get("page_token", ""))
-    return query.get("filter", ""), page_size, token
-
-
-def _listed(key: str, items: list[Any], token: str) -> dict[str, Any]:
-    """A List response as proto3's JSON writes it: an empty list or token is left out."""
-    listed: dict[str, Any] = {key: items} if items else {}
-    return {**listed, "nextPageToken": token} if token else listed
-
-
 def done_operation(
     parent: Parent, details: tuple[str, dict[str, Any]], api: str = "v1"
 ) -> dict[str, Any]:
@@ -166,24 +124,27 @@ def done_operation(
 
 
 def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per AutoML method
+    from trainer.server.dataset_routes import add_dataset_routes
+
     router = APIRouter()
     base = "/projects/{project}/locations/{location}"
+    add_dataset_routes(router, service, base)
 
     # -- models ----------------------------------------------------------------------------
 
     @router.get(base + "/models")
     def list_models(project: str, location: str, request: Request) -> dict[str, Any]:
-        parent = _parent(project, location)
-        filter_, page_size, token = _page_args(request)
+        parent = parent_of(project, location)
+        filter_, page_size, token = page_arguments(request)
         pairs, next_token = service.catalog.models_page(
             filter_, page_size, token, parent=parent_name(parent)
         )
-        return _listed("model", [model for model, _ in pairs], next_token)
+        return listed("model", [model for model, _ in pairs], next_token)
 
     @router.post(base + "/models")
     async def create_model(project: str, location: str, request: Request) -> dict[str, Any]:
-        parent = _parent(project, location)
-        model = await _body(request, _types(request).Model)
+        parent = parent_of(project, location)
+        model = await parsed_body(request, message_types(request).Model)
         wanted = trainings.training_request(model, parent)
         if wanted.base_model_id:
             service.catalog.usable_model(wanted.base_model_id, "training further")
@@ -196,21 +157,21 @@ def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per A
 
     @router.get(base + "/models/{model_id}")
     def get_model(project: str, location: str, model_id: str) -> dict[str, Any]:
-        return service.catalog.model(_name(_parent(project, location), "models", model_id))
+        return service.catalog.model(parent_of(project, location).name("models", model_id))
 
     @router.delete(base + "/models/{model_id}")
     def delete_model(project: str, location: str, model_id: str) -> dict[str, Any]:
-        parent = _parent(project, location)
+        parent = parent_of(project, location)
         with service._writing:
-            service.catalog.delete_model(_name(parent, "models", model_id))
+            service.catalog.delete_model(parent.name("models", model_id))
         operation = done_operation(parent, ("deleteDetails", {}))
         service.started.add(operation)
         return operation
 
     @router.post(base + "/models/{model_id}:export")
     async def export_model(project: str, location: str, model_id: str, request: Request) -> Any:
-        parent = _parent(project, location)
-        asked = await _body(request, _types(request).ExportModelRequest)
+        parent = parent_of(project, location)
+        asked = await parsed_body(request, message_types(request).ExportModelRequest)
         config = asked.output_config
         fmt = config.model_format or "onnx"
         if fmt not in EXPORT_FORMATS:
@@ -218,7 +179,7 @@ def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per A
                            f"one of {', '.join(EXPORT_FORMATS)}")  # fmt: skip
         prefix = config.gcs_destination.output_uri_prefix
         folder = service.roots.writable(prefix, "outputConfig.gcsDestination.outputUriPrefix")
-        name = _name(parent, "models", model_id)
+        name = parent.name("models", model_id)
         model, _ = service.catalog.usable_model(name, "export")
         command = trainer_command("models", "export", model_id, "--format", fmt,
                                   "--output", str(folder))  # fmt: skip
@@ -227,15 +188,15 @@ def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per A
 
     @router.post(base + "/models/{model_id}:batchPredict")
     async def batch_predict(project: str, location: str, model_id: str, request: Request) -> Any:
-        parent = _parent(project, location)
-        asked = await _body(request, _types(request).BatchPredictRequest)
+        parent = parent_of(project, location)
+        asked = await parsed_body(request, message_types(request).BatchPredictRequest)
         uris = list(asked.input_config.gcs_source.input_uris)
         if len(uris) != 1:
             raise ApiError("INVALID_ARGUMENT", "inputConfig.gcsSource.inputUris: give one CSV")
         source = service.roots.readable(uris[0], "inputConfig.gcsSource.inputUris")
         prefix = asked.output_config.gcs_destination.output_uri_prefix
         output = service.roots.writable(prefix, "outputConfig.gcsDestination.outputUriPrefix")
-        name = _name(parent, "models", model_id)
+        name = parent.name("models", model_id)
         model, _ = service.catalog.usable_model(name, "prediction")
         flags = _predict_flags(dict(asked.params))
         command = trainer_command("predict", model_id, "--input", str(source),
@@ -255,14 +216,14 @@ def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per A
 
     @router.get(base + "/models/{model_id}/modelEvaluations")
     def list_evaluations(project: str, location: str, model_id: str) -> dict[str, Any]:
-        name = _name(_parent(project, location), "models", model_id)
-        return _listed("modelEvaluation", service.catalog.evaluation_resources(name), "")
+        name = parent_of(project, location).name("models", model_id)
+        return listed("modelEvaluation", service.catalog.evaluation_resources(name), "")
 
     @router.get(base + "/models/{model_id}/modelEvaluations/{evaluation_id}")
     def get_evaluation(
         project: str, location: str, model_id: str, evaluation_id: str
     ) -> dict[str, Any]:
-        name = _name(_parent(project, location), "models", model_id)
+        name = parent_of(project, location).name("models", model_id)
         for evaluation in service.catalog.evaluation_resources(name):
             if evaluation["name"] == f"{name}/modelEvaluations/{evaluation_id}":
                 return evaluation
@@ -272,22 +233,22 @@ def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per A
 
     @router.get(base + "/operations")
     def list_operations(project: str, location: str, request: Request) -> dict[str, Any]:
-        parent = _parent(project, location)
-        filter_, page_size, token = _page_args(request)
+        parent = parent_of(project, location)
+        filter_, page_size, token = page_arguments(request)
         found, next_token = service.catalog.operations_page(
             filter_, page_size, token, parent=parent_name(parent)
         )
         if not token:  # the newest of all: those the store has not got yet
             found = [*_filtered(service.not_yet_recorded(parent), filter_), *found]
-        return _listed("operations", found, next_token)
+        return listed("operations", found, next_token)
 
     @router.get(base + "/operations/{operation_id}")
     def get_operation(project: str, location: str, operation_id: str) -> dict[str, Any]:
-        return service.operation(_name(_parent(project, location), "operations", operation_id))
+        return service.operation(parent_of(project, location).name("operations", operation_id))
 
     @router.post(base + "/operations/{operation_id}:cancel")
     def cancel_operation(project: str, location: str, operation_id: str) -> dict[str, Any]:
-        name = _name(_parent(project, location), "operations", operation_id)
+        name = parent_of(project, location).name("operations", operation_id)
         started = service.started.get(operation_id)
         try:
             with service._writing:
@@ -301,7 +262,7 @@ def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per A
 
     @router.delete(base + "/operations/{operation_id}")
     def delete_operation(project: str, location: str, operation_id: str) -> dict[str, Any]:
-        name = _name(_parent(project, location), "operations", operation_id)
+        name = parent_of(project, location).name("operations", operation_id)
         operation = service.operation(name)
         if not operation.get("done"):
             raise ApiError("FAILED_PRECONDITION", f"operation {name} is running; cancel it "
@@ -324,7 +285,7 @@ def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per A
             raise ApiError("INVALID_ARGUMENT", f"the request body: {error}") from None
         timeout = asked.timeout.ToTimedelta().total_seconds() if asked.HasField("timeout") else 0
         limit = min(timeout or service.max_wait_seconds, service.max_wait_seconds)
-        name = _name(_parent(project, location), "operations", operation_id)
+        name = parent_of(project, location).name("operations", operation_id)
         deadline = time.monotonic() + limit
         while True:
             operation = service.operation(name)
@@ -336,14 +297,10 @@ def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per A
 
 
 def _filtered(operations: list[dict[str, Any]], filter_: str) -> list[dict[str, Any]]:
-    """The started operations a list's filter keeps (its ``done=`` term; none of them works on a
-    model on record yet, so a ``worksOn`` filter keeps none)."""
-    if "worksOn" in filter_ or "works_on" in filter_:
-        return []
-    if "done" in filter_:
-        wanted = "true" in filter_.split("done", 1)[1][:8]
-        return [op for op in operations if bool(op.get("done")) == wanted]
-    return operations
+    """The started operations a list's filter keeps, as the store's are kept (none of them has
+    run tags yet: a ``worksOn`` term keeps none)."""
+    keep = operation_filter(filter_)
+    return [operation for operation in operations if keep(operation, {})]
 
 
 def _predict_flags(params: dict[str, str]) -> list[str]:

@@ -81,6 +81,24 @@ def test_a_bad_model_is_invalid_argument_and_costs_nothing(served: Server, case:
     created_nothing(served)
 
 
+def test_video_comes_through_v1beta1_as_automl_video_had_it(tmp_path: Path) -> None:
+    """v1beta1's Model and Dataset have the video metadata v1 lacks: the body parses, and the
+    video task's own checks answer."""
+    served = start_server(tmp_path, tmp_path / "home")
+    body = {"displayName": "two words", "videoClassificationModelMetadata": {}}
+    status, answer = http("POST", f"{served.url}/v1beta1/{LOCAL}/models", body)
+    assert status == 400 and "display_name 'two words' is invalid" in answer["error"]["message"]
+    clips = {"displayName": "clips", "videoClassificationDatasetMetadata": {}}
+    status, dataset = http("POST", f"{served.url}/v1beta1/{LOCAL}/datasets", clips)
+    assert status == 200 and dataset["name"].startswith(f"{LOCAL}/datasets/VCN"), dataset
+    status, answer = http("GET", f"{served.url}/v1beta1/{dataset['name']}")
+    assert (status, answer) == (200, dataset)
+    status, answer = http("DELETE", f"{served.url}/v1beta1/{dataset['name']}")
+    assert status == 200 and answer["done"]
+    assert http("GET", f"{served.url}/v1beta1/{dataset['name']}")[0] == 404
+    served.stop()
+
+
 def test_googles_client_raises_on_a_bad_model(served: Server) -> None:
     """Over REST, google-api-core raises the HTTP status's class (BadRequest, the parent of
     InvalidArgument); the status name is in the answer."""

@@ -10,6 +10,7 @@ types (camelCase or snake_case, unknown fields refused).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
@@ -268,6 +269,9 @@ def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per A
             raise ApiError("FAILED_PRECONDITION", f"operation {name} is running; cancel it "
                            "first")  # fmt: skip
         service.started.forget(operation_id)
+        # One that ended at once (a model's deletion) is the server's alone.
+        with contextlib.suppress(NotFound), service._writing:
+            service.catalog.delete_operation(name)
         return {}
 
     @router.post(base + "/operations/{operation_id}:wait")

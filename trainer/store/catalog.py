@@ -41,6 +41,8 @@ FINISHED_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED")
 # A RUNNING operation that has not put its cost on record for this long is taken as dead
 # (killed without a chance to say so): it no longer blocks deleting its models.
 STALE_AFTER = timedelta(minutes=5)
+# An operation whose result is no longer wanted (DeleteOperation): neither listed nor found.
+DELETED_TAG = "operation_deleted"
 # The times of a registered model that the verbs read back: the Model's own, then its tags.
 TIME_TAGS = ("create_time", "expire_time")
 log = logging.getLogger(__name__)
@@ -217,6 +219,8 @@ class Catalog:
         after = decode_token(page_token, "operations", filter, parent)
 
         def accept(run: RunRecord) -> dict[str, Any] | None:
+            if run.tags.get(DELETED_TAG) == "true":
+                return None
             operation = _operation_of(run)
             if operation is None or not _under(str(operation.get("name", "")), parent):
                 return None
@@ -248,6 +252,17 @@ class Catalog:
         self.client.set_tag(run.run_id, "cancel_requested", "true")
         return name
 
+    def delete_operation(self, operation_id: str) -> str:
+        """AutoML's DeleteOperation: the operation's result is no longer wanted, so it is no
+        longer listed or found; what it made (a model, a dataset) stays. A running one is
+        FailedPrecondition: cancel it first."""
+        run = self._run_of(operation_id)
+        state, name = run.tags.get("state", ""), run.tags["operation"]
+        if state not in FINISHED_STATES:
+            raise FailedPrecondition(f"operation {name} is {state or 'running'}; cancel it first")
+        self.client.set_tag(run.run_id, DELETED_TAG, "true")
+        return name
+
     def _run_of(self, operation_id: str) -> RunRecord:
         """The run of an operation given by ID or name (full, or ``operations/ID``)."""
         wanted = bare_id(operation_id, "operations")
@@ -257,6 +272,7 @@ class Catalog:
             if (
                 resource_id(name) == wanted
                 and "operation_json" in run.tags
+                and run.tags.get(DELETED_TAG) != "true"
                 and not full_name_differs
             ):
                 return run

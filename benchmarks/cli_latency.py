@@ -1,6 +1,7 @@
 """Wall-clock of `python -m trainer models list` and `operations list` on a store of N models
 (50 by default; `--models 10000` for the lists at scale), and of one page of each read in
-process, as the API server reads it (no interpreter start-up).
+process, as the API server reads it (no interpreter start-up), and the API server's list
+routes over HTTP (one page; every page).
 
 The store is built in a temporary folder: one real short training, then N - 1 more registered
 models and their operations' runs copied from it, each a minute older than the one before (so
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -188,6 +190,46 @@ def in_process_pages(cwd: Path, repeats: int) -> dict[str, float]:
     }
 
 
+def api_pages(cwd: Path, repeats: int) -> dict[str, float]:
+    """The API server's list routes over HTTP (`python -m trainer serve` on this store): one page
+    (AutoML's default size), and every entry by following nextPageToken at pageSize=1000."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    env.update(PYTHONPATH=str(REPO), VISION_TRAINER_HOME=str(cwd / "home"))
+    server = subprocess.Popen([sys.executable, "-m", "trainer", "serve", "--port", "0"], cwd=cwd,
+                              env=env, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert server.stdout is not None
+        base = server.stdout.readline().strip() + "/v1/projects/local/locations/local"
+        found = {}
+        for collection, key in (("models", "model"), ("operations", "operations")):
+            url = f"{base}/{collection}"
+            found[f"GET {collection} (one page, API)"] = median_in_process(
+                lambda url=url: fetch(url), repeats
+            )
+            found[f"GET {collection} (every page of 1000, API)"] = median_in_process(
+                lambda url=url, key=key: every_page(url, key), repeats
+            )
+        return found
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def fetch(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=60) as answer:
+        return json.loads(answer.read())
+
+
+def every_page(url: str, key: str) -> int:
+    count, token = 0, ""
+    while True:
+        page = fetch(f"{url}?pageSize=1000" + (f"&pageToken={token}" if token else ""))
+        count += len(page.get(key, []))
+        token = page.get("nextPageToken", "")
+        if not token:
+            return count
+
+
 def check_store(cwd: Path, count: int) -> None:
     listed = json.loads(trainer("models", "list", "--all", "--json", cwd=cwd).stdout)["model"]
     assert len(listed) == count, len(listed)
@@ -215,6 +257,8 @@ def main() -> None:
             seconds = median_seconds(*verb, cwd=cwd, repeats=args.repeats)
             print(f"{'python -m trainer ' + ' '.join(verb):<45} {seconds:.3f} s {note}")
         for what, seconds in in_process_pages(cwd, args.repeats).items():
+            print(f"{what:<45} {seconds:.3f} s {note}")
+        for what, seconds in api_pages(cwd, args.repeats).items():
             print(f"{what:<45} {seconds:.3f} s {note}")
 
 

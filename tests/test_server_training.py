@@ -15,6 +15,7 @@ from google.cloud import automl_v1 as automl
 
 from tests.conftest import FAST, LOCAL, run_trainer
 from tests.server_helpers import Server, http, start_server, wait_for
+from tests.test_export import run_snippet
 from trainer.tasks.image_classification.demo import write_shapes
 
 LABELS = ("circle", "square", "triangle")
@@ -92,6 +93,8 @@ def test_automls_samples_run_against_the_server(tmp_path: Path) -> None:
         assert ended.done and not ended.error.code
         assert client.get_model(name=trained.name).display_name == "shapes_model"
         assert [m.name for m in client.list_models(parent=LOCAL)] == [trained.name]
+        shown = run_snippet("automl_api.py", tmp_path, server.url)  # the README's sample
+        assert f"Model name: {trained.name}" in shown.splitlines()
         evaluations = list(client.list_model_evaluations(parent=trained.name, filter=""))
         assert len(evaluations) == 1 + len(LABELS)  # overall and one per label
         one = client.get_model_evaluation(name=evaluations[0].name)

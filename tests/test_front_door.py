@@ -72,7 +72,7 @@ def test_the_help_names_every_config_group_in_conf(shown: str) -> None:
 
 def test_the_help_points_to_hydra_and_to_each_verb(shown: str) -> None:
     assert "--cfg job" in shown
-    for verb in ("models", "operations", "predict", "weights", "sweeps"):
+    for verb in ("models", "operations", "predict", "weights", "sweeps", "datasets", "serve"):
         assert f"python -m trainer {verb} --help" in shown
     assert shown.rstrip().endswith("loaded: none")
 

@@ -121,7 +121,7 @@ def epilog(conf: Path = CONF_DIR) -> str:
         "  python -m trainer models --help       python -m trainer models list --help",
         "  python -m trainer predict --help      python -m trainer operations --help",
         "  python -m trainer weights --help      python -m trainer sweeps --help",
-        "  python -m trainer datasets --help",
+        "  python -m trainer datasets --help     python -m trainer serve --help",
         "",
         "More: README.md (training, budgets, the verbs) and conf/README.md (the groups).",
     ]

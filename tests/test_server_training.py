@@ -177,8 +177,11 @@ def test_trainings_go_on_across_a_restart_and_a_cancel_is_on_record(tmp_path: Pa
              "image_classification_model_metadata": long_budget}  # fmt: skip
     second = client.create_model(parent=LOCAL, model=model).operation.name
     assert {first["name"], second} <= operation_names(client)  # both, at once
-
     operations = client._transport.operations_client
+    # A cancel before the training has its operation on record reaches it once it has.
+    model = {**model, "display_name": "third"}
+    third = client.create_model(parent=LOCAL, model=model).operation.name
+    operations.cancel_operation(name=third)
 
     def training(name: str) -> bool:
         """On record by its own process, and past its first steps."""
@@ -196,6 +199,7 @@ def test_trainings_go_on_across_a_restart_and_a_cancel_is_on_record(tmp_path: Pa
         cancelled = wait_for(lambda: _done(operations, second), 120, "the cancel")
         assert cancelled.error.code == 1  # CANCELLED
         assert "cost so far" in cancelled.error.message
+        assert wait_for(lambda: _done(operations, third), 120, "the early cancel").error.code == 1
         finished = wait_for(lambda: _done(operations, first["name"]), 300, "the first training")
         assert not finished.error.code
         model = automl.Model.deserialize(finished.response.value)

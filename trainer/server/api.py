@@ -23,7 +23,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from trainer.background import start_in_background, trainer_command
-from trainer.errors import NotFound
+from trainer.errors import FailedPrecondition, NotFound
 from trainer.job.ids import OPERATION_ID_ENV
 from trainer.server import trainings
 from trainer.server.errors import ApiError, install_error_handlers
@@ -98,21 +98,49 @@ class Service:
             return started.current()
 
     def not_yet_recorded(self, parent: Parent) -> list[dict[str, Any]]:
-        """The operations started here that the store does not have yet (newest first);
-        those it has are forgotten here, a cancel asked for meanwhile passed on."""
+        """The operations started here under ``parent`` that the store does not have, newest
+        first (``settle``)."""
+        prefix = f"{parent_name(parent)}/"
+        waiting = [op for op in self.settle() if op["name"].startswith(prefix)]
+        return sorted(waiting, key=lambda op: op["metadata"]["createTime"], reverse=True)
+
+    def settle_forever(self, every: float = 2.0) -> None:
+        """``settle`` every few seconds, so that a cancel asked for before a training had put
+        its operation on record reaches it though nobody lists (a daemon thread's loop)."""
+        while True:
+            time.sleep(every)
+            with contextlib.suppress(Exception):  # the store busy or down: the next round
+                self.settle()
+
+    def settle(self) -> list[dict[str, Any]]:
+        """The operations started here that the store does not have: those whose process has
+        not recorded them yet, those that ended at once (a model's deletion) and those whose
+        process died first. Those the store has are forgotten here, a cancel asked for
+        meanwhile passed on."""
         waiting = []
         for started in self.started.all():
-            try:
-                self.catalog.operation(started.operation_id)
-            except NotFound:
-                if started.operation["name"].startswith(f"{parent_name(parent)}/"):
-                    waiting.append(started.current())
-                continue
-            if started.cancel_requested:
-                self.catalog.cancel(started.operation_id)
-            if not started.operation.get("done"):
+            name = started.operation["name"]
+            if not started.operation.get("done") and self._recorded(name):
+                if started.cancel_requested:
+                    with contextlib.suppress(FailedPrecondition):
+                        self.catalog.cancel(name)
                 self.started.forget(started.operation_id)
-        return sorted(waiting, key=lambda op: op["metadata"]["createTime"], reverse=True)
+                continue
+            current = started.current()
+            if current["done"] and not started.operation.get("done"):
+                if self._recorded(name):  # it recorded itself as it ended
+                    continue
+                started.operation = current  # died unrecorded: kept as it ended
+                self.started.save(started)
+            waiting.append(current)
+        return waiting
+
+    def _recorded(self, name: str) -> bool:
+        try:
+            self.catalog.operation(name)
+        except NotFound:
+            return False
+        return True
 
 
 def done_operation(

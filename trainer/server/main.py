@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,7 @@ def run_server(args: argparse.Namespace, workspace: Workspace) -> None:
         Path("runs/serve").resolve(),
         float(serve_defaults()["wait_max_seconds"]),
     )
+    threading.Thread(target=service.settle_forever, name="settle", daemon=True).start()
     app = Guard(create_app(service), api_key, args.max_body_bytes)
     listening = _bound_socket(args.host, args.port)
     host, port = listening.getsockname()[:2]

@@ -266,7 +266,11 @@ class Catalog:
     def _run_of(self, operation_id: str) -> RunRecord:
         """The run of an operation given by ID or name (full, or ``operations/ID``)."""
         wanted = bare_id(operation_id, "operations")
-        for run in self.reader.runs():
+        # A full name must be the run's own: one query finds it (an API server's polls), where
+        # a bare ID is looked for among every run.
+        full = operation_id.startswith("projects/")
+        runs = self.reader.runs_tagged("operation", operation_id) if full else self.reader.runs()
+        for run in runs:
             name = run.tags.get("operation", "")
             full_name_differs = operation_id.startswith("projects/") and operation_id != name
             if (

@@ -4,6 +4,7 @@ trainings through the API are in test_server_training.py)."""
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,3 +227,47 @@ def test_the_server_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert "Traceback" not in (tmp_path / "server.log").read_text()
     with pytest.raises(OSError):  # nothing listens any more
         http("GET", f"{server.url}/health")
+
+
+def test_a_model_trained_further_is_checked_as_its_base_models_type(tmp_path: Path) -> None:
+    """No modelType: the base model's (as `python -m trainer base_model_id=...`), whose
+    bounds the budget must fit; a cloud type's least is 8,000 milli-node-hours."""
+    from tests.test_registry_records import FIGURES_OF_NEW
+    from trainer.store.reader import MODEL_TAG
+    from trainer.store.store import Store, metadata_tags
+
+    base = {"name": f"{LOCAL}/models/ICN1234567890123456789", "displayName": "base",
+            "datasetId": "", "createTime": "2026-12-01T00:00:00Z",
+            "imageClassificationModelMetadata": {}}  # fmt: skip
+    details = {**FIGURES_OF_NEW, "modelType": "cloud",
+               "expireTime": "2099-01-01T00:00:00.000000Z"}  # fmt: skip
+    tags = {**metadata_tags(base, details), MODEL_TAG: json.dumps(base)}
+    store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}", "vision-trainer")
+    store.client.create_registered_model(tags["model_id"], tags=tags)
+    served = start_server(tmp_path, tmp_path / "home")
+    try:
+        body = {
+            "displayName": "further",
+            "imageClassificationModelMetadata": {
+                "baseModelId": "ICN1234567890123456789",
+                "trainBudgetMilliNodeHours": "2000",
+            },
+        }
+        status, answer = http("POST", served.url + MODELS, body)
+        assert status == 400, answer
+        assert "outside the bounds [8000, 800000]" in answer["error"]["message"]
+        status, answer = http(
+            "POST",
+            served.url + MODELS,
+            {
+                **body,
+                "imageClassificationModelMetadata": {
+                    "baseModelId": "ICN404",
+                    "trainBudgetMilliNodeHours": "2000",
+                },
+            },
+        )
+        assert (status, answer["error"]["status"]) == (404, "NOT_FOUND")
+        assert not (tmp_path / "runs").exists()
+    finally:
+        served.stop()

@@ -176,7 +176,8 @@ def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per A
         model = await parsed_body(request, message_types(request).Model)
         wanted = trainings.training_request(model, parent)
         if wanted.base_model_id:
-            service.catalog.usable_model(wanted.base_model_id, "training further")
+            _, tags = service.catalog.usable_model(wanted.base_model_id, "training further")
+            wanted = trainings.of_base_type(wanted, tags)
         settings = trainings.checked(service.defaults, wanted.overrides)
         operation, pid, log = trainings.start_training(
             settings, [*service.defaults, *wanted.overrides], service.runs, service.environment

@@ -69,6 +69,20 @@ def training_request(model: Any, parent: Parent) -> TrainingRequest:
     return TrainingRequest(task, overrides, base)
 
 
+def of_base_type(wanted: TrainingRequest, base_tags: dict[str, str]) -> TrainingRequest:
+    """A model trained further has its base model's type unless the request names one, as
+    `python -m trainer base_model_id=...` has (app._further): checked against that type's
+    bounds."""
+    if any(override.startswith("model_type=") for override in wanted.overrides):
+        return wanted
+    model_type = base_tags.get("modelType", "")
+    if model_type not in model_types(wanted.task):
+        raise UserError(f"base model {wanted.base_model_id} has model type {model_type[:60]!r}, "
+                        f"which task {wanted.task} does not offer")  # fmt: skip
+    typed = [*wanted.overrides, f"model_type={override_literal(model_type)}"]
+    return TrainingRequest(wanted.task, typed, wanted.base_model_id)
+
+
 def _snake(camel: str) -> str:
     return "".join(f"_{c.lower()}" if c.isupper() else c for c in camel)
 

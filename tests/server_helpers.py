@@ -56,13 +56,16 @@ class Server:
         self.process.wait(timeout=30)
 
 
-def start_server(cwd: Path, home: Path, *args: str, env: dict | None = None) -> Server:
-    """``python -m trainer serve --port 0 ARGS`` in ``cwd``; returns once it listens (its first
-    line on stdout is its address)."""
+def start_server(
+    cwd: Path, home: Path, *args: str, env: dict | None = None, store: tuple[str, ...] = ()
+) -> Server:
+    """``python -m trainer [STORE] serve --port 0 ARGS`` in ``cwd`` (``store``: the verbs' own
+    ``--tracking-uri`` and ``--experiment``); returns once it listens (its first line on stdout
+    is its address)."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
     environment.update({"VISION_TRAINER_HOME": str(home), "PYTHONPATH": str(REPO), **(env or {})})
     process = subprocess.Popen(
-        [sys.executable, "-m", "trainer", "serve", "--port", "0", *args],
+        [sys.executable, "-m", "trainer", *store, "serve", "--port", "0", *args],
         cwd=cwd,
         env=environment,
         stdout=subprocess.PIPE,

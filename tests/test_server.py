@@ -271,3 +271,21 @@ def test_a_model_trained_further_is_checked_as_its_base_models_type(tmp_path: Pa
         assert not (tmp_path / "runs").exists()
     finally:
         served.stop()
+
+
+def test_the_store_of_tracking_uri_is_every_requests(tmp_path: Path) -> None:
+    """--tracking-uri and --experiment name the store of every request: datasets, models and
+    the trainings the server starts (told through MLFLOW_TRACKING_URI)."""
+    store = f"sqlite:///{tmp_path / 'other.db'}"
+    served = start_server(tmp_path, tmp_path / "home",
+                          store=("--tracking-uri", store, "--experiment", "elsewhere"))  # fmt: skip
+    try:
+        status, created = http("POST", f"{served.url}/v1/{LOCAL}/datasets", {
+            "displayName": "shapes", "imageObjectDetectionDatasetMetadata": {}})  # fmt: skip
+        assert status == 200, created
+    finally:
+        served.stop()
+    assert (tmp_path / "other.db").is_file() and not (tmp_path / "mlflow.db").exists()
+    listed = run_trainer("--tracking-uri", store, "--experiment", "elsewhere", "datasets",
+                         "list", "--json", cwd=tmp_path, home=tmp_path / "home")  # fmt: skip
+    assert created["response"]["name"] in listed.stdout, listed.stderr

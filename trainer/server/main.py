@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import threading
@@ -74,6 +75,12 @@ def run_server(args: argparse.Namespace, workspace: Workspace) -> None:
         )
     if args.max_body_bytes < 1024:
         raise UserError(f"--max-body-bytes {args.max_body_bytes}: give 1024 or more")
+    # The store of --tracking-uri and --experiment is every request's: the trainings' configs
+    # composed here and the processes started here read it from these variables.
+    os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = args.experiment
+    workspace = Workspace(home=workspace.home, tracking_uri=args.tracking_uri,
+                          experiment_name=args.experiment)  # fmt: skip
     checked(args.overrides, [])  # the trainings' defaults, refused now rather than per request
     roots = PathRoots(args.data_root or ["."], args.output_root or ["."])
     catalog = Catalog(args.tracking_uri, args.experiment)

@@ -135,8 +135,7 @@ def _detach(
     directory) as a background process; print its operation name at once."""
     import os
 
-    from trainer.background import start_in_background, trainer_command
-    from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV
+    from trainer.background import start_training
     from trainer.job.run_state import release_run_dir
     from trainer.store.automl import bare_id
     from trainer.store.resources import new_id
@@ -144,20 +143,19 @@ def _detach(
     if HydraConfig.get().mode.name == "MULTIRUN":
         raise UserError("detach=true runs one training; drop -m, or launch each job detached")
     kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in NOT_PASSED_ON]
-    command = trainer_command(*kept, f"hydra.run.dir='{run_dir}'")
     where = parent(settings)
     if resumed is None:
         prefix = settings.task.id_prefix
         operation_id, model_id = new_id(prefix), new_id(prefix)
-        environment = {**os.environ, OPERATION_ID_ENV: operation_id, MODEL_ID_ENV: model_id}
+        ids: tuple[str, str] | None = (operation_id, model_id)
         doing = f"training {where.name('models', model_id)}"
     else:
-        operation_id, environment = bare_id(resumed, "operations"), dict(os.environ)
-        command.append("hydra.output_subdir=null")  # the operation's folder has its own
+        operation_id, ids = bare_id(resumed, "operations"), None
+        kept.append("hydra.output_subdir=null")  # the operation's folder has its own
         release_run_dir(run_dir)  # the background process takes it
         doing = "resuming it"
-    log_file = run_dir / "train.log"
-    start_in_background(command, log_file, environment)  # outlives this terminal and its Ctrl-C
+    # Outlives this terminal and its Ctrl-C.
+    _, log_file = start_training(kept, run_dir, os.environ, ids)
     print(where.name("operations", operation_id))
     print(f"{doing} in the background; log: {log_file}", file=sys.stderr)
     return float("nan")

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV
+from trainer.sweep.space import override_literal
 
 
 def trainer_command(*arguments: str) -> list[str]:
@@ -33,3 +36,20 @@ def start_in_background(
             env=dict(environment),
             start_new_session=True,
         )
+
+
+def start_training(
+    overrides: Sequence[str],
+    run_dir: Path,
+    environment: Mapping[str, str],
+    ids: tuple[str, str] | None = None,
+) -> tuple[subprocess.Popen, Path]:
+    """`python -m trainer OVERRIDES` in ``run_dir`` as a process of its own, told the operation
+    and model ``ids`` its launcher chose and answered with (none: a resume, whose operation has
+    its own); the process and its log, ``run_dir/train.log``."""
+    command = trainer_command(*overrides, f"hydra.run.dir={override_literal(str(run_dir))}")
+    told = dict(environment)
+    if ids is not None:
+        told.update({OPERATION_ID_ENV: ids[0], MODEL_ID_ENV: ids[1]})
+    log = run_dir / "train.log"
+    return start_in_background(command, log, told), log

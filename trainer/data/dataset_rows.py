@@ -126,6 +126,14 @@ class DatasetFormat(Protocol):
 # -- reading -----------------------------------------------------------------------------------
 
 
+def no_classification_type(classification_type: str | None, dataset: str) -> dict[str, Any]:
+    """The dataset metadata of a task other than image classification: an empty message, and a
+    ``classificationType`` refused (``dataset``: "an object detection dataset", ...)."""
+    if classification_type:
+        raise UserError(f"classificationType is image classification's: {dataset} takes none")
+    return {}
+
+
 def csv_import_rows(
     source: Path, parse: Callable[[list[str], Path, str], ImportRow]
 ) -> Iterator[ImportRow | RowFailure]:

@@ -41,6 +41,7 @@ from trainer.settings import Workspace
 from trainer.store.automl import Operation, Parent, resource_id
 from trainer.store.listing import operation_filter
 from trainer.store.resources import new_id
+from trainer.tasks import task_configs, task_name_of_model
 
 EXPORT_FORMATS = ("onnx", "torchscript")  # models export's --format
 
@@ -354,7 +355,7 @@ def _start_verb(
     details: tuple[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """A verb on a model (predict, export) as a process of its own, its operation named here."""
-    api = "v1beta1" if "videoClassificationModelMetadata" in model else "v1"
+    api = task_configs()[task_name_of_model(model)]["automl_api"]
     operation_id = new_id(resource_id(model["name"])[:3])
     operation = Operation(operation_id, None, details, parent, api).resource
     log = Path(service.workspace.home) / "serve" / "logs" / f"{operation_id}.log"

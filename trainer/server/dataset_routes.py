@@ -17,6 +17,7 @@ from trainer.server.messages import (
     parent_of,
     parsed_body,
 )
+from trainer.store.automl import field_name
 from trainer.tasks import dataset_format, task_configs
 
 
@@ -25,7 +26,7 @@ def _task_of(dataset: Any) -> tuple[str, str | None]:
     oneof = type(dataset).pb(dataset).WhichOneof("dataset_metadata")
     for task in task_configs():
         key = dataset_format(task).metadata_key
-        if oneof == "".join(f"_{c.lower()}" if c.isupper() else c for c in key):
+        if oneof == field_name(key):
             metadata = getattr(dataset, oneof)
             kind = getattr(metadata, "classification_type", None)
             return task, (kind.name if kind else None)

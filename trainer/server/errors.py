@@ -45,9 +45,16 @@ class ApiError(Exception):
         self.http_status = http_status or HTTP_STATUS[status]
 
 
-def error_response(status: str, message: str, http_status: int | None = None) -> JSONResponse:
+def error_body(
+    status: str, message: str, http_status: int | None = None
+) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and Google's error JSON of an answer, its message redacted."""
     code = http_status or HTTP_STATUS[status]
-    body: dict[str, Any] = {"error": {"code": code, "message": redact(message), "status": status}}
+    return code, {"error": {"code": code, "message": redact(message), "status": status}}
+
+
+def error_response(status: str, message: str, http_status: int | None = None) -> JSONResponse:
+    code, body = error_body(status, message, http_status)
     return JSONResponse(body, status_code=code)
 
 

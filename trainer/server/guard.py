@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from trainer.errors import UserError
-from trainer.server.errors import HTTP_STATUS, ApiError
+from trainer.server.errors import ApiError, error_body
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -46,8 +46,8 @@ def read_api_key(path: str | None) -> str | None:
 
 
 async def _answer(send: Send, status: str, message: str, http_status: int | None = None) -> None:
-    code = http_status or HTTP_STATUS[status]
-    body = json.dumps({"error": {"code": code, "message": message, "status": status}}).encode()
+    code, error = error_body(status, message, http_status)
+    body = json.dumps(error).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": code, "headers": headers})
     await send({"type": "http.response.body", "body": body})

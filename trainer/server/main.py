@@ -57,6 +57,7 @@ def add_serve_verb(resources: Any) -> None:
     )
     serve.add_argument("--max-body-bytes", type=int, default=defaults["max_body_bytes"])
     serve.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    serve.set_defaults(wait_max_seconds=float(defaults["wait_max_seconds"]))
 
 
 def run_server(args: argparse.Namespace, workspace: Workspace) -> None:
@@ -90,7 +91,7 @@ def run_server(args: argparse.Namespace, workspace: Workspace) -> None:
         roots,
         list(args.overrides),
         Path("runs/serve").resolve(),
-        float(serve_defaults()["wait_max_seconds"]),
+        args.wait_max_seconds,
     )
     threading.Thread(target=service.settle_forever, name="settle", daemon=True).start()
     app = Guard(create_app(service), api_key, args.max_body_bytes)

@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.background import start_in_background, trainer_command
+from trainer import background
 from trainer.errors import UserError
-from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV
 from trainer.job.settings import checked_settings, model_types
 from trainer.server.errors import ApiError
 from trainer.settings import Settings
-from trainer.store.automl import Operation, Parent
+from trainer.store.automl import Operation, Parent, field_name
 from trainer.store.resources import new_id
 from trainer.sweep.space import override_literal
 from trainer.tasks import task_configs
@@ -37,9 +36,10 @@ def training_request(model: Any, parent: Parent) -> TrainingRequest:
     """A parsed Model message (v1, or v1beta1 for video) as a training's overrides: the task from
     its metadata field, the type, budget and base model from that field's values."""
     oneof = type(model).pb(model).WhichOneof("model_metadata")
-    tasks = {_snake(config["metadata_key"]): name for name, config in task_configs().items()}
+    configs = task_configs()
+    tasks = {field_name(config["metadata_key"]): name for name, config in configs.items()}
     if oneof not in tasks:
-        offered = ", ".join(sorted(_camel(key) for key in tasks))
+        offered = ", ".join(sorted(config["metadata_key"] for config in configs.values()))
         raise ApiError("INVALID_ARGUMENT", f"give the model one of {offered} (video models are "
                        "created through v1beta1)")  # fmt: skip
     if not model.display_name:
@@ -83,15 +83,6 @@ def of_base_type(wanted: TrainingRequest, base_tags: dict[str, str]) -> Training
     return TrainingRequest(wanted.task, typed, wanted.base_model_id)
 
 
-def _snake(camel: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in camel)
-
-
-def _camel(snake: str) -> str:
-    head, *rest = snake.split("_")
-    return head + "".join(word.title() for word in rest)
-
-
 def checked(defaults: list[str], overrides: list[str]) -> Settings:
     """The settings of a training with the server's default overrides and the request's, checked
     as `python -m trainer` checks them; a mistake is a UserError (INVALID_ARGUMENT)."""
@@ -122,10 +113,8 @@ def start_training(
     operation_id, model_id = new_id(task.id_prefix), new_id(task.id_prefix)
     run_dir = runs / operation_id
     run_dir.mkdir(parents=True)
-    command = trainer_command(*overrides, f"hydra.run.dir={override_literal(str(run_dir))}")
-    told = {**environment, OPERATION_ID_ENV: operation_id, MODEL_ID_ENV: model_id}
-    log = run_dir / "train.log"
-    process = start_in_background(command, log, {**os.environ, **told})
+    told = {**os.environ, **environment}
+    process, log = background.start_training(overrides, run_dir, told, (operation_id, model_id))
     parent = Parent(settings.automl.project, settings.automl.location)
     operation = Operation(operation_id, None, ("createModelDetails", {}), parent, task.automl_api)
     return operation.resource, process.pid, log

@@ -110,6 +110,12 @@ def is_resource_name(text: str, collection: str) -> bool:
                              text))  # fmt: skip
 
 
+def field_name(json_name: str) -> str:
+    """A message field's proto name from its JSON name (``trainBudgetMilliNodeHours`` is
+    ``train_budget_milli_node_hours``): how a oneof names the field that is set."""
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", json_name).lower()
+
+
 def type_url(api: str, message: str) -> str:
     """The ``@type`` of an AutoML message packed in a ``google.protobuf.Any``."""
     return TYPE_URL.format(api=api, message=message)

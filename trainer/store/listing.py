@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 from trainer.errors import UserError
-from trainer.store.automl import bare_id
+from trainer.store.automl import bare_id, field_name
 from trainer.store.reader import Listing, Record
 from trainer.store.resources import parse_time
 
@@ -168,10 +168,6 @@ def _metadata_key(key: str) -> str | None:
     return key if key.endswith("ModelMetadata") else None
 
 
-def _snake(key: str) -> str:
-    return re.sub(r"(?<!^)([A-Z])", r"_\1", key).lower()
-
-
 ModelTest = Callable[[dict[str, Any], dict[str, Any]], bool]
 
 
@@ -186,7 +182,7 @@ def model_filter(text: str, task_keys: Mapping[str, str] | None = None) -> Model
 
 
 def _model_terms_allowed(task_keys: Mapping[str, str] | None) -> list[str]:
-    metadata = sorted(f"{_snake(key)}:*" for key in (task_keys or {}).values())
+    metadata = sorted(f"{field_name(key)}:*" for key in (task_keys or {}).values())
     return [
         *(["task=TASK"] if task_keys else []),
         "model_type=TYPE",

@@ -29,6 +29,7 @@ from trainer.data.dataset_rows import (
     automl_split,
     check_image,
     csv_import_rows,
+    no_classification_type,
     trainability,
 )
 from trainer.data.label_stats import SMALL_BOXES
@@ -262,10 +263,7 @@ class DetectionFormat:
     unit = "image"
 
     def metadata(self, classification_type: str | None) -> dict[str, Any]:
-        if classification_type:
-            raise UserError("classificationType is image classification's: an object detection "
-                            "dataset takes none")  # fmt: skip
-        return {}
+        return no_classification_type(classification_type, "an object detection dataset")
 
     def read(self, source: Path) -> Iterator[ImportRow | RowFailure]:
         try:

@@ -46,6 +46,7 @@ from trainer.data.dataset_rows import (
     RowFailure,
     automl_split,
     csv_import_rows,
+    no_classification_type,
     trainability,
 )
 from trainer.data.manifest import (
@@ -387,10 +388,7 @@ class VideoFormat:
     unit = "video"
 
     def metadata(self, classification_type: str | None) -> dict[str, Any]:
-        if classification_type:
-            raise UserError("classificationType is image classification's: a video "
-                            "classification dataset takes none")  # fmt: skip
-        return {}
+        return no_classification_type(classification_type, "a video classification dataset")
 
     def read(self, source: Path) -> Iterator[ImportRow | RowFailure]:
         if not source.is_file():

@@ -166,9 +166,10 @@ def test_a_body_over_the_limit_is_413(served: Server) -> None:
     created_nothing(served)
 
 
-def test_what_is_not_built_yet_is_unimplemented(served: Server) -> None:
-    status, answer = http("POST", f"{served.url}{MODELS}/ICN1:deploy", {})
-    assert (status, answer["error"]["status"]) == (501, "UNIMPLEMENTED")
+def test_what_is_not_a_method_is_unimplemented(served: Server) -> None:
+    for method in (":deploy", ":undeploy", ":predict"):  # a model that is not there
+        status, answer = http("POST", f"{served.url}{MODELS}/ICN1{method}", {})
+        assert (status, answer["error"]["status"]) == (404, "NOT_FOUND"), method
     status, answer = http("PUT", f"{served.url}{MODELS}/ICN1", {})
     assert (status, answer["error"]["status"]) == (501, "UNIMPLEMENTED")
     status, answer = http("GET", f"{served.url}/v2/{LOCAL}/models")

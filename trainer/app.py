@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 import traceback
@@ -108,9 +109,27 @@ def _operation(resolved: dict[str, Any], overrides: list[str], run_dir: Path) ->
     from trainer.job.train import run_training
 
     home = settings.home
-    return run_training(
+    metric = run_training(
         settings, run_dir, start, on_open=lambda name, path: slurm.bind(home, slurm_key, name, path)
     )
+    if settings.deploy_after_training:
+        _deploy_trained(settings, run_dir)
+    return metric
+
+
+def _deploy_trained(settings: Settings, run_dir: Path) -> None:
+    """deploy_after_training=true: the model of a training that succeeded, deployed."""
+    from trainer.serving.deployments import deploy_on_record, online_defaults
+    from trainer.store.catalog import Catalog
+
+    operation = json.loads((run_dir / "operation.json").read_text())
+    if not operation.get("done") or "error" in operation or "name" not in operation["response"]:
+        return  # cancelled or failed: there is no model to deploy
+    mlflow = settings.mlflow
+    catalog = Catalog(mlflow.tracking_uri.reveal(), mlflow.experiment_name)
+    model_id = operation["response"]["name"].rsplit("/", 1)[-1]
+    deployment = deploy_on_record(catalog, model_id, online_defaults()["node_count"])
+    print(f"deployed {model_id}: {deployment.url}", file=sys.stderr, flush=True)
 
 
 def _redact_hydra_files(run_dir: Path) -> None:

@@ -80,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("id")
     export.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
     export.add_argument("--output", default="exports", help="folder for the package")
+    deploy = models.add_parser(
+        "deploy", help="serve a model's online prediction on this machine (AutoML and TF Serving)"
+    )
+    deploy.add_argument("id")
+    deploy.add_argument(
+        "--node-count", type=int, default=None,
+        help="serving workers on a CPU; a GPU machine has one per device (default: "
+        "conf/serve.yaml's online.node_count)",
+    )  # fmt: skip
+    undeploy = models.add_parser("undeploy", help="stop a deployed model's server")
+    undeploy.add_argument("id")
 
     predict = resources.add_parser("predict", help="batch prediction over a CSV of images")
     predict.add_argument("id", help="a model ID, bare or models/ICN123")
@@ -248,7 +259,32 @@ def models_get(catalog: Any, args: argparse.Namespace) -> None:
 
 
 def models_delete(catalog: Any, args: argparse.Namespace) -> None:
+    from trainer.serving.deployments import stop_before_delete
+
+    stop_before_delete(catalog, args.id)
     print(f"deleted models/{catalog.delete_model(args.id)}")
+
+
+def models_deploy(catalog: Any, args: argparse.Namespace) -> None:
+    _quiet_logging()
+    catalog.usable_model(args.id, "deployment")  # a wrong ID is refused before torch loads
+    from trainer.serving.deployments import deploy_on_record, online_defaults
+
+    node_count = args.node_count or online_defaults()["node_count"]
+    deployment = deploy_on_record(catalog, args.id, node_count)
+    print(
+        f"model {deployment.model_id} answers on {deployment.url} ({node_count} worker(s)): "
+        f"AutoML's POST /v1/projects/P/locations/L/models/{deployment.model_id}:predict, TF "
+        "Serving's POST /v1/models/default:predict; models undeploy stops it",
+        file=sys.stderr,
+    )
+    print(deployment.url)
+
+
+def models_undeploy(catalog: Any, args: argparse.Namespace) -> None:
+    from trainer.serving.deployments import undeploy_on_record
+
+    print(f"undeployed models/{undeploy_on_record(catalog, args.id)}")
 
 
 def models_evaluate(catalog: Any, args: argparse.Namespace) -> None:
@@ -394,6 +430,8 @@ HANDLERS: dict[tuple[str, str], Callable[[Any, argparse.Namespace], None]] = {
     ("models", "evaluate"): models_evaluate,
     ("models", "evaluations"): models_evaluations,
     ("models", "export"): models_export,
+    ("models", "deploy"): models_deploy,
+    ("models", "undeploy"): models_undeploy,
     ("predict", None): predict,
     ("operations", "list"): operations_list,
     ("operations", "get"): operations_get,

@@ -180,6 +180,7 @@ class TaskSettings(Section):
     convergence_monitor_mode: MetricMode
     model_lifespan_months: int
     input_stride: int
+    online_prediction: bool  # deployable (trainer/serving/); AutoML Video's were batch only
 
 
 class DatasetSettings(Section):
@@ -363,6 +364,7 @@ class Settings(Section):
     base_model_id: str | None
     resume_operation: str | None
     detach: bool
+    deploy_after_training: bool
     seed: Annotated[int, _checked("seed", lambda k, v: _integer(k, v))]
     home: str
 

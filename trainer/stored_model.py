@@ -48,17 +48,21 @@ class TrainedModel:
         return resource_id(self.model["name"])
 
     def new_operation(self, details: tuple[str, dict[str, Any]]) -> Operation:
-        """An operation on this model (a batch prediction, an export): in the model's own
-        project and location, of its task's AutoML API."""
-        api = self.settings.task.automl_api
-        parent = Parent.of_name(self.model["name"])
-        # The API server chose the ID already, and answered with it.
-        operation_id = os.environ.pop(OPERATION_ID_ENV, None) or new_id(self.model_id[:3])
-        return Operation(operation_id, None, details, parent, api)
+        """An operation on this model (a batch prediction, an export)."""
+        return model_operation(self.model, self.settings.task.automl_api, details)
 
     def manifest(self) -> Any:
         """The dataset the model was trained on (its splits as in training)."""
         return task_of(self.settings).read_manifest(self.settings)
+
+
+def model_operation(
+    model: dict[str, Any], api: str, details: tuple[str, dict[str, Any]]
+) -> Operation:
+    """An operation on ``model``: in the model's own project and location, of its task's AutoML
+    ``api``, with the ID the API server chose (and answered with) where it started this one."""
+    operation_id = os.environ.pop(OPERATION_ID_ENV, None) or new_id(resource_id(model["name"])[:3])
+    return Operation(operation_id, None, details, Parent.of_name(model["name"]), api)
 
 
 def trained_model(catalog: Any, model_id: str, purpose: str) -> TrainedModel:
@@ -87,7 +91,7 @@ def trained_model(catalog: Any, model_id: str, purpose: str) -> TrainedModel:
             config = json.loads(fetch("config.json").read_text())
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"the config of model {model_id} cannot be read ({error})") from None
-    settings = _stored_settings(config, model_id, workspace)
+    settings = stored_settings(config, model_id, workspace)
     checkpoint = _verified_checkpoint(
         run_dir / "checkpoints" / "best.ckpt",
         lambda: fetch("checkpoints/best.ckpt"),
@@ -98,7 +102,7 @@ def trained_model(catalog: Any, model_id: str, purpose: str) -> TrainedModel:
     return TrainedModel(model, settings, labels, checkpoint, tags["run_id"])
 
 
-def _stored_settings(config: Any, model_id: str, workspace: Workspace) -> Settings:
+def stored_settings(config: Any, model_id: str, workspace: Workspace) -> Settings:
     """The training's settings as the store keeps them, migrated from an older version's shape;
     the home is this process's (demo datasets are regenerated under it, never a path the
     store names), and so is the store."""

@@ -159,22 +159,27 @@ class InputImages:
         return RpcCode.INVALID_ARGUMENT, f"cannot decode {path}: {type(error).__name__}: {error}"
 
     def _image(self, path: str) -> Any:
-        """The row's image in RGB; one over Pillow's pixel limit is refused before decoding."""
-        import warnings
-
-        from PIL import Image
-
         with open_image_input(path, self.base, self.sources) as handle:
-            with warnings.catch_warnings():
-                # Pillow only warns between one and two times its limit, and decodes: each
-                # image can take half a gigabyte, a batch of them the machine's memory.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                try:
-                    image = Image.open(handle)
-                except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-                    raise Refused(RpcCode.INVALID_ARGUMENT, f"{path}: {error}") from None
-            with image:
-                return image.convert("RGB")
+            return rgb_image(handle, path)
+
+
+def rgb_image(handle: Any, name: str) -> Any:
+    """An image file's pixels in RGB (batch and online prediction); one over Pillow's pixel
+    limit is Refused before decoding."""
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        # Pillow only warns between one and two times its limit, and decodes: each image can
+        # take half a gigabyte, a batch of them the machine's memory.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(handle)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+            raise Refused(RpcCode.INVALID_ARGUMENT, f"{name}: {error}") from None
+    with image:
+        return image.convert("RGB")
 
 
 def collate(batch: list[Decoded]) -> list[Decoded]:

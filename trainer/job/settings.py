@@ -31,6 +31,9 @@ def checked_settings(resolved: Mapping[str, Any]) -> Settings:
             "per label or an AutoML CSV, or leave it out to use the bundled demo dataset"
         )
     parent(settings)  # resource names: the project and location must fit in one
+    if settings.deploy_after_training and not settings.task.online_prediction:
+        raise UserError(f"deploy_after_training=true: {settings.task.name} models predict in "
+                        "batch only (python -m trainer predict); leave it out")  # fmt: skip
     return settings
 
 

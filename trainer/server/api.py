@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from trainer.background import start_in_background, trainer_command
@@ -37,6 +37,7 @@ from trainer.server.messages import (
     parsed_body,
 )
 from trainer.server.started import StartedOperations
+from trainer.serving import deployments
 from trainer.settings import Workspace
 from trainer.store.automl import Operation, Parent, resource_id
 from trainer.store.listing import operation_filter
@@ -60,6 +61,7 @@ class Service:
     started: StartedOperations = field(init=False)
     _children: list[subprocess.Popen] = field(default_factory=list)
     _writing: threading.Lock = field(default_factory=threading.Lock)
+    _http: Any = None
 
     def __post_init__(self) -> None:
         self.started = StartedOperations(Path(self.workspace.home) / "serve" / "operations")
@@ -81,6 +83,15 @@ class Service:
         self._reap()
         self._children.append(process)
         return process
+
+    def http(self) -> Any:
+        """The client of the calls to deployed models' servers (one, for its connections)."""
+        if self._http is None:
+            import httpx
+
+            timeout = deployments.online_defaults()["request_timeout_seconds"] + 5
+            self._http = httpx.AsyncClient(timeout=timeout)
+        return self._http
 
     def _reap(self) -> None:
         """Collect the processes that ended (a process nobody waits for stays a zombie)."""
@@ -194,6 +205,7 @@ def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per A
     def delete_model(project: str, location: str, model_id: str) -> dict[str, Any]:
         parent = parent_of(project, location)
         with service._writing:
+            deployments.stop_before_delete(service.catalog, parent.name("models", model_id))
             service.catalog.delete_model(parent.name("models", model_id))
         operation = done_operation(parent, ("deleteDetails", {}))
         service.started.add(operation)
@@ -239,11 +251,46 @@ def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per A
         return _start_verb(service, parent, model, command, ("batchPredictDetails", details))
 
     @router.post(base + "/models/{model_id}:deploy")
+    async def deploy_model(project: str, location: str, model_id: str, request: Request) -> Any:
+        parent = parent_of(project, location)
+        asked = await parsed_body(request, message_types(request).DeployModelRequest)
+        model, _ = service.catalog.usable_model(parent.name("models", model_id), "deployment")
+        deployments.check_online(model)
+        node_count = _node_count(asked) or deployments.online_defaults()["node_count"]
+        deployments.check_node_count(node_count)
+        command = trainer_command("models", "deploy", model_id, "--node-count", str(node_count))
+        return _start_verb(service, parent, model, command, ("deployModelDetails", {}))
+
     @router.post(base + "/models/{model_id}:undeploy")
+    async def undeploy_model(project: str, location: str, model_id: str, request: Request) -> Any:
+        parent = parent_of(project, location)
+        await parsed_body(request, message_types(request).UndeployModelRequest)
+        model = service.catalog.model(parent.name("models", model_id))
+        if model.get("deploymentState") != deployments.DEPLOYED:
+            raise FailedPrecondition(f"model {model_id} is not deployed")
+        command = trainer_command("models", "undeploy", model_id)
+        return _start_verb(service, parent, model, command, ("undeployModelDetails", {}))
+
     @router.post(base + "/models/{model_id}:predict")
-    def not_yet(project: str, location: str, model_id: str) -> None:
-        raise ApiError("UNIMPLEMENTED", "deploy, undeploy and online predict are not offered "
-                       "yet; use batchPredict")  # fmt: skip
+    async def predict(project: str, location: str, model_id: str, request: Request) -> Response:
+        name = parent_of(project, location).name("models", model_id)
+        model, _ = service.catalog.usable_model(name, "online prediction")
+        deployments.check_online(model)
+        if model.get("deploymentState") != deployments.DEPLOYED:
+            raise FailedPrecondition(
+                f"model {model_id} is not deployed: deploy it first (:deploy, or "
+                f"python -m trainer models deploy {model_id})"
+            )
+        deployment = deployments.running(service.workspace, resource_id(name))
+        if deployment is None:
+            raise ApiError("UNAVAILABLE", f"model {model_id} is deployed but its server is not "
+                           "running yet; try again shortly")  # fmt: skip
+        # The model's server answers AutoML's predict itself: the body goes on as it came.
+        answer = await service.http().post(
+            deployment.url + request.url.path, content=await request.body(),
+            headers={"content-type": "application/json"},
+        )  # fmt: skip
+        return Response(answer.content, answer.status_code, media_type="application/json")
 
     @router.get(base + "/models/{model_id}/modelEvaluations")
     def list_evaluations(project: str, location: str, model_id: str) -> dict[str, Any]:
@@ -335,6 +382,14 @@ def _filtered(operations: list[dict[str, Any]], filter_: str) -> list[dict[str, 
     run tags yet: a ``worksOn`` term keeps none)."""
     keep = operation_filter(filter_)
     return [operation for operation in operations if keep(operation, {})]
+
+
+def _node_count(asked: Any) -> int:
+    """The nodeCount of a DeployModelRequest's model deployment metadata (0: not given)."""
+    for descriptor, value in type(asked).pb(asked).ListFields():
+        if descriptor.name.endswith("_model_deployment_metadata"):
+            return int(value.node_count)
+    return 0
 
 
 def _predict_flags(params: dict[str, str]) -> list[str]:

@@ -10,16 +10,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from trainer import CONF_DIR
 from trainer.errors import UserError
+from trainer.server.defaults import serve_defaults
 from trainer.settings import Workspace, redact
-
-
-def serve_defaults() -> dict[str, Any]:
-    """conf/serve.yaml: the one place the server's defaults live."""
-    import yaml
-
-    return yaml.safe_load((CONF_DIR / "serve.yaml").read_text())
 
 
 def add_serve_verb(resources: Any) -> None:
@@ -94,6 +87,8 @@ def run_server(args: argparse.Namespace, workspace: Workspace) -> None:
         args.wait_max_seconds,
     )
     threading.Thread(target=service.settle_forever, name="settle", daemon=True).start()
+    threading.Thread(target=_restore_deployments, args=(catalog, workspace), name="restore",
+                     daemon=True).start()  # fmt: skip
     app = Guard(create_app(service), api_key, args.max_body_bytes)
     listening = _bound_socket(args.host, args.port)
     host, port = listening.getsockname()[:2]
@@ -107,6 +102,20 @@ def run_server(args: argparse.Namespace, workspace: Workspace) -> None:
     )
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)
     uvicorn.Server(config).run(sockets=[listening])
+
+
+def _restore_deployments(catalog: Any, workspace: Workspace) -> None:
+    """Every model on record as deployed answers again: its server is started where it is gone
+    (models stay deployed across a restart, as AutoML's do)."""
+    from trainer.serving.deployments import restore
+
+    try:
+        restarted = restore(catalog, workspace)
+    except Exception as error:  # the server answers all the same; predict says UNAVAILABLE
+        print(f"deployed models not restored: {redact(str(error))}", file=sys.stderr, flush=True)
+        return
+    if restarted:
+        print(f"deployed again: {', '.join(restarted)}", file=sys.stderr, flush=True)
 
 
 def _bound_socket(host: str, port: int) -> socket.socket:

@@ -228,6 +228,14 @@ class Store:
         )
         self.set_tags(run_id, tags)
 
+    def update_model(
+        self, model_id: str, model: dict[str, Any], figures: dict[str, str] | None = None
+    ) -> None:
+        """Put a changed Model resource on record (its deployment state), and the registry
+        tags of the figures that changed with it."""
+        for key, value in {**(figures or {}), MODEL_TAG: json.dumps(model)}.items():
+            self.client.set_registered_model_tag(model_id, key, value)
+
     def registered_tags(self, model_id: str) -> dict[str, str] | None:
         from mlflow.exceptions import MlflowException
 

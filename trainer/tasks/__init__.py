@@ -100,6 +100,20 @@ class ExportPlan:
     torchscript: str = "trace"
 
 
+@dataclass
+class OnlineModel:
+    """What a deployed model runs (trainer/serving/): batch prediction's preprocessing and
+    network, and AutoML's answers for one image at a time."""
+
+    transform: Callable[[Any], Any]  # an RGB PIL image -> the network's input, as in batch
+    outputs: Callable[[Any], list[Any]]  # a batch of inputs -> each image's output (NumPy)
+    # An output and the request's params -> AutoML's AnnotationPayloads, best first.
+    annotations: Callable[[Any, dict[str, float]], list[dict[str, Any]]]
+    # An output -> the fields of AutoML Edge's TF Serving prediction (beside its "key").
+    tf_serving: Callable[[Any], dict[str, Any]]
+    params: dict[str, float]  # the params a PredictRequest may give, with their defaults
+
+
 class Task(Protocol):
     """Every LightningModule holds its network as ``backbone``: checkpoints load alike."""
 
@@ -173,6 +187,10 @@ class Task(Protocol):
     ) -> ExportPlan:
         """How `models export` exports ``network`` and verifies it on ``items`` (TEST items;
         none for a latency measurement on ``example`` alone)."""
+
+    def online(self, network: nn.Module, settings: Settings, labels: list[str]) -> OnlineModel:
+        """What a deployed ``network`` runs; a task whose ``task.online_prediction`` is false
+        (conf/task/) raises a UserError naming batch prediction."""
 
 
 def default_task() -> str:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from trainer.data.prediction import Records
+from trainer.tasks import OnlineModel
 
 RESULTS_PREFIX = "image_classification"
 
@@ -39,3 +40,24 @@ def classification_records(network: Any, labels: Sequence[str], threshold: float
         return [classification_record(i, row, labels, threshold) for i, row in pairs]
 
     return records
+
+
+# AutoML's default score_threshold for online prediction.
+ONLINE_PARAMS = {"score_threshold": 0.5}
+
+
+def classification_online(network: Any, labels: Sequence[str], transform: Any) -> OnlineModel:
+    """A deployed classifier: the softmax scores of batch prediction, AutoML's payload of the
+    labels at or over the threshold, and AutoML Edge's every label with its score, best first."""
+
+    def outputs(pixels: Any) -> list[np.ndarray]:
+        return list(network(pixels).float().softmax(dim=1).cpu().numpy())
+
+    def annotations(scores: np.ndarray, params: dict[str, float]) -> list[dict[str, Any]]:
+        return classification_record("", scores, labels, params["score_threshold"])["annotations"]
+
+    def tf_serving(scores: np.ndarray) -> dict[str, Any]:
+        order = np.argsort(-scores, kind="stable")
+        return {"labels": [labels[i] for i in order], "scores": [float(scores[i]) for i in order]}
+
+    return OnlineModel(transform, outputs, annotations, tf_serving, dict(ONLINE_PARAMS))

@@ -18,13 +18,17 @@ from trainer.data.input_size import even_sample, median_size
 from trainer.data.prediction import PredictionResult, predict_request, read_input_csv
 from trainer.settings import ModelSettings, Settings
 from trainer.store.evaluations import Evaluation
-from trainer.tasks import ExportPlan, Loaders, PredictRequest
+from trainer.tasks import ExportPlan, Loaders, OnlineModel, PredictRequest
 from trainer.tasks.image_classification import export
 from trainer.tasks.image_classification.demo import ensure_demo_dataset
 from trainer.tasks.image_classification.evaluation import classification_evaluation, score_batches
 from trainer.tasks.image_classification.module import ImageClassifier
 from trainer.tasks.image_classification.networks import build_backbone
-from trainer.tasks.image_classification.predict import RESULTS_PREFIX, classification_records
+from trainer.tasks.image_classification.predict import (
+    RESULTS_PREFIX,
+    classification_online,
+    classification_records,
+)
 from trainer.tasks.pretrained import optimizer_settings, torchvision_weights
 
 log = logging.getLogger("trainer")
@@ -108,6 +112,9 @@ class ImageClassification:
     ) -> PredictionResult:
         records = classification_records(network, labels, request.options.score_threshold)
         return predict_request(records, _eval_transform(settings), RESULTS_PREFIX, request)
+
+    def online(self, network: nn.Module, settings: Settings, labels: list[str]) -> OnlineModel:
+        return classification_online(network, labels, _eval_transform(settings))
 
     def export_plan(
         self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any]

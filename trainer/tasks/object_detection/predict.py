@@ -117,3 +117,34 @@ def detection_records(network: Any, labels: Sequence[str], threshold: float, max
         return [record_from_rows(i, r, labels, threshold, max_boxes) for i, r in pairs]
 
     return records
+
+
+def detection_online(network: Any, labels: Sequence[str], transform: Any) -> Any:
+    """A deployed detector (trainer.tasks.OnlineModel): batch prediction's rows, AutoML's payload
+    of the boxes at or over the threshold (at most max_bounding_box_count), and AutoML Edge's
+    TF Serving fields for every box the network keeps, best first."""
+    from trainer.tasks import OnlineModel
+    from trainer.tasks.object_detection.module import ServingDetector
+
+    serving = ServingDetector(network.eval())
+
+    def outputs(pixels: Any) -> list[Any]:
+        return list(serving(pixels).cpu().numpy())
+
+    def annotations(rows: Any, params: dict[str, float]) -> list[dict[str, Any]]:
+        threshold, count = params["score_threshold"], int(params["max_bounding_box_count"])
+        return record_from_rows("", rows, labels, threshold, count)["annotations"]
+
+    def tf_serving(rows: Any) -> dict[str, Any]:
+        found = record_from_rows("", rows, labels, 0.0, len(rows))["annotations"]
+        boxes = [a["imageObjectDetection"]["boundingBox"]["normalizedVertices"] for a in found]
+        return {  # TF's order of a box: y_min, x_min, y_max, x_max
+            "detection_boxes": [[low["y"], low["x"], high["y"], high["x"]] for low, high in boxes],
+            "detection_scores": [a["imageObjectDetection"]["score"] for a in found],
+            "detection_classes": [int(a["annotationSpecId"]) for a in found],
+            "detection_classes_as_text": [a["displayName"] for a in found],
+            "num_detections": len(found),
+        }
+
+    params = {"score_threshold": 0.5, "max_bounding_box_count": DEFAULT_MAX_BOUNDING_BOX_COUNT}
+    return OnlineModel(transform, outputs, annotations, tf_serving, params)

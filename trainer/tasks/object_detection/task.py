@@ -15,7 +15,7 @@ from trainer.data.manifest import TEST, TRAIN
 from trainer.data.prediction import PredictionResult, predict_request, read_input_csv
 from trainer.settings import ModelSettings, Settings
 from trainer.store.evaluations import Evaluation
-from trainer.tasks import ExportPlan, Loaders, PredictRequest, split_loaders
+from trainer.tasks import ExportPlan, Loaders, OnlineModel, PredictRequest, split_loaders
 from trainer.tasks.object_detection import export
 from trainer.tasks.object_detection.data import (
     DetectionItem,
@@ -40,6 +40,7 @@ from trainer.tasks.object_detection.networks import build_detector
 from trainer.tasks.object_detection.predict import (
     OUTPUT_PREFIX,
     check_detection_options,
+    detection_online,
     detection_records,
 )
 from trainer.tasks.pretrained import optimizer_settings, torchvision_weights
@@ -145,6 +146,9 @@ class ObjectDetection:
         # AutoML's detection BatchPredictResult says how many boxes an image could get.
         result.response_metadata = {"max_bounding_box_count": str(options.max_bounding_box_count)}
         return result
+
+    def online(self, network: nn.Module, settings: Settings, labels: list[str]) -> OnlineModel:
+        return detection_online(network, labels, detection_eval_transform(settings.model.size))
 
     def export_plan(
         self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any]

@@ -16,7 +16,7 @@ from trainer.data.prediction import PredictionResult
 from trainer.errors import UserError
 from trainer.settings import ModelSettings, Settings
 from trainer.store.evaluations import Evaluation
-from trainer.tasks import ExportPlan, Loaders, PredictRequest, split_loaders
+from trainer.tasks import ExportPlan, Loaders, OnlineModel, PredictRequest, split_loaders
 from trainer.tasks.image_classification.evaluation import classification_evaluation, score_batches
 from trainer.tasks.pretrained import optimizer_settings
 from trainer.tasks.video_classification import export
@@ -38,6 +38,10 @@ from trainer.tasks.video_classification.predict import (
 )
 
 DEMO_VIDEOS_PER_LABEL = 24
+ONLINE_REFUSED = (
+    "video models predict in batch only, as AutoML Video's did: use batch prediction "
+    "(python -m trainer predict, or the API's batchPredict)"
+)
 
 
 def clip_spec(settings: Settings) -> ClipSpec:
@@ -145,6 +149,9 @@ class VideoClassification:
             request.folder, result.predicted, result.failed, files, [], result.seconds,
             result.partial_failures,
         )  # fmt: skip
+
+    def online(self, network: nn.Module, settings: Settings, labels: list[str]) -> OnlineModel:
+        raise UserError(ONLINE_REFUSED)
 
     def export_plan(
         self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any]

@@ -1,0 +1,1 @@
+"""Online prediction of deployed models (LitServe); see README.md."""

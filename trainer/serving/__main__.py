@@ -1,0 +1,3 @@
+from trainer.serving.main import main
+
+main()

@@ -113,7 +113,7 @@ def build_server(args: argparse.Namespace) -> Any:
     )
 
 
-class ModelServer(ls.LitServer):  # type: ignore[misc]
+class ModelServer(ls.LitServer):
     """LitServer with a drain on SIGTERM; it keeps what its ``run`` keeps to itself."""
 
     _listening: list[socket.socket] = []

@@ -62,31 +62,27 @@ class OnlineSpec(LitSpec):
                 raise Refusal("NOT_FOUND", f"model {model_id!r} is not deployed here "
                               f"(this server serves {self.model_id})")  # fmt: skip
             item = automl_item(await request.body(), api)
-            (answer,) = await self._answers([item])
+            (answer,) = await asyncio.gather(self._answer(item))
         except UserError as error:
             return _google_error("INVALID_ARGUMENT", str(error))
         except Refusal as refused:
             return _google_error(refused.status, refused.message, refused.http_status)
+        if "error" in answer:  # the image failed, alone
+            return _google_error("INVALID_ARGUMENT", answer["error"], headers=_batch(answer))
         return JSONResponse(predict_response(answer), headers=_batch(answer))
 
     async def tf_serving(self, request: Request) -> JSONResponse:
         try:
             items = tf_serving_items(await request.body())
-            answers = await self._answers(items)
+            answers = await asyncio.gather(*(self._answer(item) for item in items))
         except (UserError, Refusal) as error:
             status = 400 if isinstance(error, UserError) else _status_code(error)
             return JSONResponse({"error": str(error)}, status_code=status)
-        return JSONResponse(tf_serving_response(items, answers), headers=_batch(answers[0]))
-
-    async def _answers(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Each image's answer from the workers, within the deadline; a failed image is a
-        UserError naming it."""
-        answers = await asyncio.gather(*(self._answer(item) for item in items))
         for number, answer in enumerate(answers):
-            if "error" in answer:
-                where = f"instances[{number}]: " if len(items) > 1 else ""
-                raise UserError(where + answer["error"])
-        return answers
+            if "error" in answer:  # as TF Serving, one bad instance fails its request
+                text = f"instances[{number}]: {answer['error']}"
+                return JSONResponse({"error": text}, status_code=400, headers=_batch(answer))
+        return JSONResponse(tf_serving_response(items, answers), headers=_batch(answers[0]))
 
     async def _answer(self, item: dict[str, Any]) -> dict[str, Any]:
         uid = uuid.uuid4()
@@ -106,9 +102,11 @@ class OnlineSpec(LitSpec):
         return response
 
 
-def _google_error(status: str, message: str, http_status: int | None = None) -> JSONResponse:
+def _google_error(
+    status: str, message: str, http_status: int | None = None, headers: dict | None = None
+) -> JSONResponse:
     code, body = error_body(status, message, http_status)
-    return JSONResponse(body, status_code=code)
+    return JSONResponse(body, status_code=code, headers=headers)
 
 
 def _status_code(refused: Refusal) -> int:

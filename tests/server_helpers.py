@@ -40,20 +40,25 @@ class Server:
         )
 
     def prediction_client(self) -> Any:
-        from google.api_core.client_options import ClientOptions
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import automl_v1
-
-        return automl_v1.PredictionServiceClient(
-            transport="rest",
-            client_options=ClientOptions(api_endpoint=self.url),
-            credentials=AnonymousCredentials(),
-        )
+        return prediction_client(self.url)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         self.process.wait(timeout=30)
+
+
+def prediction_client(url: str) -> Any:
+    """Google's PredictionServiceClient over REST, pointed at ``url``."""
+    from google.api_core.client_options import ClientOptions
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import automl_v1
+
+    return automl_v1.PredictionServiceClient(
+        transport="rest",
+        client_options=ClientOptions(api_endpoint=url),
+        credentials=AnonymousCredentials(),
+    )
 
 
 def start_server(

@@ -76,9 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluations.add_argument(
         "--json", action="store_true", help="every ModelEvaluation resource, per label too"
     )
-    export = models.add_parser("export", help="an ONNX or TorchScript package for devices")
+    export = models.add_parser(
+        "export", help="an ONNX or TorchScript package for devices, or a Docker image's folder"
+    )
     export.add_argument("id")
-    export.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    export.add_argument(
+        "--format", default="onnx", choices=["onnx", "torchscript", "docker"],
+        help="docker: a folder with the model, the model server's Dockerfile and entrypoint",
+    )  # fmt: skip
     export.add_argument("--output", default="exports", help="folder for the package")
     deploy = models.add_parser(
         "deploy", help="serve a model's online prediction on this machine (AutoML and TF Serving)"
@@ -327,23 +332,35 @@ def models_export(catalog: Any, args: argparse.Namespace) -> None:
     from pathlib import Path
 
     _quiet_logging()
-    catalog.usable_model(args.id, "export")  # a wrong ID is refused before torch loads
+    # Refused before torch loads: a wrong ID, and (docker) a model that cannot serve online.
+    model, _ = catalog.usable_model(args.id, "export")
+    if args.format == "docker":
+        from trainer.serving.docker import check_servable
+
+        check_servable(model)
     from trainer.export import export_stored  # torch: only for this verb
 
     package = export_stored(catalog, args.id, args.format, Path(args.output).resolve())
     metadata = json.loads((package / "metadata.json").read_text())
+    print(f"exported to {package}: {export_summary(metadata)}", file=sys.stderr)
+    print(package)
+
+
+def export_summary(metadata: dict[str, Any]) -> str:
+    """The figures of an export's verification, from its metadata.json."""
     verification = metadata["verification"]
+    if metadata["format"] == "docker":
+        return (f"its serving package loads ({verification['parameters']} parameters); build "
+                f"the image in that folder: {metadata['build']}")  # fmt: skip
     figures = ", ".join(
         f"{key} {value:.2g}" if isinstance(value, float) else f"{key} {value}"
         for key, value in verification.items()
         if key not in ("inputs", "split")
     )
-    print(
-        f"exported to {package}: verified on {verification['inputs']} TEST inputs ({figures}); "
-        f"{metadata['latencyMs']['median']:.2f} ms at batch 1",
-        file=sys.stderr,
+    return (
+        f"verified on {verification['inputs']} TEST inputs ({figures}); "
+        f"{metadata['latencyMs']['median']:.2f} ms at batch 1"
     )
-    print(package)
 
 
 def predict(catalog: Any, args: argparse.Namespace) -> None:

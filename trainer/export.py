@@ -1,10 +1,13 @@
-"""Edge export: an ONNX or TorchScript package that runs without this project, verified and timed.
+"""Edge export: an ONNX or TorchScript package that runs without this project, verified and timed;
+and the docker export, a folder that builds an image serving the model online
+(trainer/serving/docker.py).
 
 The model's task says what is exported, how it is fed and how its answers are judged
 (``ExportPlan``, trainer/tasks/__init__.py); this module writes the file, runs it with the
 runtime a device would use on real TEST inputs, times it and writes the package. A package is
 written aside and renamed into place only once the exported model has given the trained model's
-answers, so a failed export leaves nothing behind.
+answers (a docker export: once its serving package has loaded back), so a failed export leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from trainer.tasks import ExportPlan, task_of
 log = logging.getLogger("trainer")
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+DOCKER = "docker"  # the model server's image (trainer/serving/docker.py), not a model file
 LATENCY_RUNS, WARMUP_RUNS = 50, 10
 ONNX_OPSET = 17  # for torch.onnx's TorchScript-based exporter; dynamo picks its own
 VERIFIED_INPUTS = 16
@@ -161,60 +165,76 @@ def export_package(
     output: Path,
     export_size: list[int] | None = None,
 ) -> Path:
-    """Write, verify and time one package; return its folder.
+    """Write, verify and time one package (a docker export: write and load back); return its
+    folder.
 
     ``export_size`` exports at another input size than the model's (a way to break an export
     on purpose: verification then feeds the model's own size and must fail).
     """
-    if fmt not in FORMATS:
-        raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt not in (*FORMATS, DOCKER):
+        raise UserError(f"--format {fmt!r} is not one of {', '.join([*FORMATS, DOCKER])}")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    final = output / f"model-export-{trained.model['displayName']}-{stamp}"
+    staging = output / f".{final.name}.partial"
+    staging.mkdir(parents=True)
+    try:
+        if fmt == DOCKER:
+            from trainer.serving.docker import write_docker_export
+
+            details = write_docker_export(trained, staging)
+        else:
+            details = _write_edge_model(trained, fmt, staging, export_size)
+        write_json_atomic(staging / "metadata.json", {**_identity(trained, fmt), **details})
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _identity(trained: TrainedModel, fmt: str) -> dict[str, Any]:
+    """What every export's metadata.json begins with."""
+    return {
+        "task": trained.settings.task.name,
+        "modelType": trained.settings.model.type,
+        "modelId": trained.model_id,
+        "displayName": trained.model["displayName"],
+        "format": fmt,
+    }
+
+
+def _write_edge_model(
+    trained: TrainedModel, fmt: str, staging: Path, export_size: list[int] | None
+) -> dict[str, Any]:
+    """Write the ONNX or TorchScript file and labels.txt, verified and timed; the metadata."""
     settings = trained.settings
     if settings.model.type.startswith("cloud"):
         log.warning("exporting a cloud model: it is not sized for devices; mobile types are")
     plan = export_plan(trained)
     if export_size is not None:
         plan.example = torch.zeros(*plan.example.shape[:-2], *export_size)
-
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    final = output / f"model-export-{trained.model['displayName']}-{stamp}"
-    staging = output / f".{final.name}.partial"
-    staging.mkdir(parents=True)
-    try:
-        model_file = staging / FORMATS[fmt]
-        produced_by = _write_or_explain(plan, fmt, model_file, settings)
-        runner = Runner(fmt, model_file)
-        figures = verify(runner, plan)
-        latency = latency_ms(runner, plan.inputs[0][:1])
-        (staging / "labels.txt").write_text("\n".join(trained.labels) + "\n")
-        write_json_atomic(
-            staging / "metadata.json",
-            {
-                "task": settings.task.name,
-                "modelType": settings.model.type,
-                "modelId": trained.model_id,
-                "displayName": trained.model["displayName"],
-                "format": fmt,
-                "file": FORMATS[fmt],
-                "producedBy": produced_by,
-                **plan.metadata,
-                "verification": {
-                    "inputs": sum(len(b) for b in plan.inputs),
-                    "split": TEST,
-                    **figures,
-                },  # fmt: skip
-                "latencyMs": {
-                    "batch": 1,
-                    "median": round(latency, 4),
-                    "runs": LATENCY_RUNS,
-                    "runtime": runner.runtime,
-                },
-            },
-        )
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return final
+    model_file = staging / FORMATS[fmt]
+    produced_by = _write_or_explain(plan, fmt, model_file, settings)
+    runner = Runner(fmt, model_file)
+    figures = verify(runner, plan)
+    latency = latency_ms(runner, plan.inputs[0][:1])
+    (staging / "labels.txt").write_text("\n".join(trained.labels) + "\n")
+    return {
+        "file": FORMATS[fmt],
+        "producedBy": produced_by,
+        **plan.metadata,
+        "verification": {
+            "inputs": sum(len(b) for b in plan.inputs),
+            "split": TEST,
+            **figures,
+        },  # fmt: skip
+        "latencyMs": {
+            "batch": 1,
+            "median": round(latency, 4),
+            "runs": LATENCY_RUNS,
+            "runtime": runner.runtime,
+        },
+    }
 
 
 def _write_or_explain(plan: ExportPlan, fmt: str, path: Path, settings: Settings) -> str:

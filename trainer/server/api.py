@@ -38,13 +38,14 @@ from trainer.server.messages import (
 )
 from trainer.server.started import StartedOperations
 from trainer.serving import deployments
+from trainer.serving.docker import check_servable
 from trainer.settings import Workspace
 from trainer.store.automl import Operation, Parent, resource_id
 from trainer.store.listing import operation_filter
 from trainer.store.resources import new_id
 from trainer.tasks import task_configs, task_name_of_model
 
-EXPORT_FORMATS = ("onnx", "torchscript")  # models export's --format
+EXPORT_FORMATS = ("onnx", "torchscript", "docker")  # models export's --format
 
 
 @dataclass
@@ -224,6 +225,8 @@ def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per A
         folder = service.roots.writable(prefix, "outputConfig.gcsDestination.outputUriPrefix")
         name = parent.name("models", model_id)
         model, _ = service.catalog.usable_model(name, "export")
+        if fmt == "docker":
+            check_servable(model)
         command = trainer_command("models", "export", model_id, "--format", fmt,
                                   "--output", str(folder))  # fmt: skip
         details = {"outputInfo": {"gcsOutputDirectory": str(folder)}}

@@ -288,11 +288,17 @@ def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per A
         if deployment is None:
             raise ApiError("UNAVAILABLE", f"model {model_id} is deployed but its server is not "
                            "running yet; try again shortly")  # fmt: skip
+        import httpx
+
         # The model's server answers AutoML's predict itself: the body goes on as it came.
-        answer = await service.http().post(
-            deployment.url + request.url.path, content=await request.body(),
-            headers={"content-type": "application/json"},
-        )  # fmt: skip
+        try:
+            answer = await service.http().post(
+                deployment.url + request.url.path, content=await request.body(),
+                headers={"content-type": "application/json"},
+            )  # fmt: skip
+        except httpx.TransportError as error:  # it stopped between the check and the call
+            raise ApiError("UNAVAILABLE", f"model {model_id}'s server did not answer "
+                           f"({type(error).__name__}); try again shortly") from None  # fmt: skip
         return Response(answer.content, answer.status_code, media_type="application/json")
 
     @router.get(base + "/models/{model_id}/modelEvaluations")

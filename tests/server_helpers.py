@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_trainer
 
 STARTUP_SECONDS = 60
 
@@ -109,3 +109,40 @@ def wait_for(condition: Any, timeout: float, what: str) -> Any:
             return found
         time.sleep(0.5)
     raise AssertionError(f"gave up waiting for {what}")
+
+
+def post(url: str, body: Any, headers: dict | None = None) -> tuple[int, dict, dict]:
+    """A plain HTTP POST of JSON: its status, JSON and headers."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="POST", headers=headers or {})
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read()), dict(answer.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}"), dict(error.headers)
+
+
+def session_processes(session: int) -> list[int]:
+    """The processes of a session (a deployment's server starts one of its own)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def batch_predicted(cwd: Path, home: Path, model_id: str, paths: list[Path]) -> dict[str, dict]:
+    """Batch prediction's record of each image, every label or box (score threshold 0)."""
+    rows = cwd / f"online-{model_id}.csv"
+    rows.write_text("".join(f"{path}\n" for path in paths))
+    ran = run_trainer("predict", model_id, "--input", str(rows), "--output", str(cwd / "batch"),
+                      "--score-threshold", "0", cwd=cwd, home=home)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    folder = Path(ran.stdout.strip().splitlines()[-1])
+    records = [json.loads(line) for f in sorted(folder.glob("*_1.jsonl")) for line in f.open()]
+    return {record["ID"]: record for record in records}

@@ -6,14 +6,11 @@ does, then ended by SIGTERM; a video model refused in one line."""
 from __future__ import annotations
 
 import base64
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Trained, read_json, run_trainer
+from tests.server_helpers import batch_predicted, post, session_processes
 from tests.test_manage import one_line_error
 from trainer.data.manifest import TEST, read_dataset
 from trainer.serving.deployments import free_port, healthy
@@ -79,6 +77,7 @@ def test_the_entrypoint_environment_imports_the_folders_copy(exported: Path, tmp
     assert Path(ran.stdout.strip()) == exported / "app" / "conf", ran.stderr
 
 
+@pytest.mark.slow  # a server of its own: 20 s
 def test_the_entrypoint_serves_as_batch_prediction_and_ends_on_sigterm(
     mobile_models: Trained, trainer_home: Path, tiny_shapes: Path, exported: Path, tmp_path: Path
 ) -> None:
@@ -91,16 +90,17 @@ def test_the_entrypoint_serves_as_batch_prediction_and_ends_on_sigterm(
     with running_entrypoint(exported, env, tmp_path) as (server, url):
         # exec: the entrypoint's process is the model server itself.
         assert "trainer.serving" in Path(f"/proc/{server.pid}/cmdline").read_text()
-        status, _ = post(f"{url}/v1/models/default:predict", tf_serving_body(image))
-        assert status == 401  # no key
-        status, answer = post(f"{url}/v1/models/default:predict", tf_serving_body(image), KEY)
+        route = f"{url}/v1/models/default:predict"
+        assert post(route, tf_serving_body(image))[0] == 401  # no key
+        status, answer, _ = post(route, tf_serving_body(image), {"x-goog-api-key": KEY})
         assert status == 200, answer
         every_label = {"score_threshold": "0"}
         body = {"payload": {"image": {"imageBytes": b64(image)}}, "params": every_label}
-        status, automl = post(f"{url}/v1/{model['name']}:predict", body, KEY)
+        status, automl, _ = post(f"{url}/v1/{model['name']}:predict", body, {"x-goog-api-key": KEY})
         assert status == 200, automl
 
-        batch = batch_predicted(mobile_models.cwd, trainer_home, model_id, image)
+        found = batch_predicted(mobile_models.cwd, trainer_home, model_id, [image])
+        batch = found[str(image)]["annotations"]
         (prediction,) = answer["predictions"]
         assert prediction["key"] == "1"
         assert prediction["labels"] == [a["displayName"] for a in batch]
@@ -182,46 +182,9 @@ def running_entrypoint(
         process.wait(timeout=10)
 
 
-def session_processes(session: int) -> list[int]:
-    """The live processes of a session (the entrypoint's is its own, its workers in it)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == session and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
-def batch_predicted(cwd: Path, home: Path, model_id: str, image: Path) -> list[dict]:
-    """Batch prediction's annotations of the image: every label, best first."""
-    rows = cwd / f"docker-{model_id}.csv"
-    rows.write_text(f"{image}\n")
-    ran = run_trainer("predict", model_id, "--input", str(rows), "--output", str(cwd / "batch"),
-                      "--score-threshold", "0", cwd=cwd, home=home)  # fmt: skip
-    assert ran.returncode == 0, ran.stderr[-2000:]
-    folder = Path(ran.stdout.strip().splitlines()[-1])
-    (line,) = (folder / "image_classification_1.jsonl").read_text().splitlines()
-    return json.loads(line)["annotations"]
-
-
 def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
 def tf_serving_body(image: Path) -> dict[str, Any]:
     return {"instances": [{"image_bytes": {"b64": b64(image)}, "key": "1"}]}
-
-
-def post(url: str, body: dict[str, Any], key: str | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-    request.add_header("Content-Type", "application/json")
-    if key:
-        request.add_header("x-goog-api-key", key)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")

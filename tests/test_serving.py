@@ -23,7 +23,16 @@ from typing import Any
 import pytest
 
 from tests.conftest import FAST, REPO, Trained, read_json, run_trainer, train
-from tests.server_helpers import Server, http, prediction_client, start_server, wait_for
+from tests.server_helpers import (
+    Server,
+    batch_predicted,
+    http,
+    post,
+    prediction_client,
+    session_processes,
+    start_server,
+    wait_for,
+)
 from tests.test_export import run_snippet
 
 MODEL_TYPE = "mobile-low-latency-1"
@@ -39,51 +48,14 @@ def images(folder: Path, count: int) -> list[Path]:
     return found[:: max(1, len(found) // count)][:count]
 
 
-def batch_predicted(cwd: Path, home: Path, model_id: str, paths: list[Path]) -> dict[str, dict]:
-    """Batch prediction's record of each image, every label or box (score threshold 0)."""
-    rows = cwd / f"online-{model_id}.csv"
-    rows.write_text("".join(f"{path}\n" for path in paths))
-    ran = run_trainer("predict", model_id, "--input", str(rows), "--output", str(cwd / "batch"),
-                      "--score-threshold", "0", cwd=cwd, home=home)  # fmt: skip
-    assert ran.returncode == 0, ran.stderr[-2000:]
-    folder = Path(ran.stdout.strip().splitlines()[-1])
-    records = [json.loads(line) for f in sorted(folder.glob("*_1.jsonl")) for line in f.open()]
-    return {record["ID"]: record for record in records}
-
-
 def deployment_of(home: Path, model_id: str) -> dict[str, Any]:
     return read_json(home / "serve" / "deployments" / model_id / "deployment.json")
-
-
-def session_processes(session: int) -> list[int]:
-    """The processes of a session (a deployment's server starts one of its own)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == session and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
 
 
 def tf_serving(url: str, paths: list[Path], headers: dict | None = None) -> tuple[int, dict, dict]:
     instances = [{"image_bytes": {"b64": b64(p.read_bytes())}, "key": str(i)}
                  for i, p in enumerate(paths)]  # fmt: skip
     return post(url + "/v1/models/default:predict", {"instances": instances}, headers)
-
-
-def post(url: str, body: Any, headers: dict | None = None) -> tuple[int, dict, dict]:
-    """A plain HTTP POST of JSON: its status, JSON and headers."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="POST", headers=headers or {})
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            return answer.status, json.loads(answer.read()), dict(answer.headers)
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}"), dict(error.headers)
 
 
 def b64(data: bytes) -> str:
@@ -262,6 +234,7 @@ def test_refusals(
     assert status == 400 and "nodeCount 99" in answer["error"]["message"]
 
 
+@pytest.mark.slow  # two servers started again: 25 s
 def test_sigterm_in_a_burst_then_a_restart_deploys_again(
     served: Server,
     deployed: Deployed,
@@ -334,6 +307,7 @@ def burst_then_sigterm(url: str, pid: int, image: bytes, requests: int = 60) -> 
 # -- a deployed detector, and a video model ----------------------------------------------
 
 
+@pytest.mark.slow  # a deployment of its own, 40 s on 2 cores
 def test_a_deployed_detector_answers_with_batch_predictions_boxes(
     detection_model: Trained, trainer_home: Path, detection_csv: Path
 ) -> None:
@@ -410,7 +384,8 @@ def test_deploy_after_training_then_delete_undeploys_first(
     tmp_path: Path, trainer_home: Path, tiny_shapes: Path
 ) -> None:
     model, _ = train(tmp_path, trainer_home, *FAST, f"dataset.path={tiny_shapes}",
-                     "display_name=online", "deploy_after_training=true")  # fmt: skip
+                     "budget.train_budget_milli_node_hours=4", "display_name=online",
+                     "deploy_after_training=true")  # fmt: skip
     model_id = model_id_of(model)
     got = run_trainer("models", "get", model_id, "--json", cwd=tmp_path, home=trainer_home)
     stored = json.loads(got.stdout)
@@ -427,6 +402,7 @@ def test_deploy_after_training_then_delete_undeploys_first(
 # -- the model server by hand: its key and its body limit ------------------------------------
 
 
+@pytest.mark.slow  # a deployment of its own, 40 s on 2 cores
 def test_a_model_server_with_a_key_refuses_requests_without_it(
     mobile_models: Trained, trainer_home: Path, tiny_shapes: Path, tmp_path: Path, monkeypatch
 ) -> None:

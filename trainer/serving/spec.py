@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import Request
+from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
@@ -97,6 +97,9 @@ class OnlineSpec(LitSpec):
             found = self.response_buffer.pop(uid, None)
         assert found is not None
         response, status = found.response
+        if isinstance(response, HTTPException) and response.status_code == 504:
+            # LitServe's own deadline: the image waited in its queue too long.
+            raise Refusal("DEADLINE_EXCEEDED", f"no answer within {self.timeout:g} s")
         if status != LitAPIStatus.OK or not isinstance(response, dict):
             raise Refusal("INTERNAL", "the model failed on this request's batch; see the log")
         return response

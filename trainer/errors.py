@@ -22,3 +22,9 @@ class FailedPrecondition(UserError):
     operation's model deleted, a finished operation cancelled)."""
 
     status = "FAILED_PRECONDITION"
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's first line, cut to ``limit`` characters (its type where it says nothing):
+    what a one-line refusal quotes of a library's error."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]

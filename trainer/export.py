@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from trainer.data.manifest import TEST
-from trainer.errors import UserError
+from trainer.errors import UserError, first_line
 from trainer.settings import Settings
 from trainer.store.lifecycle import operation_on_record
 from trainer.store.resources import write_json_atomic
@@ -245,7 +245,7 @@ def _write_or_explain(plan: ExportPlan, fmt: str, path: Path, settings: Settings
     except Exception as error:
         from trainer.job.settings import model_types
 
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        reason = first_line(error)
         task = settings.task.name
         offered = ", ".join(t for t in model_types(task) if t != "default")
         raise ExportFailed(

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from trainer.errors import UserError
+from trainer.errors import UserError, first_line
 from trainer.job.checkpoints import load_checkpoint
 from trainer.job.ids import OPERATION_ID_ENV
 from trainer.settings import Settings, Workspace, migrate
@@ -140,7 +140,7 @@ def load_network(trained: TrainedModel) -> nn.Module:
     try:
         checkpoint = load_checkpoint(trained.checkpoint)
     except Exception as error:  # a damaged or hostile file raises anything from pickle to zip
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        first = first_line(error, 200)
         raise UserError(
             f"the checkpoint of model {trained.model_id} does not load as weights ({first})"
         ) from None

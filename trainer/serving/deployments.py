@@ -25,7 +25,7 @@ from typing import Any
 from trainer.background import start_in_background
 from trainer.errors import FailedPrecondition, UserError
 from trainer.settings import Workspace
-from trainer.store.automl import resource_id
+from trainer.store.automl import metadata_of, resource_id
 from trainer.store.resources import utc_now, write_json_atomic
 from trainer.sweep.liveness import process_alive, start_ticks
 
@@ -206,7 +206,7 @@ def restore(catalog: Any, workspace: Workspace) -> list[str]:
         folder = deployments_folder(workspace) / model_id
         if model.get("deploymentState") != DEPLOYED or running(workspace, model_id):
             continue
-        node_count = int(_metadata(model).get("nodeCount") or 1)
+        node_count = int(metadata_of(model).get("nodeCount") or 1)
         if not (folder / "package").is_dir():  # deployed from another machine's home
             from trainer.serving.package import write_package
             from trainer.stored_model import trained_model
@@ -222,15 +222,10 @@ def record_state(catalog: Any, model_id: str, state: str, node_count: int) -> No
     model = catalog.model(model_id)
     model["deploymentState"] = state
     model["updateTime"] = utc_now()
-    metadata = _metadata(model)
+    metadata = metadata_of(model)
     if "nodeCount" in metadata:
         metadata["nodeCount"] = str(node_count)
     catalog.store.update_model(model_id, model, {"nodeCount": str(node_count)})
-
-
-def _metadata(model: dict[str, Any]) -> dict[str, Any]:
-    found = [value for key, value in model.items() if key.endswith("ModelMetadata")]
-    return found[0] if found and isinstance(found[0], dict) else {}
 
 
 def healthy(url: str) -> bool:

@@ -19,7 +19,7 @@ import binascii
 import json
 from typing import Any
 
-from trainer.errors import UserError
+from trainer.errors import UserError, first_line
 
 AUTOML = "automl"
 TF_SERVING = "tf_serving"
@@ -34,7 +34,7 @@ def automl_item(body: bytes, api: str) -> dict[str, Any]:
     try:
         request = message.from_json(body.decode("utf-8") or "{}", ignore_unknown_fields=False)
     except Exception as error:  # protobuf's ParseError, a UnicodeDecodeError, ...
-        raise UserError(f"the body is not a PredictRequest: {_first_line(error)}") from None
+        raise UserError(f"the body is not a PredictRequest: {first_line(error)}") from None
     image = request.payload.image.image_bytes
     if not image:
         raise UserError("payload.image.imageBytes is empty: send the image's bytes in base64")
@@ -80,7 +80,3 @@ def tf_serving_response(items: list[dict[str, Any]], answers: list[dict[str, Any
             for item, answer in zip(items, answers, strict=True)
         ]
     }
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]

@@ -19,7 +19,7 @@ from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
 from trainer.errors import UserError
-from trainer.server.errors import error_body
+from trainer.server.errors import ApiError, error_body
 from trainer.serving.requests import (
     automl_item,
     predict_response,
@@ -30,12 +30,6 @@ from trainer.serving.requests import (
 TF_SERVING_PATH = "/v1/models/default:predict"
 AUTOML_PATH = "/{api}/projects/{project}/locations/{location}/models/{model_id}:predict"
 BATCH_HEADER = "x-batch-size"  # how many images ran through the network together with this one
-
-
-class Refusal(Exception):
-    def __init__(self, status: str, message: str, http_status: int | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.http_status = status, message, http_status
 
 
 class OnlineSpec(LitSpec):
@@ -57,15 +51,15 @@ class OnlineSpec(LitSpec):
     ) -> JSONResponse:
         try:
             if api not in ("v1", "v1beta1"):
-                raise Refusal("NOT_FOUND", f"no method at {request.url.path}")
+                raise ApiError("NOT_FOUND", f"no method at {request.url.path}")
             if model_id != self.model_id:
-                raise Refusal("NOT_FOUND", f"model {model_id!r} is not deployed here "
+                raise ApiError("NOT_FOUND", f"model {model_id!r} is not deployed here "
                               f"(this server serves {self.model_id})")  # fmt: skip
             item = automl_item(await request.body(), api)
             (answer,) = await asyncio.gather(self._answer(item))
         except UserError as error:
             return _google_error("INVALID_ARGUMENT", str(error))
-        except Refusal as refused:
+        except ApiError as refused:
             return _google_error(refused.status, refused.message, refused.http_status)
         if "error" in answer:  # the image failed, alone
             return _google_error("INVALID_ARGUMENT", answer["error"], headers=_batch(answer))
@@ -75,8 +69,8 @@ class OnlineSpec(LitSpec):
         try:
             items = tf_serving_items(await request.body())
             answers = await asyncio.gather(*(self._answer(item) for item in items))
-        except (UserError, Refusal) as error:
-            status = 400 if isinstance(error, UserError) else _status_code(error)
+        except (UserError, ApiError) as error:
+            status = 400 if isinstance(error, UserError) else error.http_status
             return JSONResponse({"error": str(error)}, status_code=status)
         for number, answer in enumerate(answers):
             if "error" in answer:  # as TF Serving, one bad instance fails its request
@@ -92,16 +86,16 @@ class OnlineSpec(LitSpec):
         try:
             await asyncio.wait_for(event.wait(), self.timeout)
         except asyncio.TimeoutError:
-            raise Refusal("DEADLINE_EXCEEDED", f"no answer within {self.timeout:g} s") from None
+            raise ApiError("DEADLINE_EXCEEDED", f"no answer within {self.timeout:g} s") from None
         finally:
             found = self.response_buffer.pop(uid, None)
         assert found is not None
         response, status = found.response
         if isinstance(response, HTTPException) and response.status_code == 504:
             # LitServe's own deadline: the image waited in its queue too long.
-            raise Refusal("DEADLINE_EXCEEDED", f"no answer within {self.timeout:g} s")
+            raise ApiError("DEADLINE_EXCEEDED", f"no answer within {self.timeout:g} s")
         if status != LitAPIStatus.OK or not isinstance(response, dict):
-            raise Refusal("INTERNAL", "the model failed on this request's batch; see the log")
+            raise ApiError("INTERNAL", "the model failed on this request's batch; see the log")
         return response
 
 
@@ -110,10 +104,6 @@ def _google_error(
 ) -> JSONResponse:
     code, body = error_body(status, message, http_status)
     return JSONResponse(body, status_code=code, headers=headers)
-
-
-def _status_code(refused: Refusal) -> int:
-    return error_body(refused.status, "", refused.http_status)[0]
 
 
 def _batch(answer: dict[str, Any]) -> dict[str, str]:

@@ -180,13 +180,18 @@ def recorded_details(run_dir: Path) -> dict[str, Any]:
     return details if isinstance(details, dict) else {}
 
 
+def metadata_of(model: dict[str, Any]) -> dict[str, Any]:
+    """The Model's task metadata (``imageClassificationModelMetadata``, ...), itself, not a
+    copy; empty where there is none."""
+    found: Any = next((v for k, v in model.items() if k.endswith("ModelMetadata")), {})
+    return found if isinstance(found, dict) else {}
+
+
 def details_of(model: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
     """A stored model's figures and expiry time: its metadata, then its registry tags (which
     hold every figure, where a video Model's metadata holds none). A model recorded before
     model_details.json existed kept them all in its metadata and ``expireTime``."""
-    metadata: dict[str, Any] = next(
-        (v for k, v in model.items() if k.endswith("ModelMetadata")), {}
-    )
+    metadata = metadata_of(model)
     details = {key: metadata[key] for key in FIGURES if key in metadata}
     details.update({key: tags[key] for key in FIGURES if key in tags})
     expire = tags.get("expire_time") or model.get("expireTime")

@@ -114,7 +114,7 @@ def test_the_entrypoint_serves_as_batch_prediction_and_ends_on_sigterm(
 
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
-        assert session_processes(server.pid) == []  # its inference workers ended too
+        assert session_processes(server.pid) == []  # its workers ended before it did
 
 
 def test_the_entrypoint_wants_a_key_on_every_interface(exported: Path, tmp_path: Path) -> None:

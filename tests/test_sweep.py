@@ -153,11 +153,18 @@ def sweep_json(cwd: Path, home: Path, sweep_id: str) -> dict:
 
 
 def operation_costs(sweep: dict) -> int:
-    """The sum of the trials' costs as their own operations put them on record."""
+    """The sum of the trials' costs as their own operations billed them: a model's
+    trainCostMilliNodeHours, else the seconds an unfinished operation spent. (A model's cost is
+    measured once its network is logged; state.json's seconds also count the few writes after,
+    which on a loaded machine can cross into the next milli-node-hour.)"""
     total = 0
     for trial in sweep["trials"]:
-        state = read_json(Path(trial["run_dir"]) / "state.json")
-        total += int(-(-state["spent_seconds"] // 3.6))
+        run_dir = Path(trial["run_dir"])
+        if (run_dir / "model_details.json").exists():
+            total += int(read_json(run_dir / "model_details.json")["trainCostMilliNodeHours"])
+        else:
+            state = read_json(run_dir / "state.json")
+            total += int(-(-state["spent_seconds"] // 3.6))
     return total
 
 

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import threading
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,18 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
+    end_children()
+
+
+def end_children() -> None:
+    """Exit only once no process of this server is left. LitServe SIGKILLs a worker that has not
+    ended 5 s after its SIGTERM, without waiting for it; and multiprocessing's resource tracker
+    (spawn starts one) ends only when it notices that this process has gone, a moment later."""
+    for child in multiprocessing.active_children():
+        child.join(timeout=10)
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    if tracker is not None and hasattr(tracker, "_stop"):
+        tracker._stop()  # closes its pipe and waits for it: private, hence the guard
 
 
 def build_server(args: argparse.Namespace) -> Any:

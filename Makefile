@@ -42,14 +42,14 @@ format: $(STAMP)
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 
-# Re-resolve $(LOCK) from pyproject.toml (its dependencies and the dev extra) after a change
+# Re-resolve $(LOCK) from pyproject.toml (its dependencies, the dev and tflite extras) after a change
 # there; pins already in the lock stay unless asked: make lock LOCK_ARGS=--upgrade (everything) or
 # LOCK_ARGS="--upgrade-package mlflow". Needs the package index; commit the result.
 lock:
 	test -x $(BIN)/pip-compile || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 	  $(BIN)/python -m pip install --quiet 'pip-tools>=7.4'; }
 	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes \
-	  --allow-unsafe --strip-extras --extra dev --build-deps-for editable \
+	  --allow-unsafe --strip-extras --extra dev --extra tflite --build-deps-for editable \
 	  --no-emit-index-url --no-emit-find-links --output-file $(LOCK) $(LOCK_ARGS) pyproject.toml
 
 # Known vulnerabilities of the versions $(LOCK) pins (pip-audit against OSV's database). Fails

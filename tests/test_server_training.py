@@ -116,10 +116,13 @@ def test_automls_samples_run_against_the_server(tmp_path: Path) -> None:
         assert predicted is not None
         (results,) = (tmp_path / "out").glob("prediction-shapes_model-*/*.jsonl")
         assert len(results.read_text().splitlines()) == 3
-        tflite = {"modelFormat": "tflite", "gcsDestination": {"outputUriPrefix": "out"}}
+        tf_js = {"modelFormat": "tf_js", "gcsDestination": {"outputUriPrefix": "out"}}
         status, refused = http("POST", f"{server.url}/v1/{trained.name}:export",
-                               {"outputConfig": tflite})  # fmt: skip
-        assert status == 400 and "use one of onnx, torchscript" in refused["error"]["message"]
+                               {"outputConfig": tf_js})  # fmt: skip
+        assert (status, refused["error"]["status"]) == (400, "INVALID_ARGUMENT")
+        message = refused["error"]["message"]
+        assert "no maintained converter" in message
+        assert message.endswith("offered are onnx, torchscript, tflite, docker")
         client.export_model(
             name=trained.name,
             output_config={"model_format": "onnx",

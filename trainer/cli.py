@@ -77,12 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="every ModelEvaluation resource, per label too"
     )
     export = models.add_parser(
-        "export", help="an ONNX or TorchScript package for devices, or a Docker image's folder"
-    )
+        "export", help="an ONNX, TorchScript or TF Lite package for devices, or a Docker "
+        "image's folder",
+    )  # fmt: skip
     export.add_argument("id")
     export.add_argument(
-        "--format", default="onnx", choices=["onnx", "torchscript", "docker"],
-        help="docker: a folder with the model, the model server's Dockerfile and entrypoint",
+        "--format", default="onnx",
+        help="onnx, torchscript, tflite (the extra vision-trainer[tflite]) or docker (a folder "
+        "with the model, the model server's Dockerfile and entrypoint); conf/export.yaml",
+    )  # fmt: skip
+    export.add_argument(
+        "--quantize", default="none", choices=["none", "int8"],
+        help="tflite: int8 is full-integer, calibrated on TRAIN images",
     )  # fmt: skip
     export.add_argument("--output", default="exports", help="folder for the package")
     deploy = models.add_parser(
@@ -332,7 +338,11 @@ def models_export(catalog: Any, args: argparse.Namespace) -> None:
     from pathlib import Path
 
     _quiet_logging()
-    # Refused before torch loads: a wrong ID, and (docker) a model that cannot serve online.
+    # Refused before torch loads: a format not offered, a wrong ID, and (docker) a model that
+    # cannot serve online.
+    from trainer.export_common import check_format
+
+    check_format(args.format)
     model, _ = catalog.usable_model(args.id, "export")
     if args.format == "docker":
         from trainer.serving.docker import check_servable
@@ -340,7 +350,8 @@ def models_export(catalog: Any, args: argparse.Namespace) -> None:
         check_servable(model)
     from trainer.export import export_stored  # torch: only for this verb
 
-    package = export_stored(catalog, args.id, args.format, Path(args.output).resolve())
+    output = Path(args.output).resolve()
+    package = export_stored(catalog, args.id, args.format, output, args.quantize)
     metadata = json.loads((package / "metadata.json").read_text())
     print(f"exported to {package}: {export_summary(metadata)}", file=sys.stderr)
     print(package)

@@ -1,6 +1,6 @@
-"""Edge export: an ONNX or TorchScript package that runs without this project, verified and timed;
-and the docker export, a folder that builds an image serving the model online
-(trainer/serving/docker.py).
+"""Edge export: an ONNX, TorchScript or TF Lite (trainer/tflite.py) package that runs without
+this project, verified and timed; and the docker export, a folder that builds an image serving
+the model online (trainer/serving/docker.py).
 
 The model's task says what is exported, how it is fed and how its answers are judged
 (``ExportPlan``, trainer/tasks/__init__.py); this module writes the file, runs it with the
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-import statistics
 import sys
-import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 
 from trainer.data.manifest import TEST
 from trainer.errors import UserError, first_line
+from trainer.export_common import LATENCY_RUNS, check_format, latency_ms
 from trainer.settings import Settings
 from trainer.store.lifecycle import operation_on_record
 from trainer.store.resources import write_json_atomic
@@ -35,9 +34,9 @@ from trainer.tasks import ExportPlan, task_of
 
 log = logging.getLogger("trainer")
 
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}  # written and run here
 DOCKER = "docker"  # the model server's image (trainer/serving/docker.py), not a model file
-LATENCY_RUNS, WARMUP_RUNS = 50, 10
+TFLITE = "tflite"  # trainer/tflite.py
 ONNX_OPSET = 17  # for torch.onnx's TorchScript-based exporter; dynamo picks its own
 VERIFIED_INPUTS = 16
 
@@ -124,18 +123,6 @@ def verify(runner: Runner, plan: ExportPlan) -> dict[str, Any]:
     return verification.figures
 
 
-def latency_ms(runner: Runner, example: np.ndarray) -> float:
-    """Median milliseconds for one input after warm-up."""
-    for _ in range(WARMUP_RUNS):
-        runner(example)
-    times = []
-    for _ in range(LATENCY_RUNS):
-        started = time.perf_counter()
-        runner(example)
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
-
-
 def export_plan(trained: TrainedModel) -> ExportPlan:
     """The task's plan for the stored network, verified on the first TEST items."""
     task = task_of(trained.settings)
@@ -143,7 +130,9 @@ def export_plan(trained: TrainedModel) -> ExportPlan:
     return task.export_plan(load_network(trained), trained.settings, trained.labels, items)
 
 
-def export_stored(catalog: Any, model_id: str, fmt: str, output: Path) -> Path:
+def export_stored(
+    catalog: Any, model_id: str, fmt: str, output: Path, quantize: str = "none"
+) -> Path:
     """`models export`: ``export_package`` as an operation on record (exportModelDetails)."""
     trained = trained_model(catalog, model_id, "export")
     output_info = {"gcsOutputDirectory": str(output)}  # AutoML's name; a local folder here
@@ -152,7 +141,7 @@ def export_stored(catalog: Any, model_id: str, fmt: str, output: Path) -> Path:
     params = {"id": model_id, "format": fmt, "output": str(output)}
     name = f"export_{trained.model['displayName']}"
     with operation_on_record(catalog.store, name, tags, params, operation):
-        package = export_package(trained, fmt, output)
+        package = export_package(trained, fmt, output, quantize=quantize)
         output_info["gcsOutputDirectory"] = str(package)
         operation.succeed("", {})  # ExportModel's response is google.protobuf.Empty
     print(operation.name, file=sys.stderr)
@@ -164,6 +153,7 @@ def export_package(
     fmt: str,
     output: Path,
     export_size: list[int] | None = None,
+    quantize: str = "none",
 ) -> Path:
     """Write, verify and time one package (a docker export: write and load back); return its
     folder.
@@ -171,8 +161,9 @@ def export_package(
     ``export_size`` exports at another input size than the model's (a way to break an export
     on purpose: verification then feeds the model's own size and must fail).
     """
-    if fmt not in (*FORMATS, DOCKER):
-        raise UserError(f"--format {fmt!r} is not one of {', '.join([*FORMATS, DOCKER])}")
+    check_format(fmt)
+    if quantize != "none" and fmt != TFLITE:
+        raise UserError(f"--quantize {quantize} is for --format {TFLITE}")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     final = output / f"model-export-{trained.model['displayName']}-{stamp}"
     staging = output / f".{final.name}.partial"
@@ -182,6 +173,10 @@ def export_package(
             from trainer.serving.docker import write_docker_export
 
             details = write_docker_export(trained, staging)
+        elif fmt == TFLITE:
+            from trainer.tflite import write_tflite
+
+            details = write_tflite(trained, staging, quantize, VERIFIED_INPUTS)
         else:
             details = _write_edge_model(trained, fmt, staging, export_size)
         write_json_atomic(staging / "metadata.json", {**_identity(trained, fmt), **details})

@@ -23,7 +23,8 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from trainer.background import start_in_background, trainer_command
-from trainer.errors import FailedPrecondition, NotFound
+from trainer.errors import FailedPrecondition, NotFound, UserError
+from trainer.export_common import check_format
 from trainer.job.ids import OPERATION_ID_ENV
 from trainer.server import trainings
 from trainer.server.errors import ApiError, install_error_handlers
@@ -44,8 +45,6 @@ from trainer.store.automl import Operation, Parent, resource_id
 from trainer.store.listing import operation_filter
 from trainer.store.resources import new_id
 from trainer.tasks import task_configs, task_name_of_model
-
-EXPORT_FORMATS = ("onnx", "torchscript", "docker")  # models export's --format
 
 
 @dataclass
@@ -218,17 +217,23 @@ def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per A
         asked = await parsed_body(request, message_types(request).ExportModelRequest)
         config = asked.output_config
         fmt = config.model_format or "onnx"
-        if fmt not in EXPORT_FORMATS:
-            raise ApiError("INVALID_ARGUMENT", f"modelFormat {fmt!r} is not offered here; use "
-                           f"one of {', '.join(EXPORT_FORMATS)}")  # fmt: skip
+        try:
+            check_format(fmt)
+        except UserError as error:
+            raise ApiError("INVALID_ARGUMENT", str(error)) from None
         prefix = config.gcs_destination.output_uri_prefix
         folder = service.roots.writable(prefix, "outputConfig.gcsDestination.outputUriPrefix")
         name = parent.name("models", model_id)
         model, _ = service.catalog.usable_model(name, "export")
         if fmt == "docker":
             check_servable(model)
-        command = trainer_command("models", "export", model_id, "--format", fmt,
-                                  "--output", str(folder))  # fmt: skip
+        # ModelExportOutputConfig's params: here, tflite's "quantize" (none or int8).
+        quantize = dict(config.params).get("quantize", "none")
+        if quantize not in ("none", "int8") or (quantize != "none" and fmt != "tflite"):
+            raise ApiError("INVALID_ARGUMENT", f"params.quantize {quantize!r}: none, or int8 "
+                           "with modelFormat tflite")  # fmt: skip
+        command = trainer_command("models", "export", model_id, "--format", fmt, "--output",
+                                  str(folder), "--quantize", quantize)  # fmt: skip
         details = {"outputInfo": {"gcsOutputDirectory": str(folder)}}
         return _start_verb(service, parent, model, command, ("exportModelDetails", details))
 

@@ -101,6 +101,29 @@ class ExportPlan:
 
 
 @dataclass
+class TfLitePlan:
+    """What ``models export --format tflite`` converts, feeds and checks (trainer/tflite.py).
+
+    ``network`` takes one input as the package does (batch 1, NHWC pixels); ``example`` is such
+    an input; ``inputs`` are TEST inputs as arrays the package takes as they are, one a batch;
+    ``reference(input)`` is what the trained model answers and ``postprocess(outputs)`` turns
+    the package's raw outputs into the same form, which ``compare`` judges (as ExportPlan's);
+    ``calibration`` are TRAIN inputs for int8, ``truth`` each TEST input's label index (int8's
+    accuracy); ``metadata`` says how to feed the package and read what comes out.
+    """
+
+    network: nn.Module
+    example: Any
+    inputs: list[np.ndarray]
+    reference: Callable[[np.ndarray], list[np.ndarray]]
+    compare: Callable[[list[list[np.ndarray]], list[list[np.ndarray]]], Verification]
+    metadata: dict[str, Any]
+    postprocess: Callable[[list[np.ndarray]], list[np.ndarray]] = lambda outputs: outputs
+    calibration: list[np.ndarray] = field(default_factory=list)
+    truth: list[int] = field(default_factory=list)
+
+
+@dataclass
 class OnlineModel:
     """What a deployed model runs (trainer/serving/): batch prediction's preprocessing and
     network, and AutoML's answers for one image at a time."""
@@ -187,6 +210,15 @@ class Task(Protocol):
     ) -> ExportPlan:
         """How `models export` exports ``network`` and verifies it on ``items`` (TEST items;
         none for a latency measurement on ``example`` alone)."""
+
+    def tflite_plan(
+        self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any],
+        calibration: list[Any], quantize: str, options: dict[str, Any],
+    ) -> TfLitePlan:  # fmt: skip
+        """How `models export --format tflite` converts ``network``: verified on ``items``
+        (TEST), int8 calibrated on ``calibration`` (TRAIN); ``options``: conf/export.yaml's
+        ``tflite``. A network or quantization the converter cannot take is a UserError of one
+        line naming the types that export."""
 
     def online(self, network: nn.Module, settings: Settings, labels: list[str]) -> OnlineModel:
         """What a deployed ``network`` runs; a task whose ``task.online_prediction`` is false

@@ -11,11 +11,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torchvision.transforms import v2
 
 from trainer.data.images import eval_transform
 from trainer.data.manifest import Item
 from trainer.settings import Settings
-from trainer.tasks import ExportPlan, Verification
+from trainer.tasks import ExportPlan, TfLitePlan, Verification
 
 # Of the logits' scale: float32 rounding grows with a network's depth and its logits' size
 # (EfficientNet-B0's ONNX logits differed by 1.2e-4 at a scale above 1, a correct export).
@@ -83,5 +84,60 @@ def export_plan(
             "std": list(std),
             "resize": RESIZE_RULE,
             "output": "logits, one per line of labels.txt in that order; softmax gives scores",
+        },
+    )
+
+
+class PixelsIn(nn.Module):
+    """The classifier as a TF Lite app feeds it: (1, H, W, 3) uint8 RGB pixels at the input
+    size, normalized inside the graph as eval_transform does, logits out."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, network: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.network = network
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        images = pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        return self.network((images - self.mean) / self.std)
+
+
+def pixels(path: Any, size: Sequence[int]) -> np.ndarray:
+    """(1, H, W, 3) uint8: the image resized exactly as eval_transform resizes it (its
+    normalization is the graph's)."""
+    resized = v2.Resize(tuple(size), antialias=True)(v2.ToImage()(read_rgb(path)))
+    return resized.permute(1, 2, 0)[None].numpy()
+
+
+def tflite_plan(
+    network: nn.Module, settings: Settings, labels: Sequence[str], items: Sequence[Item],
+    calibration: Sequence[Item],
+) -> TfLitePlan:  # fmt: skip
+    size = settings.model.size
+    wrapped = PixelsIn(network.eval(), settings.data.mean, settings.data.std).eval()
+    index = {label: number for number, label in enumerate(labels)}
+
+    def reference(batch: np.ndarray) -> list[np.ndarray]:
+        return [wrapped(torch.from_numpy(batch)).numpy()]
+
+    return TfLitePlan(
+        network=wrapped,
+        example=torch.zeros(1, *size, 3, dtype=torch.uint8),
+        inputs=[pixels(item.path, size) for item in items],
+        reference=reference,
+        compare=logit_comparison(TOLERANCE),
+        calibration=[pixels(item.path, size) for item in calibration],
+        truth=[index[item.label] for item in items],
+        metadata={
+            "input_size": list(size),
+            "layout": "1xHxWx3, uint8, RGB pixels; the model normalizes (mean, std below)",
+            "mean": list(settings.data.mean),
+            "std": list(settings.data.std),
+            "resize": RESIZE_RULE.split(", scale to")[0] + "; no normalization: the model does",
+            "output": "logits, one per line of dict.txt in that order; softmax gives scores",
         },
     )

@@ -18,7 +18,7 @@ from trainer.data.input_size import even_sample, median_size
 from trainer.data.prediction import PredictionResult, predict_request, read_input_csv
 from trainer.settings import ModelSettings, Settings
 from trainer.store.evaluations import Evaluation
-from trainer.tasks import ExportPlan, Loaders, OnlineModel, PredictRequest
+from trainer.tasks import ExportPlan, Loaders, OnlineModel, PredictRequest, TfLitePlan
 from trainer.tasks.image_classification import export
 from trainer.tasks.image_classification.demo import ensure_demo_dataset
 from trainer.tasks.image_classification.evaluation import classification_evaluation, score_batches
@@ -120,6 +120,12 @@ class ImageClassification:
         self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any]
     ) -> ExportPlan:
         return export.export_plan(network, settings, labels, items)
+
+    def tflite_plan(
+        self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any],
+        calibration: list[Any], quantize: str, options: dict[str, Any],
+    ) -> TfLitePlan:  # fmt: skip
+        return export.tflite_plan(network, settings, labels, items, calibration)
 
 
 def _eval_transform(settings: Settings) -> Any:

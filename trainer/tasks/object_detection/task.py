@@ -15,7 +15,14 @@ from trainer.data.manifest import TEST, TRAIN
 from trainer.data.prediction import PredictionResult, predict_request, read_input_csv
 from trainer.settings import ModelSettings, Settings
 from trainer.store.evaluations import Evaluation
-from trainer.tasks import ExportPlan, Loaders, OnlineModel, PredictRequest, split_loaders
+from trainer.tasks import (
+    ExportPlan,
+    Loaders,
+    OnlineModel,
+    PredictRequest,
+    TfLitePlan,
+    split_loaders,
+)
 from trainer.tasks.object_detection import export
 from trainer.tasks.object_detection.data import (
     DetectionItem,
@@ -154,6 +161,15 @@ class ObjectDetection:
         self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any]
     ) -> ExportPlan:
         return export.export_plan(network, settings, labels, items)
+
+    def tflite_plan(
+        self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any],
+        calibration: list[Any], quantize: str, options: dict[str, Any],
+    ) -> TfLitePlan:  # fmt: skip
+        from trainer.tasks.object_detection import tflite
+
+        exports = options["detection_constructors"]
+        return tflite.tflite_plan(network, settings, items, quantize, exports)
 
 
 TASK = ObjectDetection()

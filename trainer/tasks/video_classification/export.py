@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from trainer.tasks import ExportPlan
+from trainer.errors import UserError
+from trainer.tasks import ExportPlan, TfLitePlan
 from trainer.tasks.image_classification.export import logit_comparison
 from trainer.tasks.video_classification.clips import ClipSpec, VideoDecodeError, decode_clip
 from trainer.tasks.video_classification.data import Segment
@@ -59,4 +61,30 @@ def export_plan(network: nn.Module, spec: ClipSpec, segments: Sequence[Segment])
         inputs=[torch.stack(clips).numpy()] if clips else [],
         compare=logit_comparison(None),
         metadata=metadata,
+    )
+
+
+def tflite_plan(
+    network: nn.Module, spec: ClipSpec, segments: Sequence[Segment], quantize: str
+) -> TfLitePlan:
+    """TF Lite takes the network as ONNX does, one normalized float clip a call (a clip's
+    frames are decoded and normalized by the app, as for ONNX); the same top label as the
+    trained network on every TEST clip."""
+    if quantize != "none":
+        raise UserError("--quantize int8 is offered for image classification; a video "
+                        "classifier exports to TF Lite in float32")  # fmt: skip
+    plan = export_plan(network, spec, segments)
+    clips = [batch[index : index + 1] for batch in plan.inputs for index in range(len(batch))]
+
+    def reference(clip: np.ndarray) -> list[np.ndarray]:
+        return [plan.network(torch.from_numpy(clip)).numpy()]
+
+    layout = "1 x 3 x T x H x W (T = frames_per_clip), float32, RGB; one clip a call"
+    return TfLitePlan(
+        network=plan.network,
+        example=plan.example[:1],
+        inputs=clips,
+        reference=reference,
+        compare=plan.compare,
+        metadata={**plan.metadata, "layout": layout},
     )

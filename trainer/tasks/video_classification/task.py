@@ -16,7 +16,14 @@ from trainer.data.prediction import PredictionResult
 from trainer.errors import UserError
 from trainer.settings import ModelSettings, Settings
 from trainer.store.evaluations import Evaluation
-from trainer.tasks import ExportPlan, Loaders, OnlineModel, PredictRequest, split_loaders
+from trainer.tasks import (
+    ExportPlan,
+    Loaders,
+    OnlineModel,
+    PredictRequest,
+    TfLitePlan,
+    split_loaders,
+)
 from trainer.tasks.image_classification.evaluation import classification_evaluation, score_batches
 from trainer.tasks.pretrained import optimizer_settings
 from trainer.tasks.video_classification import export
@@ -157,6 +164,12 @@ class VideoClassification:
         self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any]
     ) -> ExportPlan:
         return export.export_plan(network, clip_spec(settings), items)
+
+    def tflite_plan(
+        self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any],
+        calibration: list[Any], quantize: str, options: dict[str, Any],
+    ) -> TfLitePlan:  # fmt: skip
+        return export.tflite_plan(network, clip_spec(settings), items, quantize)
 
 
 TASK = VideoClassification()

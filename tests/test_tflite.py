@@ -321,3 +321,15 @@ def test_without_the_extra_the_export_names_it_in_one_line(
     )  # fmt: skip
     assert "pip install 'vision-trainer[tflite]'" in one_line_error(done)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.slow
+def test_a_video_classifier_exports_in_float_with_the_same_top_label(video_model: Trained) -> None:
+    cwd, _, model, _ = video_model.only()
+    package = export(cwd, model)
+    meta = read_json(package / "metadata.json")
+    assert meta["task"] == "video_classification" and meta["quantize"] == "none"
+    assert meta["verification"]["inputs"] > 0 and meta["verification"]["top1Disagreements"] == 0
+    lite = read_json(package / "tflite_metadata.json")
+    assert lite["inputTensor"]["type"] == "float32" and lite["inputShape"][:2] == [1, 3]
+    assert "one clip a call" in lite["layout"]

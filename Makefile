@@ -49,7 +49,7 @@ lock:
 	test -x $(BIN)/pip-compile || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 	  $(BIN)/python -m pip install --quiet 'pip-tools>=7.4'; }
 	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes \
-	  --allow-unsafe --strip-extras --extra dev --extra tflite --build-deps-for editable \
+	  --allow-unsafe --extra dev --extra tflite --build-deps-for editable \
 	  --no-emit-index-url --no-emit-find-links --output-file $(LOCK) $(LOCK_ARGS) pyproject.toml
 
 # Known vulnerabilities of the versions $(LOCK) pins (pip-audit against OSV's database). Fails

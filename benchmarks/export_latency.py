@@ -30,7 +30,7 @@ import torch
 from trainer import CONF_DIR
 from trainer.data.input_size import auto_input_size
 from trainer.export import Runner, as_arrays, write_model
-from trainer.export_common import latency_ms
+from trainer.export_common import QUANTIZATIONS, latency_ms
 from trainer.settings import Settings, composed
 from trainer.tasks import task_configs, task_of
 
@@ -88,7 +88,7 @@ def tflite_row(model_type: str, folder: Path) -> str:
     plan = kind.tflite_plan(network, settings, labels, [], [], "none", tflite.tflite_defaults())
     random = np.random.default_rng(0)
     plan.calibration = [random.integers(0, 256, (1, *size, 3), dtype=np.uint8) for _ in range(16)]
-    for quantize in tflite.QUANTIZATIONS:
+    for quantize in QUANTIZATIONS:
         path = folder / f"{model_type}-{quantize}.tflite"
         tflite.convert(plan, quantize, path)
         interpreter = tflite.Interpreter(path, threads=os.cpu_count() or 1)

@@ -93,11 +93,11 @@ def float_package(classifier: Trained) -> Path:
 
 def edge_inputs(trained, count: int = 8) -> list[tuple[np.ndarray, int]]:
     """TEST images as the package takes them, with their label index."""
-    from trainer.tasks.image_classification.export import pixels
+    from trainer.data.images import uint8_pixels
 
     size = trained.settings.model.size
     items = trained.manifest().split(TEST)[:count]
-    return [(pixels(item.path, size), trained.labels.index(item.label)) for item in items]
+    return [(uint8_pixels(item.path, size), trained.labels.index(item.label)) for item in items]
 
 
 def pytorch_logits(trained, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -255,13 +255,13 @@ def test_a_detector_package_gives_the_models_boxes(
     assert post["maxDetections"] == 100 and 0 < post["nmsIouThreshold"] < 1
 
     # LiteRT alone, then the package's NumPy post-processing run from its file as it is.
+    from trainer.data.images import uint8_pixels
     from trainer.stored_model import load_network
     from trainer.tasks.object_detection.export import ExportedDetector
-    from trainer.tasks.object_detection.tflite import pixels
 
     trained = stored(detection_model, model, monkeypatch)
     item = trained.manifest().split(TEST)[0]
-    image = pixels(item.path, trained.settings.model.size)
+    image = uint8_pixels(item.path, trained.settings.model.size)
     (outputs,) = litert_alone(package, [image], tmp_path)
     code = (REPO / "trainer/tasks/object_detection/ssd_postprocess.py").read_text()
     found: dict = {}

@@ -17,6 +17,7 @@ from typing import Any
 from trainer import front_door
 from trainer.dataset_verbs import add_dataset_verbs, run_dataset_verb
 from trainer.errors import UserError
+from trainer.export_common import QUANTIZATIONS, check_format
 from trainer.server.main import add_serve_verb
 from trainer.settings import Workspace, redact
 from trainer.store.automl import progress_of, resource_id
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with the model, the model server's Dockerfile and entrypoint); conf/export.yaml",
     )  # fmt: skip
     export.add_argument(
-        "--quantize", default="none", choices=["none", "int8"],
+        "--quantize", default="none", choices=QUANTIZATIONS,
         help="tflite: int8 is full-integer, calibrated on TRAIN images",
     )  # fmt: skip
     export.add_argument("--output", default="exports", help="folder for the package")
@@ -340,8 +341,6 @@ def models_export(catalog: Any, args: argparse.Namespace) -> None:
     _quiet_logging()
     # Refused before torch loads: a format not offered, a wrong ID, and (docker) a model that
     # cannot serve online.
-    from trainer.export_common import check_format
-
     check_format(args.format)
     model, _ = catalog.usable_model(args.id, "export")
     if args.format == "docker":

@@ -34,6 +34,7 @@ def check_format(fmt: str) -> None:
 
 
 LATENCY_RUNS, WARMUP_RUNS = 50, 10
+QUANTIZATIONS = ("none", "int8")  # --quantize; int8 for the tflite format only
 
 
 def latency_ms(run: Callable[[Any], Any], example: Any) -> float:

@@ -21,7 +21,6 @@ import contextlib
 import copy
 import functools
 import importlib.metadata
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,15 +32,13 @@ from torch import nn
 
 from trainer.data.manifest import TEST, TRAIN
 from trainer.errors import UserError, first_line
-from trainer.export_common import LATENCY_RUNS, export_formats, latency_ms
+from trainer.export_common import LATENCY_RUNS, QUANTIZATIONS, export_formats, latency_ms
+from trainer.store.resources import write_json_atomic
 from trainer.stored_model import TrainedModel, load_network
 from trainer.tasks import TfLitePlan, task_of
 
-log = logging.getLogger("trainer")
-
 MODEL_FILE, LABELS_FILE, METADATA_FILE = "model.tflite", "dict.txt", "tflite_metadata.json"
 EXTRA = "pip install 'vision-trainer[tflite]'"
-QUANTIZATIONS = ("none", "int8")
 
 
 def tflite_defaults() -> dict[str, Any]:
@@ -74,8 +71,7 @@ class Interpreter:
     def __init__(self, path: Path, threads: int = 1) -> None:
         from ai_edge_litert.interpreter import Interpreter as LiteRT
 
-        self.interpreter = LiteRT(model_path=str(path), num_threads=threads)
-        self.runner = self.interpreter.get_signature_runner()
+        self.runner = LiteRT(model_path=str(path), num_threads=threads).get_signature_runner()
         self.input_name = next(iter(self.runner.get_input_details()))
         outputs = self.runner.get_output_details()  # name -> tensor details
         # litert-torch names them output_0, output_1, ... in the network's order.
@@ -227,11 +223,14 @@ def tflite_plan(trained: TrainedModel, quantize: str, verified_inputs: int) -> T
     """The task's plan for the stored network: TEST inputs to verify on, and TRAIN ones to
     calibrate int8 on."""
     task, manifest, options = task_of(trained.settings), trained.manifest(), tflite_defaults()
-    # int8 is judged by TEST accuracy: every TEST image; a float file like the ONNX one.
-    tests = manifest.split(TEST) if quantize == "int8" else manifest.split(TEST)[:verified_inputs]
-    calibration = manifest.split(TRAIN)[: options["calibration_images"]]
-    if quantize != "int8":
-        calibration = []
+    # int8 is judged by TEST accuracy, on every TEST image, and calibrated on TRAIN ones; a float
+    # file is verified as the ONNX one is.
+    tests, calibration = manifest.split(TEST)[:verified_inputs], []
+    if quantize == "int8":
+        tests, calibration = (
+            manifest.split(TEST),
+            manifest.split(TRAIN)[: options["calibration_images"]],
+        )
     network = load_network(trained)
     return task.tflite_plan(network, trained.settings, trained.labels, tests, calibration,
                             quantize, options)  # fmt: skip
@@ -269,8 +268,6 @@ def write_tflite(
         "labelsFile": LABELS_FILE,
         **plan.metadata,
     }
-    from trainer.store.resources import write_json_atomic
-
     write_json_atomic(staging / METADATA_FILE, tflite_metadata)
     return {
         "file": MODEL_FILE,

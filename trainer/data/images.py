@@ -58,6 +58,14 @@ def eval_transform(size: Sequence[int], mean: Sequence[float], std: Sequence[flo
     )
 
 
+def uint8_pixels(path: Any, size: Sequence[int]) -> np.ndarray:
+    """(1, H, W, 3) uint8 RGB: the image resized exactly as eval_transform (and detection's
+    eval transform) resize it, before any scaling: what a TF Lite package takes."""
+    with Image.open(path) as image:
+        resized = v2.Resize(tuple(size), antialias=True)(v2.ToImage()(image.convert("RGB")))
+    return resized.permute(1, 2, 0)[None].numpy()
+
+
 def train_transform(
     size: Sequence[int],
     mean: Sequence[float],

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 
 from trainer.background import start_in_background, trainer_command
 from trainer.errors import FailedPrecondition, NotFound, UserError
-from trainer.export_common import check_format
+from trainer.export_common import QUANTIZATIONS, check_format
 from trainer.job.ids import OPERATION_ID_ENV
 from trainer.server import trainings
 from trainer.server.errors import ApiError, install_error_handlers
@@ -229,7 +229,7 @@ def build_router(service: Service) -> APIRouter:  # noqa: C901 - one route per A
             check_servable(model)
         # ModelExportOutputConfig's params: here, tflite's "quantize" (none or int8).
         quantize = dict(config.params).get("quantize", "none")
-        if quantize not in ("none", "int8") or (quantize != "none" and fmt != "tflite"):
+        if quantize not in QUANTIZATIONS or (quantize != "none" and fmt != "tflite"):
             raise ApiError("INVALID_ARGUMENT", f"params.quantize {quantize!r}: none, or int8 "
                            "with modelFormat tflite")  # fmt: skip
         command = trainer_command("models", "export", model_id, "--format", fmt, "--output",

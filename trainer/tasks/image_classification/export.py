@@ -11,9 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.transforms import v2
 
-from trainer.data.images import eval_transform
+from trainer.data.images import eval_transform, uint8_pixels
 from trainer.data.manifest import Item
 from trainer.settings import Settings
 from trainer.tasks import ExportPlan, TfLitePlan, Verification
@@ -106,13 +105,6 @@ class PixelsIn(nn.Module):
         return self.network((images - self.mean) / self.std)
 
 
-def pixels(path: Any, size: Sequence[int]) -> np.ndarray:
-    """(1, H, W, 3) uint8: the image resized exactly as eval_transform resizes it (its
-    normalization is the graph's)."""
-    resized = v2.Resize(tuple(size), antialias=True)(v2.ToImage()(read_rgb(path)))
-    return resized.permute(1, 2, 0)[None].numpy()
-
-
 def tflite_plan(
     network: nn.Module, settings: Settings, labels: Sequence[str], items: Sequence[Item],
     calibration: Sequence[Item],
@@ -127,10 +119,10 @@ def tflite_plan(
     return TfLitePlan(
         network=wrapped,
         example=torch.zeros(1, *size, 3, dtype=torch.uint8),
-        inputs=[pixels(item.path, size) for item in items],
+        inputs=[uint8_pixels(item.path, size) for item in items],
         reference=reference,
         compare=logit_comparison(TOLERANCE),
-        calibration=[pixels(item.path, size) for item in calibration],
+        calibration=[uint8_pixels(item.path, size) for item in calibration],
         truth=[index[item.label] for item in items],
         metadata={
             "input_size": list(size),

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.models.detection.image_list import ImageList
-from torchvision.transforms import v2
 
+from trainer.data.images import uint8_pixels
 from trainer.errors import UserError
 from trainer.settings import Settings
 from trainer.tasks import TfLitePlan
@@ -67,15 +67,6 @@ class DecodedAnchors(nn.Module):
         return boxes[None], torch.softmax(head["cls_logits"], dim=-1)
 
 
-def pixels(path: Any, size: Sequence[int]) -> np.ndarray:
-    """(1, H, W, 3) uint8: the image resized as detection_eval_transform resizes it."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        resized = v2.Resize(tuple(size), antialias=True)(v2.ToImage()(image.convert("RGB")))
-    return resized.permute(1, 2, 0)[None].numpy()
-
-
 def tflite_plan(
     network: Any, settings: Settings, items: Sequence[DetectionItem], quantize: str,
     exports: Sequence[str],
@@ -105,7 +96,7 @@ def tflite_plan(
     return TfLitePlan(
         network=DecodedAnchors(network, height, width).eval(),
         example=torch.zeros(1, height, width, 3, dtype=torch.uint8),
-        inputs=[pixels(item.path, (height, width)) for item in items],
+        inputs=[uint8_pixels(item.path, (height, width)) for item in items],
         reference=reference,
         postprocess=lambda outputs: postprocess(outputs, post),
         compare=box_comparison(height, width),

@@ -229,15 +229,22 @@ def learning_timeout(budget: int) -> float:
     return budget * 3.6 + 180
 
 
+# The learning runs' budgets: where they stop, not how far they must get. Trained until they
+# converged (150 and 200), they ran 53 and 85+ milli-node-hours, 3.4 and 5.5 min of the
+# suite; their validation mAP was already 0.68-0.76 and 0.58-0.72 by 25 and 36 (a CI run at
+# 874863a beside other work), far over the thresholds below, which are on mAP@0.5.
+SHAPES_BUDGET, PHOTOS_BUDGET = 30, 40
+
+
 @pytest.mark.slow
 def test_detection_learns_on_the_generated_shapes(tmp_path: Path, trainer_home: Path) -> None:
     _, run_dir = train(
         tmp_path, trainer_home, "task=object_detection", "model.input_size=[128,128]",
         "data.batch_size=8", "budget.min_milli_node_hours=1",
-        "budget.train_budget_milli_node_hours=150", "early_stopping.patience=6",
-        "early_stopping.min_patience_steps=0", timeout=learning_timeout(150),
+        f"budget.train_budget_milli_node_hours={SHAPES_BUDGET}", "early_stopping.patience=6",
+        "early_stopping.min_patience_steps=0", timeout=learning_timeout(SHAPES_BUDGET),
     )  # fmt: skip
-    check_model(run_dir, "IOD", 150)
+    check_model(run_dir, "IOD", SHAPES_BUDGET)
     trained, untrained = trained_map_50(run_dir), untrained_map_50(run_dir, tmp_path)
     print(f"generated shapes: mAP@0.5 {trained:.3f} trained, {untrained:.3f} untrained")
     assert trained > max(0.4, 5 * untrained)
@@ -251,10 +258,10 @@ def test_detection_learns_on_real_photos(tmp_path: Path, trainer_home: Path) -> 
     _, run_dir = train(
         tmp_path, trainer_home, "task=object_detection", f"dataset.path={dataset}",
         "model.input_size=[160,160]", "data.batch_size=8", "budget.min_milli_node_hours=1",
-        "budget.train_budget_milli_node_hours=200", "early_stopping.patience=6",
-        "early_stopping.min_patience_steps=0", timeout=learning_timeout(200),
+        f"budget.train_budget_milli_node_hours={PHOTOS_BUDGET}", "early_stopping.patience=6",
+        "early_stopping.min_patience_steps=0", timeout=learning_timeout(PHOTOS_BUDGET),
     )  # fmt: skip
-    check_model(run_dir, "IOD", 200)
+    check_model(run_dir, "IOD", PHOTOS_BUDGET)
     trained, untrained = trained_map_50(run_dir), untrained_map_50(run_dir, tmp_path)
     print(f"real photos: mAP@0.5 {trained:.3f} trained, {untrained:.3f} untrained")
     assert trained > max(0.3, 5 * untrained)

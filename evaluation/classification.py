@@ -2,7 +2,9 @@
 
 AutoML scores a multi-class model one-vs-rest: every (example, label) pair is a binary decision,
 and the overall figures pool all pairs (micro-averaging); a per-label evaluation keeps only that
-label's column. The "At1" figures count only each example's best label.
+label's column. The "At1" figures count only each example's best label. A multi-label model
+(MULTILABEL: any number of true labels an example, each scored on its own) is scored the same
+way, pair by pair, with the log loss of every pair and no confusion matrix, as AutoML did.
 
 The area metrics and the confusion matrix come from torchmetrics. The counts per confidence
 threshold are plain NumPy: torchmetrics' stat scores read inputs outside [0, 1] as logits and
@@ -33,26 +35,30 @@ def classification_evaluations(
     """The overall evaluation, then one per label, as AutoML's ModelEvaluation bodies (without
     ``name`` and ``createTime``, which the caller adds).
 
-    ``scores`` is (examples, labels) of probabilities summing to 1 per row; ``targets`` holds
-    each example's label index.
+    ``scores`` is (examples, labels) of probabilities: summing to 1 per row, with ``targets``
+    each example's label index; or, for a MULTILABEL model, each label's own, with ``targets``
+    (examples, labels) of 0 and 1.
     """
     scores = np.asarray(scores, dtype=np.float64)
-    targets = np.asarray(targets, dtype=np.int64)
+    targets = np.asarray(targets)
+    multilabel = targets.ndim == 2
     if scores.ndim != 2 or scores.shape[1] != len(labels) or len(targets) != len(scores):
         raise ValueError(
             f"scores {scores.shape} do not match {len(targets)} targets, {len(labels)} labels"
         )
-    truth = np.eye(len(labels), dtype=bool)[targets]
+    truth = truth_of(targets, len(labels))
     best = one_hot_best(scores)
+    pooled: dict[str, Any] = binary_metrics(scores.ravel(), truth.ravel(), best.ravel())
+    if multilabel:
+        pooled["logLoss"] = binary_log_loss(scores.ravel(), truth.ravel())
+    else:
+        pooled["logLoss"] = multiclass_log_loss(scores, targets)
+        pooled["confusionMatrix"] = confusion_matrix(scores, targets, labels)
     overall = {
         "annotationSpecId": "",
         "displayName": "",
         "evaluatedExampleCount": len(targets),
-        "classificationEvaluationMetrics": {
-            **binary_metrics(scores.ravel(), truth.ravel(), best.ravel()),
-            "logLoss": multiclass_log_loss(scores, targets),
-            "confusionMatrix": confusion_matrix(scores, targets, labels),
-        },
+        "classificationEvaluationMetrics": pooled,
     }
     per_label = [
         {
@@ -67,6 +73,22 @@ def classification_evaluations(
         for index, label in enumerate(labels)
     ]
     return [overall, *per_label]
+
+
+def truth_of(targets: np.ndarray, num_labels: int) -> np.ndarray:
+    """(examples, labels), True where a label is true: a MULTILABEL model's targets are such rows
+    already (0 and 1), a MULTICLASS model's are label indices."""
+    targets = np.asarray(targets)
+    if targets.ndim == 2:
+        return targets.astype(bool)
+    return np.eye(num_labels, dtype=bool)[targets.astype(np.int64)]
+
+
+def exact_match(scores: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> float:
+    """The share of examples whose labels scored at or over ``threshold`` are exactly their true
+    labels: a MULTILABEL model's accuracy."""
+    truth = truth_of(targets, scores.shape[1])
+    return float(np.mean(((scores >= threshold) == truth).all(axis=1))) if len(truth) else 0.0
 
 
 def one_hot_best(scores: np.ndarray) -> np.ndarray:

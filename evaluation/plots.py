@@ -18,14 +18,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchmetrics.functional.classification import binary_precision_recall_curve  # noqa: E402
 
+from evaluation.classification import truth_of  # noqa: E402
+
 MAX_CURVES = 10  # beyond this many labels, only the pooled curve stays readable
 
 
 def precision_recall_png(
     scores: np.ndarray, targets: np.ndarray, labels: Sequence[str], path: Path
 ) -> Path:
-    """The pooled (micro-averaged) curve, and one per label when there are few labels."""
-    truth = np.eye(len(labels), dtype=np.int64)[targets]
+    """The pooled (micro-averaged) curve, and one per label when there are few labels;
+    ``targets`` are label indices, or a MULTILABEL model's rows of 0 and 1."""
+    truth = truth_of(targets, len(labels)).astype(np.int64)
     figure, axes = plt.subplots(figsize=(6, 5))
     _curve(axes, scores.ravel(), truth.ravel(), "all labels", linewidth=2.5)
     if len(labels) <= MAX_CURVES:

@@ -107,3 +107,81 @@ def test_demo_dataset_is_deterministic(tmp_path: Path) -> None:
     assert read_dataset(first).fingerprint() == read_dataset(second).fingerprint()
     for file in first.rglob("*.png"):
         assert file.read_bytes() == (second / file.relative_to(first)).read_bytes()
+
+
+def multilabel_csv(folder: Path) -> Path:
+    """Six images: two labels, one, three, none; each split with an image of every label."""
+    rows = ["TRAIN,a.png,cat,dog", "TRAIN,b.png,bird", "TRAIN,c.png,dog,cat,bird,dog",
+            "TRAIN,d.png", "VALIDATE,e.png,cat,bird", "TEST,f.png,dog"]  # fmt: skip
+    for row in rows:
+        image(folder / row.split(",")[1])
+    (folder / "data.csv").write_text("\n".join(rows) + "\n")
+    return folder / "data.csv"
+
+
+def test_a_csv_with_several_labels_a_row_reads_as_multilabel(tmp_path: Path) -> None:
+    manifest = read_dataset(multilabel_csv(tmp_path))  # classification_type auto
+    assert manifest.classification_type == "MULTILABEL" and manifest.multilabel
+    assert manifest.labels == ["bird", "cat", "dog"]
+    labels = {item.key: item.labels for item in manifest.items}
+    assert labels == {"a.png": ("cat", "dog"), "b.png": ("bird",), "c.png": ("bird", "cat", "dog"),
+                      "d.png": (), "e.png": ("bird", "cat"), "f.png": ("dog",)}  # fmt: skip
+    with pytest.raises(ValueError, match="a.png has 2 labels"):
+        _ = manifest.items[0].label  # a MULTICLASS item's one label, which this has not
+    # The type is part of what was trained on.
+    single = read_dataset(multilabel_csv(tmp_path), classification_type="MULTILABEL")
+    assert single.fingerprint() == manifest.fingerprint()
+
+
+def test_a_multiclass_dataset_refuses_a_row_with_several_labels_naming_it(tmp_path: Path) -> None:
+    csv = multilabel_csv(tmp_path)
+    with pytest.raises(UserError) as refusal:
+        read_dataset(csv, classification_type="MULTICLASS")
+    (line,) = str(refusal.value).splitlines()
+    assert line == (
+        f"{csv}:1: 2 labels (cat, dog) in a MULTICLASS dataset, which takes one an image; "
+        "dataset.classification_type=MULTILABEL (or auto) reads them"
+    )
+
+
+def test_a_multiclass_csv_skips_a_path_without_a_label_and_keeps_its_dataset_id(
+    tmp_path: Path,
+) -> None:
+    from trainer.data.manifest import dataset_id
+
+    rows = ["TRAIN,a.png,cat", "TRAIN,b.png,dog", "VALIDATE,c.png,cat", "TEST,d.png,dog",
+            "TRAIN,e.png"]  # fmt: skip
+    for row in rows:
+        image(tmp_path / row.split(",")[1])
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    manifest = read_dataset(tmp_path / "data.csv")
+    assert manifest.classification_type == "MULTICLASS"
+    assert [item.key for item in manifest.items] == ["a.png", "b.png", "c.png", "d.png"]
+    assert manifest.skipped == {"no label": 1} and manifest.skipped_examples["no label"] == "e.png"
+    # The datasetId of a MULTICLASS dataset is what it was before MULTILABEL ones were read.
+    lines = [f"{row.split(',')[1]}\t{row.split(',')[2]}\t{row.split(',')[0]}" for row in rows[:4]]
+    assert manifest.fingerprint() == dataset_id(lines)
+
+
+def test_a_folder_dataset_may_train_as_multilabel(tmp_path: Path) -> None:
+    for label in ("cat", "dog"):
+        for split_hint in range(12):
+            image(tmp_path / label / f"{split_hint}.png")
+    assert read_dataset(tmp_path, for_training=False).classification_type == "MULTICLASS"
+    manifest = read_dataset(tmp_path, for_training=False, classification_type="MULTILABEL")
+    assert manifest.multilabel and {item.labels for item in manifest.items} == {("cat",), ("dog",)}
+
+
+def test_classification_type_is_checked_with_the_config() -> None:
+    from tests.typed import settings
+
+    assert settings().dataset.classification_type == "auto"  # conf/dataset/default.yaml
+    assert settings(dataset={"classification_type": "multilabel"}).dataset.classification_type == (
+        "MULTILABEL"
+    )
+    with pytest.raises(UserError) as refusal:
+        settings(dataset={"classification_type": "BINARY"})
+    assert (
+        "dataset.classification_type='BINARY' is invalid: use auto, MULTICLASS or MULTILABEL"
+        in (str(refusal.value))
+    )

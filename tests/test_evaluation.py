@@ -125,3 +125,61 @@ def test_plots_are_valid_png_files(tmp_path: Path, evaluations: list[dict]) -> N
         image_grid_png([], [], tmp_path / "empty.png"),
     ]
     assert all(is_png(path) for path in written)
+
+
+# A MULTILABEL model's: each label scored on its own; an example may have several true labels,
+# or none (the last).
+MULTI_SCORES = np.array(
+    [
+        [0.90, 0.80, 0.10],
+        [0.20, 0.70, 0.60],  # fox missed (0.60 over 0.5, but not true), dog right
+        [0.70, 0.10, 0.40],
+        [0.30, 0.30, 0.80],
+        [0.10, 0.20, 0.30],  # no label, none said
+    ]
+)
+MULTI_TARGETS = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 1], [0, 0, 1], [0, 0, 0]], dtype=np.float32)
+
+
+def test_a_multilabel_evaluation_pools_every_pair_and_has_no_confusion_matrix() -> None:
+    from evaluation.classification import exact_match
+
+    overall, *per_label = classification_evaluations(MULTI_SCORES, MULTI_TARGETS, LABELS)
+    figures = overall["classificationEvaluationMetrics"]
+    assert "confusionMatrix" not in figures  # AutoML gives none for MULTILABEL
+    assert overall["evaluatedExampleCount"] == 5
+    truth = MULTI_TARGETS.astype(int)
+    assert figures["auPrc"] == pytest.approx(
+        metrics.average_precision_score(truth, MULTI_SCORES, average="micro")
+    )
+    assert figures["logLoss"] == pytest.approx(
+        metrics.log_loss(truth.ravel(), MULTI_SCORES.ravel())
+    )
+    entry = entry_at(overall, 0.5)
+    predicted = MULTI_SCORES >= 0.5
+    assert entry["precision"] == pytest.approx(
+        metrics.precision_score(truth, predicted, average="micro")
+    )
+    assert entry["recall"] == pytest.approx(metrics.recall_score(truth, predicted, average="micro"))
+    assert entry["f1Score"] == pytest.approx(metrics.f1_score(truth, predicted, average="micro"))
+    # Per label: that label's column alone.
+    fox = per_label[2]
+    assert fox["displayName"] == "fox" and fox["evaluatedExampleCount"] == 2
+    assert fox["classificationEvaluationMetrics"]["auPrc"] == pytest.approx(
+        metrics.average_precision_score(truth[:, 2], MULTI_SCORES[:, 2])
+    )
+    # Rows 0, 3 and 4 get exactly their labels at 0.5; row 1 says fox too, row 2 misses fox.
+    assert exact_match(MULTI_SCORES, MULTI_TARGETS) == pytest.approx(
+        metrics.accuracy_score(truth, predicted)
+    ) == pytest.approx(3 / 5)  # fmt: skip
+
+
+def test_a_multilabel_evaluation_parses_as_automls(tmp_path: Path) -> None:
+    from google.cloud.automl_v1 import types
+
+    from tests.test_automl_conformance import strict
+
+    for body in classification_evaluations(MULTI_SCORES, MULTI_TARGETS, LABELS):
+        strict(types.ModelEvaluation, {"name": "x", **body})
+    written = precision_recall_png(MULTI_SCORES, MULTI_TARGETS, LABELS, tmp_path / "pr.png")
+    assert is_png(written)

@@ -125,6 +125,17 @@ def checked_size(value: Any, key: str) -> tuple[int, int]:
     return height, width
 
 
+MULTICLASS, MULTILABEL = "MULTICLASS", "MULTILABEL"  # AutoML's classificationType
+
+
+def classification_type(key: str, value: Any) -> str:
+    """``dataset.classification_type``: auto, MULTICLASS or MULTILABEL, in any case."""
+    found = str(value).upper()
+    if found not in ("AUTO", MULTICLASS, MULTILABEL):
+        raise UserError(f"{key}={value!r} is invalid: use auto, {MULTICLASS} or {MULTILABEL}")
+    return "auto" if found == "AUTO" else found
+
+
 def pretrained_mode(setting: Any) -> str:
     """``model.pretrained`` as one of auto, true, false (trainer/tasks/pretrained.py)."""
     found = str(setting).lower()
@@ -178,6 +189,8 @@ class TaskSettings(Section):
     monitor_mode: MetricMode
     convergence_monitor: str
     convergence_monitor_mode: MetricMode
+    # A MULTILABEL model's monitor and monitor_mode, in place of the above (None: no such models).
+    multilabel: dict[str, str] | None
     model_lifespan_months: int
     input_stride: int
     online_prediction: bool  # deployable (trainer/serving/); AutoML Video's were batch only
@@ -185,6 +198,9 @@ class TaskSettings(Section):
 
 class DatasetSettings(Section):
     path: str | None
+    classification_type: Annotated[
+        str, _checked("dataset.classification_type", classification_type)
+    ]
 
 
 class DataSettings(Section):
@@ -447,6 +463,7 @@ BEFORE_IT_EXISTED: dict[str, dict[str, Any]] = {
         "anneal_before_stopping": False,
     },
     "trainer": {"channels_last": False, "compile": False},
+    "dataset": {"classification_type": MULTICLASS},  # one label a row; later cells ignored
 }
 
 

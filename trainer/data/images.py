@@ -80,21 +80,36 @@ def train_transform(
     return v2.Compose(steps)
 
 
+def label_targets(items: Sequence[Item], labels: Sequence[str], multilabel: bool) -> torch.Tensor:
+    """Each item's target: its one label's index (int64), or, for a MULTILABEL dataset, a 0 or 1
+    for every label (a float32 row an item, as binary cross-entropy takes it)."""
+    index_of = {label: i for i, label in enumerate(labels)}
+    if not multilabel:
+        return torch.tensor([index_of[item.label] for item in items], dtype=torch.int64)
+    targets = torch.zeros(len(items), len(labels))
+    for row, item in enumerate(items):
+        targets[row, [index_of[label] for label in item.labels]] = 1.0
+    return targets
+
+
 class LabelledImages(Dataset):
-    def __init__(self, items: Sequence[Item], labels: Sequence[str], transform: v2.Compose) -> None:
+    def __init__(
+        self, items: Sequence[Item], labels: Sequence[str], transform: v2.Compose,
+        multilabel: bool = False,
+    ) -> None:  # fmt: skip
         self.items = list(items)
-        self.index_of = {label: i for i, label in enumerate(labels)}
+        self.targets = label_targets(self.items, labels, multilabel)
         self.transform = transform
         self.device_plan: DevicePlan | None = None  # what the module does on the device
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         item = self.items[index]
         with Image.open(item.path) as image:
             pixels = self.transform(image.convert("RGB"))
-        return pixels, self.index_of[item.label]
+        return pixels, self.targets[index]
 
 
 def make_loader(
@@ -141,13 +156,13 @@ class CachedImages(Dataset):
         mean: Sequence[float],
         std: Sequence[float],
         train: bool,
+        multilabel: bool = False,
     ) -> None:
         self.items = list(items)
         self.split, self.train = split, train
         self.mean, self.std = list(mean), list(std)
-        index_of = {label: i for i, label in enumerate(labels)}
         self.rows = np.asarray([split.row_of[item.key] for item in self.items], dtype=np.int64)
-        self.targets = torch.tensor([index_of[item.label] for item in self.items])
+        self.targets = label_targets(self.items, labels, multilabel)
         self.device_plan: DevicePlan | None = None
         self._array: np.memmap | None = None  # opened in the process that reads, not pickled
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None  # mean and std, made once
@@ -232,7 +247,9 @@ def make_loaders(
     augment = train_transform(size, mean, std, crop_scale, flip)
     evaluate = eval_transform(size, mean, std)
     datasets: dict[str, Dataset] = {
-        name: LabelledImages(items, manifest.labels, augment if name == TRAIN else evaluate)
+        name: LabelledImages(
+            items, manifest.labels, augment if name == TRAIN else evaluate, manifest.multilabel
+        )
         for name, items in splits.items()
     }
     batch_size, seed = data.batch_size, settings.seed
@@ -245,8 +262,9 @@ def make_loaders(
         plan.augment = DeviceAugment(size, mean, std, crop_scale, flip)
         for name in (TRAIN, VALIDATE):
             datasets[name] = CachedImages(
-                outcome.cache.split(name), splits[name], manifest.labels, mean, std, name == TRAIN
-            )
+                outcome.cache.split(name), splits[name], manifest.labels, mean, std,
+                name == TRAIN, manifest.multilabel,
+            )  # fmt: skip
         placement = CachePlacement(
             data.cache_on_device, data.cache_on_device_share, _on_gpu(accelerator),
             _cache_workers(data.cache_num_workers, accelerator),

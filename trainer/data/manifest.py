@@ -8,7 +8,9 @@ reason with an example for the report; and a dataset that cannot train (fewer th
 label with nothing to train on, no VALIDATE or TEST data) is the user's error.
 
 Labelled images come in two forms, as AutoML reads them: a folder with one sub-folder per label,
-or a CSV with rows ``[ML_USE,]path,label``; UNASSIGNED items split 80/10/10. Nothing here imports
+or a CSV with rows ``[ML_USE,]path,label``; UNASSIGNED items split 80/10/10. A classification
+dataset is MULTICLASS (one label an image) or MULTILABEL (any number, none included: a CSV row
+``[ML_USE,]path[,label1,label2,...]``), as AutoML's ``classificationType``. Nothing here imports
 torch: the management CLI and config checks stay fast.
 """
 
@@ -26,12 +28,15 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from trainer.errors import UserError
+from trainer.settings import MULTICLASS, MULTILABEL
 from trainer.store.resources import check_name
 
 TRAIN, VALIDATE, TEST = "TRAIN", "VALIDATE", "TEST"
 SPLITS = (TRAIN, VALIDATE, TEST)
 ML_USE = {"TRAIN": TRAIN, "VALIDATE": VALIDATE, "VALIDATION": VALIDATE, "TEST": TEST}
 UNASSIGNED = "UNASSIGNED"
+AUTO = "auto"  # dataset.classification_type: MULTILABEL when a CSV row has several labels
+NO_LABEL = "no label"  # a MULTICLASS row with a path alone: nothing to learn from it
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -225,9 +230,16 @@ def check_trainable(
 @dataclass(frozen=True)
 class Item:
     path: Path
-    label: str
+    labels: tuple[str, ...]  # sorted; one in a MULTICLASS dataset, any number in a MULTILABEL one
     split: str
     key: str  # the path as the dataset spells it: what the split hash and fingerprint use
+
+    @property
+    def label(self) -> str:
+        """A MULTICLASS item's one label."""
+        if len(self.labels) != 1:
+            raise ValueError(f"{self.key} has {len(self.labels)} labels, not one")
+        return self.labels[0]
 
 
 @dataclass
@@ -236,11 +248,20 @@ class Manifest(ManifestBase):
     labels: list[str]
     skipped: Counter = field(default_factory=Counter)
     skipped_examples: dict[str, str] = field(default_factory=dict)
+    classification_type: str = MULTICLASS
+
+    @property
+    def multilabel(self) -> bool:
+        return self.classification_type == MULTILABEL
 
     def fingerprint(self) -> str:
-        """The datasetId: a digest of what was trained on (paths, labels, splits)."""
+        """The datasetId: a digest of what was trained on (paths, labels, splits); a MULTICLASS
+        dataset's is what it was before MULTILABEL ones were read."""
         items = sorted(self.items, key=lambda i: i.key)
-        return dataset_id(f"{item.key}\t{item.label}\t{item.split}" for item in items)
+        lines = [f"{item.key}\t{','.join(item.labels)}\t{item.split}" for item in items]
+        if self.multilabel:
+            lines.append(MULTILABEL)
+        return dataset_id(lines)
 
 
 def read_dataset(
@@ -249,23 +270,33 @@ def read_dataset(
     for_training: bool = True,
     check_files: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
+    classification_type: str = AUTO,
 ) -> Manifest:
     """The readable items of a dataset; for training, also checked to be trainable (labels,
     splits); for evaluation, any labelled images will do. ``check_files=False`` reads the
-    listing alone (every file taken as readable): the quick check before an operation opens."""
+    listing alone (every file taken as readable): the quick check before an operation opens.
+    ``classification_type``: MULTICLASS, MULTILABEL, or auto (MULTILABEL when a CSV row has
+    more than one label)."""
     root = Path(path).expanduser()
     if not root.exists():
         raise UserError(f"dataset.path={str(path)!r} does not exist; give a folder or a CSV file")
     manifest = Manifest(items=[], labels=[])
-    candidates = _read_csv(root) if root.is_file() else _read_folder(root, manifest)
+    if root.is_file():
+        candidates = _read_csv(root, manifest, classification_type)
+    else:
+        candidates = _read_folder(root, manifest)
+        # A folder gives each image one label, which a MULTILABEL model may learn from too.
+        multilabel = classification_type == MULTILABEL
+        manifest.classification_type = MULTILABEL if multilabel else MULTICLASS
     if check_files:
         keep_readable(manifest, candidates, check_workers, should_stop)
     else:
         manifest.items = candidates
-    manifest.labels = sorted({item.label for item in manifest.items})
+    manifest.labels = sorted({label for item in manifest.items for label in item.labels})
     if for_training:
+        trained_on = {label for item in manifest.split(TRAIN) for label in item.labels}
         check_trainable(
-            manifest, path, "item", manifest.counts(), {i.label for i in manifest.split(TRAIN)},
+            manifest, path, "item", manifest.counts(), trained_on,
             "a classifier needs at least two labels with readable images",
         )  # fmt: skip
     return manifest
@@ -282,7 +313,7 @@ def _read_folder(root: Path, manifest: Manifest) -> list[Item]:
             if not _is_text(key):  # bytes a file system allows but no text spells
                 manifest.skip(NOT_UTF8, ascii(key))
                 continue
-            items.append(Item(file, label, split_for(key), key))
+            items.append(Item(file, (label,), split_for(key), key))
     return items
 
 
@@ -294,17 +325,43 @@ def _is_text(name: str) -> bool:
     return True
 
 
-def _read_csv(csv_path: Path) -> list[Item]:
-    items: list[Item] = []
+def _read_csv(csv_path: Path, manifest: Manifest, classification_type: str) -> list[Item]:
+    """The CSV's items, once each; sets the manifest's classification type (see read_dataset)."""
+    rows: list[tuple[int, str, str, tuple[str, ...]]] = []
     seen: set[str] = set()
     for line_no, cells in csv_rows(csv_path):
-        ml_use, key, label = image_row(cells, f"{csv_path}:{line_no}")
-        if key in seen:
+        ml_use, key, labels = image_labels_row(cells, f"{csv_path}:{line_no}")
+        if key not in seen:
+            seen.add(key)
+            rows.append((line_no, ml_use, key, labels))
+    if classification_type == AUTO:
+        several = any(len(labels) > 1 for *_, labels in rows)
+        classification_type = MULTILABEL if several else MULTICLASS
+    manifest.classification_type = classification_type
+    items = []
+    for line_no, ml_use, key, labels in rows:
+        if classification_type == MULTICLASS and len(labels) > 1:
+            raise UserError(
+                f"{csv_path}:{line_no}: {len(labels)} labels ({', '.join(labels)}) in a "
+                f"MULTICLASS dataset, which takes one an image; dataset.classification_type="
+                f"MULTILABEL (or auto) reads them"
+            )
+        if classification_type == MULTICLASS and not labels:
+            manifest.skip(NO_LABEL, key)
             continue
-        seen.add(key)
         split = ML_USE.get(ml_use) or split_for(key)
-        items.append(Item(resolve_path(key, csv_path.parent), label, split, key))
+        items.append(Item(resolve_path(key, csv_path.parent), labels, split, key))
     return items
+
+
+def image_labels_row(cells: list[str], where: str) -> tuple[str, str, tuple[str, ...]]:
+    """A CSV row ``[ML_USE,]path[,label...]`` as (ML_USE, path as spelled, its labels, sorted
+    and once each); a row without a path is the user's error, naming ``where`` it is."""
+    ml_use, row = take_ml_use(cells)
+    if not row or not row[0]:
+        raise UserError(f"{where}: expected [ML_USE,]path,label but got {','.join(cells)!r}")
+    labels = sorted({check_name("label", cell) for cell in row[1:] if cell})
+    return ml_use, row[0], tuple(labels)
 
 
 def image_row(cells: list[str], where: str) -> tuple[str, str, str]:

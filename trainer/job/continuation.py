@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from trainer.errors import UserError
 from trainer.job.run_state import RunState, hold_run_dir
-from trainer.settings import Settings, checked_size, redact
+from trainer.settings import MULTICLASS, MULTILABEL, Settings, checked_size, redact
 from trainer.store.automl import bare_id, recorded_details
 from trainer.store.resources import (
     SPENT_SECONDS,
@@ -62,6 +62,7 @@ class StartFrom:
     fetch: Callable[[], Path | None] | None = None
     checkpoint_sha256: str | None = None  # recorded with the base model: only that file will do
     input_size: list[int] | None = None  # the base model's: what model.input_size=auto keeps
+    classification_type: str | None = None  # MULTICLASS or MULTILABEL: the dataset must agree
     pretrained_weights: str = ""  # what the base model started from
 
 
@@ -145,7 +146,17 @@ def from_base_model(settings: Settings, store: Any, tags: dict[str, str]) -> Sta
         checkpoint_sha256=tags.get("checkpoint_sha256") or None,
         input_size=stored_input_size(tags.get("input_size", "")),
         pretrained_weights=str(tags.get("pretrained_weights", ""))[:200],
+        classification_type=stored_classification_type(settings, tags),
     )
+
+
+def stored_classification_type(settings: Settings, tags: dict[str, str]) -> str | None:
+    """A base classifier's MULTICLASS or MULTILABEL (MULTICLASS when recorded before MULTILABEL
+    models existed); None for a task without MULTILABEL models."""
+    if settings.task.multilabel is None:
+        return None
+    found = tags.get("classification_type", MULTICLASS)
+    return found if found in (MULTICLASS, MULTILABEL) else MULTICLASS
 
 
 def stored_input_size(text: str) -> list[int] | None:

@@ -31,7 +31,7 @@ from trainer.job.checkpoints import (
 from trainer.job.convergence import convergence_callbacks
 from trainer.job.progress import ProgressReport
 from trainer.job.work_history import SaveReserves
-from trainer.settings import Settings
+from trainer.settings import MULTILABEL, Settings
 from trainer.tasks import Loaders, Task
 from trainer.tasks.pretrained import PRETRAINED_NAMES
 
@@ -97,13 +97,17 @@ def fit_parts(
     budget = BudgetStopping(
         meter, test_batches, reserves.recording, checkpoint_seconds=reserves.checkpoint
     )
-    # What says the model has converged also says which pass gave the best model.
+    # What says the model has converged also says which pass gave the best model; but a
+    # MULTILABEL model's best pass is its monitor's (conf/task/*.yaml's multilabel).
     judge, judge_mode = task.convergence_monitor, task.convergence_monitor_mode
+    best, best_mode = judge, judge_mode
+    if settings.dataset.classification_type == MULTILABEL:
+        best, best_mode = task.monitor, task.monitor_mode
     checkpoints = LatestBest(
         dirpath=run_dir / "checkpoints",
         filename="best",
-        monitor=judge,
-        mode=judge_mode,
+        monitor=best,
+        mode=best_mode,
         reported=task.monitor,
         save_last=True,
         save_top_k=1,

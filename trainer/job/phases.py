@@ -25,7 +25,7 @@ from trainer.job.fitting import FitParts, Leader, data_loaders, fit_parts, train
 from trainer.job.job import Job
 from trainer.job.run_state import SUCCEEDED
 from trainer.job.work_history import SaveReserves, WorkHistory, save_reserves
-from trainer.settings import Settings
+from trainer.settings import MULTILABEL, Settings
 from trainer.store.automl import model_details, model_metadata, model_resource
 from trainer.store.evaluations import record_evaluation
 from trainer.store.resources import add_months, file_sha256, write_json_atomic
@@ -90,6 +90,7 @@ def prepare_data(job: Job, kind: Task, history: WorkHistory) -> Prepared:
     _check_labels(job.start, manifest.labels)
     job.state.labels = manifest.labels
     job.settings = _settle_input_size(job, kind, manifest)
+    job.settings = _settle_classification_type(job, manifest)
     # `auto` precision is bf16 on a GPU that supports it: resolved where the device is known,
     # for this training only (the operation's settings keep `auto`).
     trainer = job.settings.trainer
@@ -161,6 +162,32 @@ def _settle_input_size(job: Job, kind: Task, manifest: Any) -> Settings:
     settled = job.settings.replace_in("model", input_size=list(size))
     job.state.config = settled.to_dict()
     job.store.log_config(job.state.run_id, job.state.config)
+    return settled
+
+
+def _settle_classification_type(job: Job, manifest: Any) -> Settings:
+    """An image classification's ``dataset.classification_type`` made the dataset's (``auto``
+    reads MULTILABEL when a row has several labels), and a MULTILABEL model's monitor (its task
+    conf's ``multilabel``): what the run directory and the store keep, so that evaluation and
+    prediction score each label on its own."""
+    found = getattr(manifest, "classification_type", None)
+    settings = job.settings
+    if found is None:  # a task of one label an example
+        return settings
+    if job.start.classification_type not in (None, found):
+        source = "the base model" if job.start.base_model_id else "the interrupted operation"
+        raise UserError(
+            f"the dataset reads as {found} but {source} is {job.start.classification_type}; "
+            f"set dataset.classification_type={job.start.classification_type} or train a new "
+            "model"
+        )
+    settled = settings.replace_in("dataset", classification_type=found)
+    if found == MULTILABEL and settings.task.multilabel:
+        settled = settled.replace_in("task", **settings.task.multilabel)
+    if settled != settings:
+        log.info("dataset.classification_type: %s", found)
+        job.state.config = settled.to_dict()
+        job.store.log_config(job.state.run_id, job.state.config)
     return settled
 
 
@@ -378,7 +405,13 @@ def _model_tags(job: Job, data: Prepared, fitted: Fitted) -> dict[str, Any]:
         "checkpoint_sha256": file_sha256(fitted.best_path),
         "input_size": json.dumps(list(job.settings.model.size)),
         "pretrained_weights": state.pretrained_weights,
+        **_classification_type_tag(data.manifest),
     }
+
+
+def _classification_type_tag(manifest: Any) -> dict[str, str]:
+    found = getattr(manifest, "classification_type", None)
+    return {"classification_type": found} if found else {}
 
 
 def _learn_reserves(history: WorkHistory, built: Built, fitted: Fitted, started: float) -> None:

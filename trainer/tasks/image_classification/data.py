@@ -21,9 +21,8 @@ from trainer.data.dataset_rows import (
     trainability,
 )
 from trainer.errors import UserError
+from trainer.settings import MULTICLASS, MULTILABEL
 from trainer.store.automl import RpcCode
-
-MULTICLASS, MULTILABEL = "MULTICLASS", "MULTILABEL"
 
 
 class ImageClassificationFormat:
@@ -34,8 +33,9 @@ class ImageClassificationFormat:
         chosen = (classification_type or MULTICLASS).upper()
         if chosen == MULTILABEL:
             raise UserError(
-                "classificationType MULTILABEL is not supported yet: multi-label image "
-                "classification is a later issue; use MULTICLASS (one label an image)"
+                "classificationType MULTILABEL datasets on record are not supported yet: train "
+                "on a multi-label CSV with dataset.path= instead, or use MULTICLASS (one label "
+                "an image)"
             )
         if chosen != MULTICLASS:
             raise UserError(f"classificationType {classification_type!r} is invalid; use "

@@ -22,27 +22,30 @@ def classification_evaluation(
     labels: Sequence[str],
     items: Sequence[Item] | None = None,
 ) -> Evaluation:
-    """For image or video classification; ``items`` (images) add the worst-examples grid."""
-    from evaluation.classification import accuracy, classification_evaluations
+    """For image or video classification; ``items`` (images) add the worst-examples grid.
+    ``targets``: label indices, or a MULTILABEL model's rows of 0 and 1 (no confusion matrix,
+    and its accuracy is the share of examples given exactly their labels at 0.5)."""
+    from evaluation.classification import accuracy, classification_evaluations, exact_match
 
     resources = named(model_name, classification_evaluations(scores, targets, labels))
     figures = resources[0]["classificationEvaluationMetrics"]
+    multilabel = targets.ndim == 2
 
     def plots(folder: Path) -> list[Path]:
         from evaluation.plots import confusion_matrix_png, image_grid_png, precision_recall_png
 
-        counts = np.array([row["exampleCount"] for row in figures["confusionMatrix"]["row"]])
-        written = [
-            precision_recall_png(scores, targets, labels, folder / "precision_recall.png"),
-            confusion_matrix_png(counts, labels, folder / "confusion_matrix.png"),
-        ]
+        written = [precision_recall_png(scores, targets, labels, folder / "precision_recall.png")]
+        if not multilabel:
+            counts = np.array([row["exampleCount"] for row in figures["confusionMatrix"]["row"]])
+            written.append(confusion_matrix_png(counts, labels, folder / "confusion_matrix.png"))
         if items is not None:
             images, titles = worst_examples(scores, targets, items, labels)
             written.append(image_grid_png(images, titles, folder / "worst_examples.png"))
         return written
 
     headline = {
-        "accuracy": accuracy(resources[0]),
+        **({"exactMatch": exact_match(scores, targets)} if multilabel else {}),
+        **({} if multilabel else {"accuracy": accuracy(resources[0])}),
         "auPrc": figures["auPrc"],
         "auRoc": figures["auRoc"],
         "logLoss": figures["logLoss"],
@@ -57,26 +60,44 @@ def worst_examples(
     labels: Sequence[str],
     count: int = WORST_EXAMPLES,
 ) -> tuple[list[np.ndarray], list[str]]:
-    """The examples with the lowest score for their true label, with what the model said."""
+    """The examples with the lowest score for their true label, with what the model said; a
+    MULTILABEL model's, those with the worst single decision (a true label scored lowest, or a
+    false one highest)."""
     from PIL import Image
 
-    true_scores = scores[np.arange(len(targets)), targets]
+    if targets.ndim == 2:
+        badness = np.abs(targets - scores).max(axis=1)
+    else:
+        badness = 1 - scores[np.arange(len(targets)), targets]
     images, titles = [], []
-    for index in np.argsort(true_scores)[:count]:
-        predicted = int(scores[index].argmax())
+    for index in np.argsort(-badness, kind="stable")[:count]:
         with Image.open(items[index].path) as image:
             images.append(np.asarray(image.convert("RGB")))
-        titles.append(
-            f"{Path(items[index].key).name}\ntrue {labels[targets[index]]} "
-            f"({true_scores[index]:.2f}), said {labels[predicted]} ({scores[index, predicted]:.2f})"
-        )
+        said = _said(scores[index], targets[index], labels)
+        titles.append(f"{Path(items[index].key).name}\n{said}")
     return images, titles
 
 
-def score_batches(network: Any, loader: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities and true label indices of every (inputs, targets) batch; a batch
-    that failed to load entirely (None, as video loaders give) is left out."""
+def _said(scores: np.ndarray, target: Any, labels: Sequence[str]) -> str:
+    if np.ndim(target) == 1:  # MULTILABEL: every label at or over 0.5
+        true = ", ".join(labels[int(i)] for i in np.flatnonzero(target)) or "none"
+        chosen = np.flatnonzero(scores >= 0.5)
+        said = ", ".join(f"{labels[int(i)]} ({scores[i]:.2f})" for i in chosen)
+        return f"true {true}, said {said or 'none'}"
+    predicted = int(scores.argmax())
+    return (f"true {labels[target]} ({scores[target]:.2f}), said {labels[predicted]} "
+            f"({scores[predicted]:.2f})")  # fmt: skip
+
+
+def score_batches(
+    network: Any, loader: Any, multilabel: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (a MULTILABEL model's: each label's sigmoid) and true labels of every
+    (inputs, targets) batch; a batch that failed to load entirely (None, as video loaders give)
+    is left out."""
     import torch
+
+    from trainer.tasks.image_classification.predict import label_scores
 
     scores, targets = [], []
     with torch.inference_mode():
@@ -84,6 +105,6 @@ def score_batches(network: Any, loader: Any) -> tuple[np.ndarray, np.ndarray]:
             if batch is None:
                 continue
             inputs, batch_targets = batch
-            scores.append(network(inputs).float().softmax(dim=1))
+            scores.append(label_scores(network(inputs), multilabel))
             targets.append(batch_targets)
     return torch.cat(scores).numpy(), torch.cat(targets).numpy()

@@ -16,6 +16,7 @@ from trainer.data.images import eval_transform, uint8_pixels
 from trainer.data.manifest import Item
 from trainer.settings import Settings
 from trainer.tasks import ExportPlan, TfLitePlan, Verification
+from trainer.tasks.image_classification.predict import multilabel
 
 # Of the logits' scale: float32 rounding grows with a network's depth and its logits' size
 # (EfficientNet-B0's ONNX logits differed by 1.2e-4 at a scale above 1, a correct export).
@@ -82,9 +83,15 @@ def export_plan(
             "mean": list(mean),
             "std": list(std),
             "resize": RESIZE_RULE,
-            "output": "logits, one per line of labels.txt in that order; softmax gives scores",
+            "output": f"logits, one per line of labels.txt in that order; {scores_rule(settings)}",
         },
     )
+
+
+def scores_rule(settings: Settings) -> str:
+    if multilabel(settings):
+        return "each logit's sigmoid is its label's score, independent of the others (MULTILABEL)"
+    return "softmax gives scores"
 
 
 class PixelsIn(nn.Module):
@@ -112,6 +119,8 @@ def tflite_plan(
     size = settings.model.size
     wrapped = PixelsIn(network.eval(), settings.data.mean, settings.data.std).eval()
     index = {label: number for number, label in enumerate(labels)}
+    # The top label's truth judges an int8 file (refused for MULTILABEL models, see task.py).
+    truth = [] if multilabel(settings) else [index[item.label] for item in items]
 
     def reference(batch: np.ndarray) -> list[np.ndarray]:
         return [wrapped(torch.from_numpy(batch)).numpy()]
@@ -123,13 +132,13 @@ def tflite_plan(
         reference=reference,
         compare=logit_comparison(TOLERANCE),
         calibration=[uint8_pixels(item.path, size) for item in calibration],
-        truth=[index[item.label] for item in items],
+        truth=truth,
         metadata={
             "input_size": list(size),
             "layout": "1xHxWx3, uint8, RGB pixels; the model normalizes (mean, std below)",
             "mean": list(settings.data.mean),
             "std": list(settings.data.std),
             "resize": RESIZE_RULE.split(", scale to")[0] + "; no normalization: the model does",
-            "output": "logits, one per line of dict.txt in that order; softmax gives scores",
+            "output": f"logits, one per line of dict.txt in that order; {scores_rule(settings)}",
         },
     )

@@ -17,14 +17,30 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 from torch.nn import functional as F
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import Metric
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MultilabelAveragePrecision,
+    MultilabelExactMatch,
+)
 
 from budgets.callback import BudgetStopping
 from budgets.schedule import FACTOR as BUDGET_LR_FACTOR
 from trainer.data.device_augment import DevicePlan
+from trainer.tasks.image_classification.predict import label_scores
 from trainer.tasks.pretrained import FineTuning
 
 log = logging.getLogger("trainer")
+
+
+def _metrics(num_classes: int, multilabel: bool) -> dict[str, Metric]:
+    """What a validation or TEST pass logs besides the loss, as ``<stage>_<name>``."""
+    if multilabel:
+        return {
+            "auprc": MultilabelAveragePrecision(num_labels=num_classes, average="micro"),
+            "exact_match": MultilabelExactMatch(num_labels=num_classes),
+        }
+    return {"accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro")}
 
 
 class ImageClassifier(FineTuning, LightningModule):
@@ -36,14 +52,20 @@ class ImageClassifier(FineTuning, LightningModule):
         weight_decay: float,
         pretrained_lr_factor: float = 1.0,
         warmup_steps: int = 0,
+        multilabel: bool = False,
     ) -> None:
         super().__init__()
         # The resolved config is logged to MLflow by the store; logging hyperparameters again would
         # clash with a resumed operation that changes its learning rate.
         self.save_hyperparameters(ignore=["backbone"], logger=False)
         self.backbone = backbone
-        self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.multilabel = multilabel
+        # A MULTILABEL model scores each label on its own (a sigmoid each, binary cross-entropy)
+        # and is judged by the micro-averaged average precision, as AutoML judged it, and by how
+        # many images get exactly their set of labels at a score threshold of 0.5.
+        self.val_metrics, self.test_metrics = (
+            nn.ModuleDict(_metrics(num_classes, multilabel)) for _ in range(2)
+        )
         # The TEST pass keeps every example's scores for the evaluation resources, and its
         # duration, decoding included, for the model's nodeQps.
         self.test_scores: list[torch.Tensor] = []
@@ -60,18 +82,23 @@ class ImageClassifier(FineTuning, LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         images, targets = batch
         logits = self(images) if self._compiled is None else self._compiled(images)
-        loss = F.cross_entropy(logits, targets)
+        loss = self.loss(logits, targets)
         # Per epoch only: logging every step costs a store write per log interval, which shows
         # in benchmarks/overhead.py on small CPU steps.
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(targets))
         return loss
 
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.multilabel:
+            return F.binary_cross_entropy_with_logits(logits, targets)
+        return F.cross_entropy(logits, targets)
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_accuracy)
+        self._evaluate(batch, "val", self.val_metrics)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        logits = self._evaluate(batch, "test", self.test_accuracy)
-        self.test_scores.append(logits.float().softmax(dim=1).cpu())
+        logits = self._evaluate(batch, "test", self.test_metrics)
+        self.test_scores.append(label_scores(logits, self.multilabel).cpu())
         self.test_targets.append(batch[1].cpu())
 
     def on_test_epoch_start(self) -> None:
@@ -81,13 +108,15 @@ class ImageClassifier(FineTuning, LightningModule):
     def on_test_epoch_end(self) -> None:
         self.test_seconds = time.monotonic() - self._test_started
 
-    def _evaluate(self, batch, stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
+    def _evaluate(self, batch, stage: str, metrics: nn.ModuleDict) -> torch.Tensor:
         images, targets = batch
         logits = self(images)
-        accuracy(logits, targets)
         size = len(targets)
-        self.log(f"{stage}_loss", F.cross_entropy(logits, targets), batch_size=size, sync_dist=True)
-        self.log(f"{stage}_accuracy", accuracy, batch_size=size)
+        self.log(f"{stage}_loss", self.loss(logits, targets), batch_size=size, sync_dist=True)
+        for name, metric in metrics.items():
+            assert isinstance(metric, Metric)
+            metric(logits, targets.long() if self.multilabel else targets)
+            self.log(f"{stage}_{name}", metric, batch_size=size)
         return logits
 
     def on_train_start(self) -> None:

@@ -16,6 +16,7 @@ from trainer.data import manifest as datasets
 from trainer.data.images import LabelledImages, eval_transform, make_loader, make_loaders
 from trainer.data.input_size import even_sample, median_size
 from trainer.data.prediction import PredictionResult, predict_request, read_input_csv
+from trainer.errors import UserError
 from trainer.settings import ModelSettings, Settings
 from trainer.store.evaluations import Evaluation
 from trainer.tasks import ExportPlan, Loaders, OnlineModel, PredictRequest, TfLitePlan
@@ -28,6 +29,7 @@ from trainer.tasks.image_classification.predict import (
     RESULTS_PREFIX,
     classification_online,
     classification_records,
+    multilabel,
 )
 from trainer.tasks.pretrained import optimizer_settings, torchvision_weights
 
@@ -43,8 +45,9 @@ class ImageClassification:
     ) -> datasets.Manifest:  # fmt: skip
         path = settings.dataset.path or ensure_demo_dataset(settings.home)
         return datasets.read_dataset(
-            path, for_training=for_training, check_files=check_files, should_stop=should_stop
-        )
+            path, for_training=for_training, check_files=check_files, should_stop=should_stop,
+            classification_type=settings.dataset.classification_type,
+        )  # fmt: skip
 
     def describe(self, manifest: datasets.Manifest) -> str:
         return datasets.describe(manifest)
@@ -73,10 +76,13 @@ class ImageClassification:
         return build_backbone(settings.model.constructor, len(labels), pretrained)
 
     def module(self, network: nn.Module, labels: list[str], settings: Settings) -> Any:
-        return ImageClassifier(network, len(labels), **optimizer_settings(settings.optimizer))
+        return ImageClassifier(network, len(labels), multilabel=multilabel(settings),
+                               **optimizer_settings(settings.optimizer))  # fmt: skip
 
     def test_metrics(self, results: dict[str, float]) -> dict[str, float]:
-        return {"test_accuracy": results["test_accuracy"], "test_loss": results["test_loss"]}
+        names = ("test_auprc", "test_exact_match") if "test_auprc" in results else (
+            "test_accuracy",)  # fmt: skip
+        return {name: results[name] for name in (*names, "test_loss")}
 
     def evaluation(
         self, module: Any, manifest: datasets.Manifest, labels: list[str], model_name: str
@@ -98,10 +104,9 @@ class ImageClassification:
         self, network: nn.Module, settings: Settings, items: list[datasets.Item],
         labels: list[str], model_name: str,
     ) -> Evaluation:  # fmt: skip
-        loader = make_loader(
-            LabelledImages(items, labels, _eval_transform(settings)), 64, 0, False, 0
-        )
-        scores, targets = score_batches(network, loader)
+        images = LabelledImages(items, labels, _eval_transform(settings), multilabel(settings))
+        scores, targets = score_batches(network, make_loader(images, 64, 0, False, 0),
+                                        multilabel(settings))  # fmt: skip
         return classification_evaluation(model_name, scores, targets, labels, items)
 
     def read_prediction_input(self, path: Path, options: Any) -> list[str]:
@@ -110,11 +115,14 @@ class ImageClassification:
     def predict(
         self, network: nn.Module, settings: Settings, labels: list[str], request: PredictRequest
     ) -> PredictionResult:
-        records = classification_records(network, labels, request.options.score_threshold)
+        threshold = request.options.score_threshold
+        records = classification_records(network, labels, threshold, multilabel(settings))
         return predict_request(records, _eval_transform(settings), RESULTS_PREFIX, request)
 
     def online(self, network: nn.Module, settings: Settings, labels: list[str]) -> OnlineModel:
-        return classification_online(network, labels, _eval_transform(settings))
+        return classification_online(
+            network, labels, _eval_transform(settings), multilabel(settings)
+        )
 
     def export_plan(
         self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any]
@@ -125,6 +133,11 @@ class ImageClassification:
         self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any],
         calibration: list[Any], quantize: str, options: dict[str, Any],
     ) -> TfLitePlan:  # fmt: skip
+        if multilabel(settings) and quantize == "int8":
+            raise UserError(
+                "--quantize int8 is judged by the top label, which a MULTILABEL model does not "
+                "have; export it in float (--quantize none)"
+            )
         return export.tflite_plan(network, settings, labels, items, calibration)
 
 

@@ -124,7 +124,10 @@ def test_create_import_list_get_delete_through_the_cli(cli, shapes: Path) -> Non
 
 
 def test_multilabel_and_unknown_types_are_refused_in_one_line(cli) -> None:
-    for kind, expected in (("MULTILABEL", "later issue"), ("BINARY", "invalid")):
+    for kind, expected in (
+        ("MULTILABEL", "train on a multi-label CSV with dataset.path="),
+        ("BINARY", "invalid"),
+    ):
         result = cli("datasets", "create", "--display-name", "d", "--task",
                      "image_classification", "--classification-type", kind)  # fmt: skip
         assert result.returncode == 2 and expected in result.stderr

@@ -350,14 +350,11 @@ def test_a_video_classifier_exports_in_float_with_the_same_top_label(video_model
 def test_the_network_rewritten_for_int8_computes_the_same_function(constructor: str) -> None:
     import torchvision
 
+    from benchmarks.export_latency import trained_like
     from trainer.tflite import LinearSqueezeExcitation, quantization_friendly
 
     torch.manual_seed(0)
-    network = getattr(torchvision.models, constructor)(num_classes=5).eval()
-    for module in network.modules():  # batch norms as unlike each other as a trained network's
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.1, 0.1)
-            module.running_var.uniform_(0.5, 1.5)
+    network = trained_like(getattr(torchvision.models, constructor)(num_classes=5).eval())
     rewritten = quantization_friendly(copy.deepcopy(network))
     kinds = {type(m) for m in rewritten.modules()}
     assert LinearSqueezeExcitation in kinds

@@ -236,20 +236,22 @@ def as_linear(conv: nn.Conv2d) -> nn.Linear:
 
 
 def quantization_friendly(network: nn.Module) -> nn.Module:
-    """``network`` with its hard activations written in quantizable ops (the same function)."""
-    for module in list(network.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, SqueezeExcitation):
-                setattr(module, name, LinearSqueezeExcitation(child))
-    for module in list(network.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.Hardswish):
-                setattr(module, name, QuantizableHardswish())
-            elif isinstance(child, nn.Hardsigmoid):
-                setattr(module, name, QuantizableHardsigmoid())
-            elif isinstance(child, nn.SiLU):
-                setattr(module, name, QuantizableSiLU())
+    """``network`` written in ops the quantizer takes (the same function): squeeze-and-excitation
+    blocks first, then the activations, theirs included."""
+    _swap(network, {SqueezeExcitation: LinearSqueezeExcitation})
+    _swap(network, {nn.Hardswish: lambda _: QuantizableHardswish(),
+                    nn.Hardsigmoid: lambda _: QuantizableHardsigmoid(),
+                    nn.SiLU: lambda _: QuantizableSiLU()})  # fmt: skip
     return network
+
+
+def _swap(network: nn.Module, replacements: dict[type, Any]) -> None:
+    """Every child of a type in ``replacements`` replaced by what its factory makes of it."""
+    for module in list(network.modules()):
+        for name, child in module.named_children():
+            make = next((f for kind, f in replacements.items() if isinstance(child, kind)), None)
+            if make is not None:
+                setattr(module, name, make(child))
 
 
 def references(plan: TfLitePlan) -> list[list[np.ndarray]]:

@@ -405,13 +405,15 @@ def _model_tags(job: Job, data: Prepared, fitted: Fitted) -> dict[str, Any]:
         "checkpoint_sha256": file_sha256(fitted.best_path),
         "input_size": json.dumps(list(job.settings.model.size)),
         "pretrained_weights": state.pretrained_weights,
-        **_classification_type_tag(data.manifest),
+        **_classification_type_tag(job.settings),
     }
 
 
-def _classification_type_tag(manifest: Any) -> dict[str, str]:
-    found = getattr(manifest, "classification_type", None)
-    return {"classification_type": found} if found else {}
+def _classification_type_tag(settings: Settings) -> dict[str, str]:
+    """A classifier's settled MULTICLASS or MULTILABEL (_settle_classification_type)."""
+    if settings.task.multilabel is None:
+        return {}
+    return {"classification_type": settings.dataset.classification_type}
 
 
 def _learn_reserves(history: WorkHistory, built: Built, fitted: Fitted, started: float) -> None:

@@ -43,9 +43,12 @@ def classification_evaluation(
             written.append(image_grid_png(images, titles, folder / "worst_examples.png"))
         return written
 
+    if multilabel:
+        first = {"exactMatch": exact_match(scores, targets)}
+    else:
+        first = {"accuracy": accuracy(resources[0])}
     headline = {
-        **({"exactMatch": exact_match(scores, targets)} if multilabel else {}),
-        **({} if multilabel else {"accuracy": accuracy(resources[0])}),
+        **first,
         "auPrc": figures["auPrc"],
         "auRoc": figures["auRoc"],
         "logLoss": figures["logLoss"],

@@ -29,7 +29,7 @@ def add_dataset_verbs(resources: argparse._SubParsersAction[argparse.ArgumentPar
     create.add_argument("--task", required=True, choices=sorted(task_configs()))
     create.add_argument(
         "--classification-type", default=None, metavar="TYPE",
-        help="image classification: MULTICLASS (the default; MULTILABEL is not supported yet)",
+        help="image classification: MULTICLASS (the default: one label an image) or MULTILABEL",
     )  # fmt: skip
     create.add_argument("--description", default="")
     create.add_argument("--json", action="store_true", help="the Dataset resource as JSON")

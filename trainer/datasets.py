@@ -97,8 +97,9 @@ def create_dataset(
     parent: Parent | None = None,
 ) -> Created:
     """A new, empty dataset of ``task`` (one of conf/task/), its ID the task's prefix and 19
-    digits as AutoML's. ``classification_type``: image classification's MULTICLASS (the default;
-    MULTILABEL is refused for now); other tasks take none. Raises UserError for an unknown task,
+    digits as AutoML's. ``classification_type``: image classification's MULTICLASS (the default:
+    one label an image) or MULTILABEL (any number, none included), what its imports take and
+    its trainings read the rows as; other tasks take none. Raises UserError for an unknown task,
     a bad display name or classification type, a description over 1,000 characters."""
     configs = task_configs()
     if task not in configs:
@@ -342,7 +343,7 @@ def _import(
     found = dataset_format(record.task)
     publisher = _Publisher(run, progress)
     try:
-        rows, failures = read_sources(found, sources)
+        rows, failures = read_sources(found, sources, _metadata(record, found))
         kept, facts, bad_files = check_rows(
             found, rows, CHECK_WORKERS, lambda: store.cancel_requested(run.run_id), publisher
         )
@@ -382,7 +383,8 @@ def _append(
     and commit a new version when any was added; how many were, and every failure."""
     current = datasets.record(record.dataset_id)  # NotFound: deleted meanwhile
     held_file = datasets.version_file(current, ROWS)
-    held = [row for row in found.read(held_file) if isinstance(row, ImportRow)] if held_file else []
+    metadata = _metadata(current, found)
+    held, _ = read_sources(found, [held_file], metadata) if held_file else ([], [])
     merged, added, conflicts = merge(held, kept)
     failures = failures + conflicts
     if added == 0:
@@ -393,13 +395,19 @@ def _append(
     with tempfile.TemporaryDirectory(prefix="dataset-import-") as folder:
         rows_csv = Path(folder) / ROWS
         write_rows(merged, rows_csv)
-        stats = count_labels(merged, all_facts, found.unit, found.trainable(rows_csv), refused)
+        trainable = found.trainable(rows_csv, metadata)
+        stats = count_labels(merged, all_facts, found.unit, trainable, refused)
         stats = _named(current, stats)
         write_json_atomic(Path(folder) / FILES, all_facts, indent=None)
         write_json_atomic(Path(folder) / STATS, stats)
         dataset = {**current.resource, "exampleCount": stats["exampleCount"]}
         datasets.commit(current, resource_id(operation.name), Path(folder), dataset)
     return added, failures
+
+
+def _metadata(record: DatasetRecord, found: DatasetFormat) -> dict[str, Any]:
+    """The value of the Dataset's metadata field: how its rows read (a classificationType)."""
+    return dict(record.resource.get(found.metadata_key) or {})
 
 
 def _refused(earlier: dict[str, dict[str, int]], failures: list[RowFailure]) -> dict:

@@ -50,12 +50,12 @@ def automl_split(ml_use: str) -> str:
 @dataclass(frozen=True)
 class ImportRow:
     """One row as the dataset keeps it: ``ML_USE,path,*rest``. Rows of one ``identity`` are one
-    row (an image of a single-label dataset, a box, a video segment)."""
+    row (an image with its labels, a box, a video segment)."""
 
     ml_use: str  # TRAIN, VALIDATION, TEST or UNASSIGNED
     path: Path  # absolute
-    rest: tuple[str, ...]  # the cells after the path: label, box, times
-    labels: tuple[str, ...]  # none for an image without objects
+    rest: tuple[str, ...]  # the cells after the path: label(s), box, times
+    labels: tuple[str, ...]  # none for an image without objects (or labels, MULTILABEL)
     identity: str
     box: tuple[float, float, float, float] | None = None  # x_min, y_min, x_max, y_max in [0, 1]
     where: str = field(default="", compare=False)  # "data.csv:12": where it was read
@@ -109,9 +109,10 @@ class DatasetFormat(Protocol):
     def metadata(self, classification_type: str | None) -> dict[str, Any]:
         """The Dataset's metadata field's value; a type the task does not take is refused."""
 
-    def read(self, source: Path) -> Iterator[ImportRow | RowFailure]:
+    def read(self, source: Path, metadata: dict[str, Any]) -> Iterator[ImportRow | RowFailure]:
         """Every row of ``source`` (an absolute path: a CSV, or a folder where the task reads
-        one), parsed, or its failure."""
+        one), parsed, or its failure, as the dataset takes them (``metadata``: the value of its
+        metadata field, e.g. ``{"classificationType": "MULTILABEL"}``)."""
 
     def check_file(self, path: Path) -> FileCheck:
         """The file checked as a training checks it."""
@@ -119,8 +120,9 @@ class DatasetFormat(Protocol):
     def row_problem(self, row: ImportRow, facts: dict[str, Any]) -> str | None:
         """Why a row cannot be used given its file's facts (a segment past a video's end)."""
 
-    def trainable(self, rows_csv: Path) -> str | None:
-        """Why the dataset's rows cannot train yet (the training's own check), or None."""
+    def trainable(self, rows_csv: Path, metadata: dict[str, Any]) -> str | None:
+        """Why the dataset's rows cannot train yet (the training's own check, reading them as
+        ``metadata`` says), or None."""
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -168,13 +170,14 @@ def unknown_ml_use(cells: list[str]) -> None:
 
 
 def read_sources(
-    dataset_format: DatasetFormat, sources: Iterable[Path]
+    dataset_format: DatasetFormat, sources: Iterable[Path], metadata: dict[str, Any]
 ) -> tuple[list[ImportRow], list[RowFailure]]:
-    """Every input's rows, parsed; the failures of those that did not parse."""
+    """Every input's rows, parsed as the dataset of ``metadata`` takes them; the failures of
+    those that did not parse."""
     rows: list[ImportRow] = []
     failures: list[RowFailure] = []
     for source in sources:
-        for found in dataset_format.read(source):
+        for found in dataset_format.read(source, metadata):
             (failures if isinstance(found, RowFailure) else rows).append(found)  # type: ignore[arg-type]
     return rows, failures
 

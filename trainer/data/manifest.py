@@ -364,15 +364,6 @@ def image_labels_row(cells: list[str], where: str) -> tuple[str, str, tuple[str,
     return ml_use, row[0], tuple(labels)
 
 
-def image_row(cells: list[str], where: str) -> tuple[str, str, str]:
-    """A CSV row ``[ML_USE,]path,label`` as (ML_USE, path as spelled, label); a malformed row
-    is the user's error, naming ``where`` it is."""
-    ml_use, row = take_ml_use(cells)
-    if len(row) < 2 or not row[0] or not row[1]:
-        raise UserError(f"{where}: expected [ML_USE,]path,label but got {','.join(row)!r}")
-    return ml_use, row[0], check_name("label", row[1])
-
-
 def describe(manifest: Manifest) -> str:
     counts = manifest.counts()
     return (

@@ -39,14 +39,24 @@ def checked_settings(resolved: Mapping[str, Any]) -> Settings:
 
 def _from_dataset(settings: Settings) -> Settings:
     """The settings of a training on a dataset on record: its rows as ``dataset.path`` (a copy
-    pinned to their version, trainer/store/datasets.py), its bare ID as ``dataset_id``."""
+    pinned to their version, trainer/store/datasets.py), its bare ID as ``dataset_id``, and its
+    classificationType as ``dataset.classification_type`` (``auto`` would read a MULTILABEL
+    dataset's rows of one label each as MULTICLASS); another type given is refused."""
     from trainer.store.datasets import rows_for_training
 
-    dataset_id, rows = rows_for_training(
+    rows = rows_for_training(
         Workspace.of(settings), str(settings.dataset_id), settings.task.name, settings.dataset.path
     )
-    settings = settings.replace_in("dataset", path=str(rows))
-    return settings.model_copy(update={"dataset_id": dataset_id})
+    given, kind = settings.dataset.classification_type, rows.classification_type
+    if kind is not None and given not in ("auto", kind):
+        raise UserError(
+            f"dataset {rows.dataset_id} is a {kind} dataset but dataset.classification_type="
+            f"{given}; leave it auto (or set {kind}) to train on it"
+        )
+    settings = settings.replace_in(
+        "dataset", path=str(rows.path), classification_type=kind or given
+    )
+    return settings.model_copy(update={"dataset_id": rows.dataset_id})
 
 
 def parent(settings: Settings) -> Parent:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlparse
 
 from trainer.errors import FailedPrecondition, NotFound, UserError
@@ -101,6 +101,15 @@ class DatasetRecord:
     @property
     def api(self) -> str:
         return self.run.tags.get("automl_api", "v1")
+
+    @property
+    def classification_type(self) -> str | None:
+        """The classificationType of the Dataset's metadata (image classification's MULTICLASS
+        or MULTILABEL); None for a dataset whose metadata has none."""
+        for value in self.resource.values():
+            if isinstance(value, dict) and value.get("classificationType"):
+                return str(value["classificationType"])
+        return None
 
     @property
     def version(self) -> str:
@@ -245,14 +254,24 @@ def _updated(run: RunRecord) -> datetime:
 # -- a training's rows -----------------------------------------------------------------------
 
 
+class TrainingRows(NamedTuple):
+    """What a training with ``dataset_id=`` reads: the dataset's bare ID, its pinned rows, and
+    its classificationType (None for a task without one, or where the rows pinned already are
+    read again: a resumed training keeps the type it settled)."""
+
+    dataset_id: str
+    path: Path
+    classification_type: str | None = None
+
+
 def rows_for_training(
     workspace: Workspace, dataset: str, task: str, given_path: str | None
-) -> tuple[str, Path]:
+) -> TrainingRows:
     """The dataset's ID and the rows a training with ``dataset_id=`` reads: a copy of its
     current ``rows.csv`` under the home, named by its version, so that a resumed training
-    reads what it began with, whatever was imported since (or if the dataset was deleted).
-    Refused in one line: a ``dataset.path`` as well, an unknown dataset, one of another task,
-    one with no rows."""
+    reads what it began with, whatever was imported since (or if the dataset was deleted);
+    and how to read them (its classificationType). Refused in one line: a ``dataset.path`` as
+    well, an unknown dataset, one of another task, one with no rows."""
     dataset_id = bare_id(dataset, "datasets")
     pinned = Path(workspace.home).expanduser() / "dataset_rows" / check_id(dataset_id, "dataset_id")
     if given_path is not None:
@@ -265,7 +284,7 @@ def rows_for_training(
         if not path.is_file():  # a resume on another machine: the same version, again
             version = check_id(path.stem, "the rows' version")
             _pin(DatasetStore(workspace), dataset, f"versions/{version}", path)
-        return dataset_id, path
+        return TrainingRows(dataset_id, path)
     datasets = DatasetStore(workspace)
     record = datasets.record(dataset)
     if record.task != task:
@@ -281,7 +300,7 @@ def rows_for_training(
     target = pinned / f"{resource_id(record.version)}.csv"
     if not target.is_file():
         _pin(datasets, dataset, record.version, target)
-    return dataset_id, target
+    return TrainingRows(dataset_id, target, record.classification_type)
 
 
 def _pin(datasets: DatasetStore, dataset: str, version: str, target: Path) -> None:

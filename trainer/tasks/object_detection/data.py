@@ -265,7 +265,7 @@ class DetectionFormat:
     def metadata(self, classification_type: str | None) -> dict[str, Any]:
         return no_classification_type(classification_type, "an object detection dataset")
 
-    def read(self, source: Path) -> Iterator[ImportRow | RowFailure]:
+    def read(self, source: Path, metadata: dict[str, Any]) -> Iterator[ImportRow | RowFailure]:
         try:
             csv_path = _csv_file(source)
         except UserError as error:
@@ -279,7 +279,7 @@ class DetectionFormat:
     def row_problem(self, row: ImportRow, facts: dict[str, Any]) -> str | None:
         return None
 
-    def trainable(self, rows_csv: Path) -> str | None:
+    def trainable(self, rows_csv: Path, metadata: dict[str, Any]) -> str | None:
         return trainability(lambda path: read_detection_dataset(path, check_files=False), rows_csv)
 
 

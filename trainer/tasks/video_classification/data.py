@@ -390,7 +390,7 @@ class VideoFormat:
     def metadata(self, classification_type: str | None) -> dict[str, Any]:
         return no_classification_type(classification_type, "a video classification dataset")
 
-    def read(self, source: Path) -> Iterator[ImportRow | RowFailure]:
+    def read(self, source: Path, metadata: dict[str, Any]) -> Iterator[ImportRow | RowFailure]:
         if not source.is_file():
             problem = "is not a file; give a CSV ML_USE,path,label,start_seconds,end_seconds"
             yield RowFailure(RpcCode.INVALID_ARGUMENT, str(source), problem)
@@ -407,7 +407,7 @@ class VideoFormat:
             return f"the segment starts at {start:g}s, the video ends at {duration:g}s"
         return None
 
-    def trainable(self, rows_csv: Path) -> str | None:
+    def trainable(self, rows_csv: Path, metadata: dict[str, Any]) -> str | None:
         return trainability(lambda path: read_video_dataset(path, check_files=False), rows_csv)
 
 

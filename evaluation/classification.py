@@ -100,12 +100,18 @@ def binary_metrics(scores: np.ndarray, truth: np.ndarray, best: np.ndarray) -> d
     preds, target = torch.from_numpy(scores), torch.from_numpy(truth.astype(np.int64))
     has_both = 0 < truth.sum() < truth.size  # the areas are undefined with one class only
     return {
-        "auPrc": float(binary_average_precision(preds, target)) if truth.any() else 0.0,
-        "auRoc": float(binary_auroc(preds, target)) if has_both else 0.0,
+        "auPrc": _area(binary_average_precision(preds, target)) if truth.any() else 0.0,
+        "auRoc": _area(binary_auroc(preds, target)) if has_both else 0.0,
         "confidenceMetricsEntry": [
             confidence_entry(scores, truth, best, threshold) for threshold in THRESHOLDS
         ],
     }
+
+
+def _area(value: torch.Tensor) -> float:
+    """An area under a curve, at most 1: torchmetrics sums in float32 whatever it is given,
+    and scores that separate perfectly came to 1.0000001."""
+    return min(1.0, float(value))
 
 
 def confidence_entry(

@@ -204,6 +204,38 @@ def test_the_int8_rule_keeps_or_refuses_saying_by_how_much() -> None:
     )
 
 
+def test_a_multilabel_models_int8_rule_judges_its_label_sets() -> None:
+    """A MULTILABEL model decides a set of labels (those scored 0.5 and over: logits of 0 and
+    more): int8 must give the float model's set, and lose little exact-match accuracy."""
+    from trainer.tasks.image_classification.export import LABEL_SET
+    from trainer.tflite import judge_int8
+
+    sets = [frozenset(label for label in range(3) if (i >> label) & 1) for i in range(20)]
+
+    def logits(labels: frozenset) -> list[np.ndarray]:
+        return [np.array([[1.5 if label in labels else -0.1 for label in range(3)]])]
+
+    float_logits = [logits(labels) for labels in sets]
+    figures, problem = judge_int8(float_logits, float_logits, sets, LABEL_SET)
+    assert problem is None
+    assert figures == {"labelSetAgreementWithFloat": 1.0, "floatTestExactMatch": 1.0,
+                       "int8TestExactMatch": 1.0, "testImages": 20}  # fmt: skip
+    # Image 0 (no label) gets label 2 at 0.52 (a logit of 0.1 where float gave -0.1).
+    one_flip = [logits(frozenset({2})), *float_logits[1:]]
+    figures, problem = judge_int8(float_logits, one_flip, sets, LABEL_SET)
+    assert figures["labelSetAgreementWithFloat"] == 0.95
+    assert problem == (
+        "the int8 model's TEST exact label-set match is 5.0 points below the float model's "
+        "(95.0% against 100.0%), more than 2"
+    )
+    two_flips = [*one_flip[:19], logits(sets[19] - {0})]
+    _, problem = judge_int8(float_logits, two_flips, sets, LABEL_SET)
+    assert problem == (
+        "the int8 model agrees with the float one on 90.0% of TEST images' label set (the "
+        "labels scored 0.5 and over), below 95%"
+    )
+
+
 @pytest.mark.slow
 def test_an_int8_export_that_misses_the_rule_fails_in_one_line_and_leaves_nothing(
     classifier: Trained, int8_package: Path, tmp_path: Path, monkeypatch

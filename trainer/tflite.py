@@ -7,9 +7,10 @@ one image a call, NHWC uint8 pixels at the model's input size, with the normaliz
 graph, as AutoML's quantized models took them. This module converts (float32, or int8 after
 PT2E's full-integer quantization calibrated on TRAIN images), runs the file on TEST inputs and
 judges it: a float file gives the trained model's answers (the task's comparison, as the ONNX
-path's); an int8 file agrees with the float model's top label on at least
-``int8_min_top1_agreement`` of TEST and loses at most ``int8_max_accuracy_drop_points`` of TEST
-accuracy (conf/export.yaml), or the export fails saying by how much.
+path's); an int8 file agrees with the float model's top label (a MULTILABEL model's label set)
+on at least ``int8_min_top1_agreement`` of TEST and loses at most
+``int8_max_accuracy_drop_points`` of TEST accuracy (conf/export.yaml), or the export fails
+saying by how much.
 
 litert-torch and ai-edge-litert are the optional extra ``vision-trainer[tflite]``: they bring
 jax and transformers, which nothing else here needs.
@@ -22,6 +23,7 @@ import copy
 import functools
 import importlib.metadata
 import sys
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from trainer.errors import UserError, first_line
 from trainer.export_common import LATENCY_RUNS, QUANTIZATIONS, export_formats, latency_ms
 from trainer.store.resources import write_json_atomic
 from trainer.stored_model import TrainedModel, load_network
-from trainer.tasks import TfLitePlan, task_of
+from trainer.tasks import TOP_LABEL, Decision, TfLitePlan, task_of
 
 MODEL_FILE, LABELS_FILE, METADATA_FILE = "model.tflite", "dict.txt", "tflite_metadata.json"
 EXTRA = "pip install 'vision-trainer[tflite]'"
@@ -269,26 +271,30 @@ def answers(interpreter: Interpreter, plan: TfLitePlan) -> list[list[np.ndarray]
 
 
 def judge_int8(
-    expected: list[list[np.ndarray]], got: list[list[np.ndarray]], truth: list[int]
-) -> tuple[dict[str, Any], str | None]:
-    """int8 against the float model: top-1 agreement and TEST accuracy (figures, problem)."""
+    expected: list[list[np.ndarray]], got: list[list[np.ndarray]], truth: list[Hashable],
+    decision: Decision = TOP_LABEL,
+) -> tuple[dict[str, Any], str | None]:  # fmt: skip
+    """int8 against the float model: how often their decisions agree (each TEST image's top
+    label; a MULTILABEL model's label set), and how much TEST accuracy int8 loses (figures,
+    problem)."""
     limits = tflite_defaults()
-    float_top1 = [int(np.argmax(want[0])) for want in expected]
-    int8_top1 = [int(np.argmax(have[0])) for have in got]
-    agreement = float(np.mean([a == b for a, b in zip(float_top1, int8_top1, strict=True)]))
-    float_accuracy = float(np.mean([a == t for a, t in zip(float_top1, truth, strict=True)]))
-    int8_accuracy = float(np.mean([a == t for a, t in zip(int8_top1, truth, strict=True)]))
+    float_says = [decision.decide(np.ravel(want[0])) for want in expected]
+    int8_says = [decision.decide(np.ravel(have[0])) for have in got]
+    agreement = float(np.mean([a == b for a, b in zip(float_says, int8_says, strict=True)]))
+    float_accuracy = float(np.mean([a == t for a, t in zip(float_says, truth, strict=True)]))
+    int8_accuracy = float(np.mean([a == t for a, t in zip(int8_says, truth, strict=True)]))
     drop = 100 * (float_accuracy - int8_accuracy)
-    figures = {"top1AgreementWithFloat": agreement, "floatTestAccuracy": float_accuracy,
-               "int8TestAccuracy": int8_accuracy, "testImages": len(truth)}  # fmt: skip
+    accuracy = decision.accuracy_figure
+    figures = {decision.agreement_figure: agreement, f"float{accuracy}": float_accuracy,
+               f"int8{accuracy}": int8_accuracy, "testImages": len(truth)}  # fmt: skip
     least, most = limits["int8_min_top1_agreement"], limits["int8_max_accuracy_drop_points"]
     if agreement < least:
         return figures, (f"the int8 model agrees with the float one on {agreement:.1%} of TEST "
-                         f"images' top label, below {least:.0%}")  # fmt: skip
+                         f"images' {decision.called}, below {least:.0%}")  # fmt: skip
     if drop > most:
-        return figures, (f"the int8 model's TEST accuracy is {drop:.1f} points below the float "
-                         f"model's ({int8_accuracy:.1%} against {float_accuracy:.1%}), more "
-                         f"than {most:g}")  # fmt: skip
+        return figures, (f"the int8 model's TEST {decision.measure} is {drop:.1f} points below "
+                         f"the float model's ({int8_accuracy:.1%} against "
+                         f"{float_accuracy:.1%}), more than {most:g}")  # fmt: skip
     return figures, None
 
 
@@ -325,7 +331,7 @@ def write_tflite(
     interpreter = Interpreter(path)
     expected, got = references(plan), answers(interpreter, plan)
     if quantize == "int8":
-        figures, problem = judge_int8(expected, got, plan.truth)
+        figures, problem = judge_int8(expected, got, plan.truth, plan.decision)
     else:
         verification = plan.compare(expected, got)
         figures, problem = verification.figures, verification.problem

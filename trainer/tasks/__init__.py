@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -100,6 +100,25 @@ class ExportPlan:
     torchscript: str = "trace"
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What an int8 package is judged by (trainer/tflite.py's ``judge_int8``): what one output,
+    a row of logits, decides; what that is called; and the names of its figures in
+    metadata.json (agreement with the float model; float<accuracy> and int8<accuracy>)."""
+
+    decide: Callable[[Any], Hashable]
+    called: str  # "top label"
+    measure: str  # "accuracy"
+    agreement_figure: str  # "top1AgreementWithFloat"
+    accuracy_figure: str  # "TestAccuracy"
+
+
+TOP_LABEL = Decision(
+    lambda logits: int(logits.argmax()), "top label", "accuracy", "top1AgreementWithFloat",
+    "TestAccuracy",
+)  # fmt: skip
+
+
 @dataclass
 class TfLitePlan:
     """What ``models export --format tflite`` converts, feeds and checks (trainer/tflite.py).
@@ -108,8 +127,9 @@ class TfLitePlan:
     an input; ``inputs`` are TEST inputs as arrays the package takes as they are, one a batch;
     ``reference(input)`` is what the trained model answers and ``postprocess(outputs)`` turns
     the package's raw outputs into the same form, which ``compare`` judges (as ExportPlan's);
-    ``calibration`` are TRAIN inputs for int8, ``truth`` each TEST input's label index (int8's
-    accuracy); ``metadata`` says how to feed the package and read what comes out.
+    ``calibration`` are TRAIN inputs for int8, ``truth`` each TEST input's true ``decision``
+    (int8's rule: its agreement with the float model and its accuracy); ``metadata`` says how to
+    feed the package and read what comes out.
     """
 
     network: nn.Module
@@ -120,7 +140,8 @@ class TfLitePlan:
     metadata: dict[str, Any]
     postprocess: Callable[[list[np.ndarray]], list[np.ndarray]] = lambda outputs: outputs
     calibration: list[np.ndarray] = field(default_factory=list)
-    truth: list[int] = field(default_factory=list)
+    truth: list[Hashable] = field(default_factory=list)
+    decision: Decision = TOP_LABEL
 
 
 @dataclass

@@ -4,7 +4,7 @@ scale (the largest logit's size, at least 1)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,7 +15,7 @@ from torch import nn
 from trainer.data.images import eval_transform, uint8_pixels
 from trainer.data.manifest import Item
 from trainer.settings import Settings
-from trainer.tasks import ExportPlan, TfLitePlan, Verification
+from trainer.tasks import TOP_LABEL, Decision, ExportPlan, TfLitePlan, Verification
 from trainer.tasks.image_classification.predict import multilabel
 
 # Of the logits' scale: float32 rounding grows with a network's depth and its logits' size
@@ -25,6 +25,15 @@ RESIZE_RULE = (
     "resize the whole image to input_size (bilinear, antialiased; no crop), scale to [0, 1], "
     "then normalize each channel: (x - mean) / std"
 )
+
+
+# A MULTILABEL model's decision: every label whose sigmoid is at least 0.5 (a logit of 0 or
+# more), as its prediction's default score_threshold and test_exact_match have it.
+LABEL_SET = Decision(
+    lambda logits: frozenset(np.flatnonzero(logits >= 0).tolist()),
+    "label set (the labels scored 0.5 and over)", "exact label-set match",
+    "labelSetAgreementWithFloat", "TestExactMatch",
+)  # fmt: skip
 
 
 def logit_comparison(
@@ -119,8 +128,11 @@ def tflite_plan(
     size = settings.model.size
     wrapped = PixelsIn(network.eval(), settings.data.mean, settings.data.std).eval()
     index = {label: number for number, label in enumerate(labels)}
-    # The top label's truth judges an int8 file (refused for MULTILABEL models, see task.py).
-    truth = [] if multilabel(settings) else [index[item.label] for item in items]
+    if multilabel(settings):
+        decision = LABEL_SET
+        truth: list[Hashable] = [frozenset(index[label] for label in item.labels) for item in items]
+    else:
+        decision, truth = TOP_LABEL, [index[item.label] for item in items]
 
     def reference(batch: np.ndarray) -> list[np.ndarray]:
         return [wrapped(torch.from_numpy(batch)).numpy()]
@@ -133,6 +145,7 @@ def tflite_plan(
         compare=logit_comparison(TOLERANCE),
         calibration=[uint8_pixels(item.path, size) for item in calibration],
         truth=truth,
+        decision=decision,
         metadata={
             "input_size": list(size),
             "layout": "1xHxWx3, uint8, RGB pixels; the model normalizes (mean, std below)",

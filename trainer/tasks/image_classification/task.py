@@ -16,7 +16,6 @@ from trainer.data import manifest as datasets
 from trainer.data.images import LabelledImages, eval_transform, make_loader, make_loaders
 from trainer.data.input_size import even_sample, median_size
 from trainer.data.prediction import PredictionResult, predict_request, read_input_csv
-from trainer.errors import UserError
 from trainer.settings import ModelSettings, Settings
 from trainer.store.evaluations import Evaluation
 from trainer.tasks import ExportPlan, Loaders, OnlineModel, PredictRequest, TfLitePlan
@@ -133,11 +132,6 @@ class ImageClassification:
         self, network: nn.Module, settings: Settings, labels: list[str], items: list[Any],
         calibration: list[Any], quantize: str, options: dict[str, Any],
     ) -> TfLitePlan:  # fmt: skip
-        if multilabel(settings) and quantize == "int8":
-            raise UserError(
-                "--quantize int8 is judged by the top label, which a MULTILABEL model does not "
-                "have; export it in float (--quantize none)"
-            )
         return export.tflite_plan(network, settings, labels, items, calibration)
 
 

@@ -1,11 +1,15 @@
 """What a budget buys: the trainer with its defaults against a plain PyTorch loop.
 
-Three datasets, each at budgets of 10, 20 and 60 milli-node-hours by default:
+Four datasets, each at budgets of 10, 20 and 60 milli-node-hours by default:
 
 - ``shapes``: generated 32 px shapes and patterns (classification, 6 labels);
 - ``digits``: scikit-learn's 1,797 real scanned handwritten digits at their own size, 8x8
   (classification, 10 labels; shipped inside the package, no download);
-- ``detection``: the generated detection demo's shapes at 128 px (object detection).
+- ``detection``: the generated detection demo's shapes at 128 px (object detection);
+- ``multilabel``: 400 generated 64 px images of one to three solid shapes each (MULTILABEL
+  classification, 4 labels); the plain loop trains a sigmoid per label with binary
+  cross-entropy, and both are scored by the micro-averaged average precision of TEST
+  (AutoML's auPrc), with the exact label-set match at 0.5 beside it.
 
 The trainer runs as a user runs it, ``python -m trainer dataset.path=... `` with every default
 (``model.input_size=auto``, ``data.cache=auto``, ``model.pretrained=auto``; there are no
@@ -28,7 +32,7 @@ Targets (issue 17): the trainer >= the plain loop in every cell (by the medians 
 scores, with ``--repeats``); utilization >= 0.95 at 20 milli-node-hours and above for a
 training that stopped BUDGET_REACHED.
 
-    .venv/bin/python benchmarks/time_to_accuracy.py [--datasets shapes digits detection]
+    .venv/bin/python benchmarks/time_to_accuracy.py [--datasets shapes digits detection multilabel]
         [--budgets 10 20 60] [--threads N] [--repeats N]
 """
 
@@ -55,7 +59,11 @@ sys.path.insert(0, str(REPO))
 
 from trainer.data.images import LabelledImages, eval_transform, make_loader, train_transform  # noqa: E402
 from trainer.data.manifest import TEST, TRAIN, read_dataset  # noqa: E402
-from trainer.tasks.image_classification.demo import write_digits, write_shapes  # noqa: E402
+from trainer.tasks.image_classification.demo import (  # noqa: E402
+    write_digits,
+    write_multilabel_shapes,
+    write_shapes,
+)
 from trainer.tasks.image_classification.networks import build_backbone  # noqa: E402
 
 # The trainer's defaults (conf/), which the plain loops use too.
@@ -104,7 +112,10 @@ def through_trainer(
     recorded = re.search(r"recorded the model in [\d.]+ s \(([\d.]+) s after", done.stderr)
     size = re.search(r"model.input_size=auto: (\d+x\d+)", done.stderr)
     return {
-        "score": metrics.get("test_accuracy", metrics.get("test_map")),
+        "score": next(
+            metrics[k] for k in ("test_accuracy", "test_map", "test_auprc") if k in metrics
+        ),
+        "exact_match": metrics.get("test_exact_match"),
         "cost": int(meta["trainCostMilliNodeHours"]),
         "stop": meta["stopReason"],
         "epochs": metrics["epochs"],
@@ -171,38 +182,62 @@ def trainer_holdout(run_dir: Path, holdout: Path | None) -> float:
 
 def plain_classification(
     budget: int, folder: Path, input_size: int, flip: bool, *, seed: int,
-    holdout: Path | None = None,
+    holdout: Path | None = None, multilabel: bool = False,
 ) -> dict:  # fmt: skip
+    """The plain loop: cross-entropy and TEST accuracy, or for a MULTILABEL dataset a sigmoid
+    per label (binary cross-entropy) and TEST's micro-averaged auPrc and exact match."""
     started = time.monotonic()
     torch.manual_seed(seed)
     manifest = read_dataset(folder)
-    size = [input_size, input_size]
+    size, labels = [input_size, input_size], manifest.labels
     augment = train_transform(size, MEAN, STD, CROP, flip)
-    train = LabelledImages(manifest.split(TRAIN), manifest.labels, augment)
-    test = LabelledImages(manifest.split(TEST), manifest.labels, eval_transform(size, MEAN, STD))
+    train = LabelledImages(manifest.split(TRAIN), labels, augment, multilabel)
+    test = LabelledImages(manifest.split(TEST), labels, eval_transform(size, MEAN, STD), multilabel)
     train_loader = make_loader(train, BATCH, 0, True, seed)
     test_loader = make_loader(test, BATCH, 0, False, seed)
-    model = build_backbone(CLASSIFIER, len(manifest.labels), None)
+    model = build_backbone(CLASSIFIER, len(labels), None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    loss = F.binary_cross_entropy_with_logits if multilabel else F.cross_entropy
 
     def step(batch) -> None:
         images, targets = batch
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), targets).backward()
+        loss(model(images), targets).backward()
         optimizer.step()
 
     model.train()
     epochs = deadline_loop(budget * 3.6, started, lambda: train_loader, step, len(test_loader))
-    correct = 0
-    model.eval()
-    with torch.no_grad():
-        for images, targets in test_loader:
-            correct += int((model(images).argmax(1) == targets).sum())
-    seconds = time.monotonic() - started
+    scores = scores_on_test(model, test_loader, len(labels), multilabel)
     return {
-        "score": correct / len(test), "seconds": seconds, "epochs": epochs,
+        **scores, "seconds": time.monotonic() - started, "epochs": epochs,
         "holdout": holdout_accuracy(model, holdout, size),
     }  # fmt: skip
+
+
+def scores_on_test(model: torch.nn.Module, loader, labels: int, multilabel: bool) -> dict:
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import (
+        MulticlassAccuracy,
+        MultilabelAveragePrecision,
+        MultilabelExactMatch,
+    )
+
+    if multilabel:
+        metrics = MetricCollection({
+            "score": MultilabelAveragePrecision(num_labels=labels, average="micro"),
+            "exact_match": MultilabelExactMatch(num_labels=labels),
+        })  # fmt: skip
+    else:
+        metrics = MetricCollection({"score": MulticlassAccuracy(labels, average="micro")})
+    model.eval()
+    with torch.no_grad():
+        for images, targets in loader:
+            logits = model(images)
+            if multilabel:
+                metrics.update(logits.sigmoid(), targets.long())
+            else:
+                metrics.update(logits, targets)
+    return {name: float(value) for name, value in metrics.compute().items()}
 
 
 def plain_detection(budget: int, csv: Path, input_size: int, *, seed: int) -> dict:
@@ -267,6 +302,13 @@ def trainer_cell(result: dict) -> str:
     )
 
 
+def exact_text(trained: dict, baseline: dict) -> str:
+    if trained.get("exact_match") is None:
+        return ""
+    return (f" | exact match: trainer {trained['exact_match']:.3f}, "
+            f"plain {baseline['exact_match']:.3f}")  # fmt: skip
+
+
 def holdout_text(trained: dict, baseline: dict) -> str:
     if "holdout" not in trained or trained["holdout"] != trained["holdout"]:  # absent or NaN
         return ""
@@ -274,8 +316,8 @@ def holdout_text(trained: dict, baseline: dict) -> str:
 
 
 def dataset(name: str, root: Path) -> tuple[Path, Path | None, tuple[str, ...], Callable]:
-    """The dataset's folder, its hold-out (shapes only), the trainer's overrides and the plain
-    loop for it."""
+    """The dataset's folder (or CSV), its hold-out (shapes only), the trainer's overrides and
+    the plain loop for it."""
     if name == "shapes":
         data, holdout = root / "shapes", root / "holdout"
         write_shapes(data, 100, 32, seed=11)
@@ -288,6 +330,12 @@ def dataset(name: str, root: Path) -> tuple[Path, Path | None, tuple[str, ...], 
         # A mirrored digit is another glyph: a user of this dataset turns flips off.
         plain = partial(plain_classification, folder=data, input_size=32, flip=False)
         return data, None, ("data.horizontal_flip=false",), plain
+    if name == "multilabel":
+        data = write_multilabel_shapes(root / "multilabel", 400, 64, seed=3)
+        plain = partial(
+            plain_classification, folder=data, input_size=64, flip=True, multilabel=True
+        )
+        return data, None, (), plain
     data = write_detection(root / "detection")
     plain = partial(plain_detection, csv=data, input_size=DETECTION_SIZE)
     return data, None, ("task=object_detection",), plain
@@ -295,7 +343,9 @@ def dataset(name: str, root: Path) -> tuple[Path, Path | None, tuple[str, ...], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", default=["shapes", "digits", "detection"])
+    parser.add_argument(
+        "--datasets", nargs="+", default=["shapes", "digits", "detection", "multilabel"]
+    )
     parser.add_argument("--budgets", type=int, nargs="+", default=[10, 20, 60])
     parser.add_argument("--threads", type=int, help="torch threads for every run")
     parser.add_argument(
@@ -327,7 +377,8 @@ def main() -> None:
                     print(f"{name:>9} {budget:>3} mnh seed {seed} | trainer "
                           f"{trainer_cell(trained)} | plain "
                           f"{baseline['score']:.3f} {baseline['epochs']} ep"
-                          f"{holdout_text(trained, baseline)}", flush=True)  # fmt: skip
+                          f"{holdout_text(trained, baseline)}"
+                          f"{exact_text(trained, baseline)}", flush=True)  # fmt: skip
     print()
     met = {"accuracy": True, "utilization": True}
     heading = "trainer (score, input, cost, stop, utilization, fixed seconds, epochs)"
@@ -336,6 +387,7 @@ def main() -> None:
         for trained, baseline in runs:
             plain_text = f"{baseline['score']:.3f} in {baseline['seconds']:.1f} s"
             plain_text += f", {baseline['epochs']} ep{holdout_text(trained, baseline)}"
+            plain_text += exact_text(trained, baseline)
             print(f"{name:>9} {budget:>3} mnh  {trainer_cell(trained):<96}  {plain_text}")
             if "error" not in trained and budget >= 20 and trained["stop"] == "BUDGET_REACHED":
                 met["utilization"] &= trained["utilization"] >= 0.95

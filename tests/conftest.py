@@ -80,6 +80,18 @@ def tiny_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def multilabel_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A MULTILABEL CSV: 120 images of one to three shapes each, 32 px."""
+    from trainer.tasks.image_classification.demo import write_multilabel_shapes
+
+    return write_multilabel_shapes(tmp_path_factory.mktemp("multilabel"), 120, 32, seed=5)
+
+
+# Two processes, one training: Lightning's DDP over gloo on the CPU (tests/test_distributed.py).
+DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+
+
 def run_trainer(
     *args: str, cwd: Path, home: Path, timeout: float = 300, env: dict | None = None
 ) -> subprocess.CompletedProcess:
@@ -162,6 +174,26 @@ class Trained:
         """The directory, run directory, model and budget of a one-model training."""
         ((model_type, model),) = self.models.items()
         return self.cwd, self.run_dirs[model_type], model, self.budget
+
+
+@pytest.fixture(scope="session")
+def multilabel_model(tmp_path_factory, trainer_home: Path, multilabel_csv: Path) -> Trained:
+    """A MULTILABEL model (tests/test_multilabel.py) trained on two processes (DDP, gloo;
+    tests/test_distributed.py): the validation metrics are gathered from both ranks, the TEST
+    pass and the evaluation are rank 0's."""
+    cwd, budget = tmp_path_factory.mktemp("multilabel_run"), 8  # 28.8 s; rank 1 starts in 6
+    done = run_trainer(
+        *FAST, *DDP, f"dataset.path={multilabel_csv}", "display_name=tags",
+        f"budget.train_budget_milli_node_hours={budget}", "budget.disable_early_stopping=true",
+        # FAST judges convergence on val_accuracy, which a MULTILABEL model has not: the default.
+        "task.convergence_monitor=val_loss", "task.convergence_monitor_mode=min",
+        cwd=cwd, home=trainer_home,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 1 follows the operation" in done.stderr
+    model = json.loads(done.stdout)
+    run_dir = run_dir_of(cwd, model)
+    return Trained(cwd, {"mobile-low-latency-1": model}, {"mobile-low-latency-1": run_dir}, budget)
 
 
 @pytest.fixture(scope="session")

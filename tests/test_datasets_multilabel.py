@@ -25,7 +25,6 @@ from tests.test_datasets import (
     workspace_of,
     write_csv,
 )
-from tests.test_multilabel import multilabel_csv  # noqa: F401 - a fixture
 from tests.test_resume import mlflow_client
 from trainer.errors import UserError
 from trainer.settings import Workspace
@@ -74,7 +73,7 @@ def test_a_multilabel_dataset_is_created_as_automls(cli) -> None:  # noqa: F811
 
 def test_a_multilabel_import_keeps_every_label_of_an_image(
     tmp_path: Path,
-    multilabel_csv: Path,  # noqa: F811
+    multilabel_csv: Path,
     shapes: Path,  # noqa: F811
 ) -> None:
     from trainer.datasets import get_dataset, import_data, label_stats
@@ -191,7 +190,7 @@ def test_a_training_reads_the_datasets_type_and_refuses_another(
 
 def test_a_multilabel_dataset_on_record_trains_a_multilabel_model(
     tmp_path: Path,
-    multilabel_csv: Path,  # noqa: F811
+    multilabel_csv: Path,
 ) -> None:
     _, dataset = imported(tmp_path, multilabel_csv)
     model, run_dir = train(

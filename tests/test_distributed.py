@@ -14,45 +14,38 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, REPO, read_json, run_dir_of, run_dirs, run_trainer
+from tests.conftest import DDP, FAST, REPO, Trained, read_json, run_dir_of, run_dirs, run_trainer
 from tests.test_resume import checkpoint_step, resume, start_trainer, wait_for
 from trainer.data.manifest import TEST, read_dataset
 
 META = "imageClassificationModelMetadata"
-DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
 
 
 def test_two_processes_train_one_model_under_one_budget(
-    tmp_path: Path, trainer_home: Path, tiny_shapes: Path
+    multilabel_model: Trained, multilabel_csv: Path
 ) -> None:
+    """The session's MULTILABEL model, trained on two processes (tests/test_multilabel.py's
+    fixture; rank 1 said it followed the operation)."""
     import mlflow
 
-    budget = 9  # 32 s: the second process starts (6 s of imports) inside the billed fit
-    result = run_trainer(
-        *FAST, *DDP, f"dataset.path={tiny_shapes}", "display_name=ddp",
-        f"budget.train_budget_milli_node_hours={budget}", "budget.disable_early_stopping=true",
-        cwd=tmp_path, home=trainer_home,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "rank 1 follows the operation" in result.stderr
-    (run_dir,) = run_dirs(tmp_path)  # one operation, in one run directory
-    model = read_json(run_dir / "model.json")
+    cwd, run_dir, model, budget = multilabel_model.only()
     meta = model[META]
     assert meta["stopReason"] == "BUDGET_REACHED"
     assert 1 <= int(meta["trainCostMilliNodeHours"]) <= budget  # one node: devices are free
     assert meta["nodeCount"] == "1"
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     experiments = [experiment.experiment_id for experiment in client.search_experiments()]
-    assert len(client.search_runs(experiments)) == 1  # one MLflow run
-    (registered,) = client.search_registered_models()  # one model
-    assert registered.name == model["name"].rsplit("/", 1)[1]
+    model_id = model["name"].rsplit("/", 1)[1]
+    runs = client.search_runs(experiments, f"tags.model_id = '{model_id}'")
+    assert len(runs) == 1  # one MLflow run
+    assert client.get_registered_model(model_id)  # one model
 
     # The TEST pass ran on rank 0 alone: every TEST image once, none padded in by a sampler.
     (evaluation_file,) = run_dir.glob("evaluations/*/evaluation.json")
     tested = read_json(evaluation_file)[0]["evaluatedExampleCount"]
-    assert tested == len(read_dataset(tiny_shapes).split(TEST)) > 0
+    assert tested == len(read_dataset(multilabel_csv).split(TEST)) > 0
     # The learning rate followed the budget on both ranks alike: the last checkpoint's rate is
     # the configured one scaled by the agreed factor.
     import torch

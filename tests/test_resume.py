@@ -59,8 +59,10 @@ LONG_RUN = [
 ]
 
 
-def interrupted_run(sig: int, cwd: Path, home: Path, data: Path) -> tuple[Path, str]:
-    process = start_trainer(*LONG_RUN, f"dataset.path={data}", cwd=cwd, home=home)
+def interrupted_run(
+    sig: int, cwd: Path, home: Path, data: Path, *extra: str
+) -> tuple[Path, str]:  # fmt: skip
+    process = start_trainer(*LONG_RUN, f"dataset.path={data}", *extra, cwd=cwd, home=home)
     try:
         wait_for(lambda: any(cwd.glob("runs/*/*/checkpoints/last.ckpt")))
         (run_dir,) = run_dirs(cwd)

@@ -285,12 +285,15 @@ def trials_training(home: Path, count: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_with_more_budget_and_its_trials_count_once(
-    tmp_path: Path, tiny_shapes: Path
+    tmp_path: Path, multilabel_csv: Path
 ) -> None:
+    """On a MULTILABEL dataset, whose trials are judged by their val_auprc."""
     process, home = running_sweep(
-        tmp_path, tiny_shapes, "sweep.budget_milli_node_hours=24",
+        tmp_path, multilabel_csv, "sweep.budget_milli_node_hours=24",
         "sweep.min_trial_milli_node_hours=12", "sweep.pruning=none",
         "sweep.max_trial_milli_node_hours=12", "sweep.parallel=2",
+        # FAST judges convergence on val_accuracy, which a MULTILABEL model has not.
+        "task.convergence_monitor=val_loss", "task.convergence_monitor_mode=min",
     )  # fmt: skip
     running = trials_training(home, 2)
     process.kill()  # the sweep dies; its trials train on in sessions of their own
@@ -312,6 +315,11 @@ def test_a_killed_sweep_resumes_with_more_budget_and_its_trials_count_once(
     assert 48 - int(sweep["costMilliNodeHours"]) < 12, sweep["trials"]
     assert all(t["state"] == "DONE" for t in sweep["trials"])  # adopted, settled once
     assert operation_costs(sweep) <= int(sweep["costMilliNodeHours"]) <= 48
+    # Each trial's value is the best val_auprc its training recorded.
+    assert sweep["monitor"] == "val_auprc"
+    for trial in sweep["trials"]:
+        best = read_json(Path(trial["run_dir"]) / "metrics.json")["best_val_auprc"]
+        assert trial["value"] == pytest.approx(best)
 
 
 @pytest.mark.slow

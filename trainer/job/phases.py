@@ -24,8 +24,9 @@ from trainer.job.distributed import tester, write_brief
 from trainer.job.fitting import FitParts, Leader, data_loaders, fit_parts, trained_module
 from trainer.job.job import Job
 from trainer.job.run_state import SUCCEEDED
+from trainer.job.settings import as_classification_type
 from trainer.job.work_history import SaveReserves, WorkHistory, save_reserves
-from trainer.settings import MULTILABEL, Settings
+from trainer.settings import Settings
 from trainer.store.automl import model_details, model_metadata, model_resource
 from trainer.store.evaluations import record_evaluation
 from trainer.store.resources import add_months, file_sha256, write_json_atomic
@@ -181,9 +182,7 @@ def _settle_classification_type(job: Job, manifest: Any) -> Settings:
             f"set dataset.classification_type={job.start.classification_type} or train a new "
             "model"
         )
-    settled = settings.replace_in("dataset", classification_type=found)
-    if found == MULTILABEL and settings.task.multilabel:
-        settled = settled.replace_in("task", **settings.task.multilabel)
+    settled = as_classification_type(settings, found)
     if settled != settings:
         log.info("dataset.classification_type: %s", found)
         job.state.config = settled.to_dict()

@@ -9,7 +9,7 @@ from typing import Any
 
 from trainer import CONF_DIR
 from trainer.errors import UserError
-from trainer.settings import Settings, Workspace
+from trainer.settings import MULTICLASS, MULTILABEL, Settings, Workspace
 from trainer.store.automl import Parent
 from trainer.store.resources import check_name
 from trainer.tasks import default_task
@@ -57,6 +57,39 @@ def _from_dataset(settings: Settings) -> Settings:
         "dataset", path=str(rows.path), classification_type=kind or given
     )
     return settings.model_copy(update={"dataset_id": rows.dataset_id})
+
+
+def as_classification_type(settings: Settings, found: str) -> Settings:
+    """An image classification's settings once its dataset reads as ``found`` (MULTICLASS or
+    MULTILABEL): ``dataset.classification_type`` made it, and a MULTILABEL model's monitors
+    (its task conf's ``multilabel``). A training settles them so (trainer/job/phases.py), and a
+    sweep judges its trials by the same monitor."""
+    settled = settings.replace_in("dataset", classification_type=found)
+    task = settings.task
+    if found != MULTILABEL or not task.multilabel:
+        return settled
+    # The MULTICLASS model's metric (val_accuracy), as settings not yet settled have it.
+    if task.convergence_monitor == task.monitor != task.multilabel["monitor"]:
+        raise UserError(
+            f"task.convergence_monitor={task.convergence_monitor}: a MULTILABEL model does not "
+            f"log it (it scores each label on its own); judge convergence on val_loss (the "
+            f"default) or {task.multilabel['monitor']}"
+        )
+    return settled.replace_in("task", **task.multilabel)
+
+
+def read_classification_type(settings: Settings) -> str | None:
+    """What an image classification's dataset reads as, from its listing alone (no file is
+    opened); None for a task of one label an example. The bundled demo is a folder."""
+    from trainer.data.manifest import AUTO, read_dataset
+
+    if settings.task.multilabel is None:
+        return None
+    chosen, path = settings.dataset.classification_type, settings.dataset.path
+    if chosen != AUTO or path is None:
+        return MULTICLASS if chosen == AUTO else chosen
+    return read_dataset(path, for_training=False, check_files=False,
+                        classification_type=chosen).classification_type  # fmt: skip
 
 
 def parent(settings: Settings) -> Parent:

@@ -36,6 +36,7 @@ from budgets.ledger import SweepLedger, TrialState
 from budgets.meter import milli_node_hours
 from trainer.errors import UserError
 from trainer.job.ids import MODEL_ID_ENV, OPERATION_ID_ENV, PARENT_RUN_ENV
+from trainer.job.settings import as_classification_type, checked_settings, read_classification_type
 from trainer.settings import redact
 from trainer.store.automl import recorded_details
 from trainer.store.resources import new_id, utc_now
@@ -126,6 +127,7 @@ def start_sweep(cfg: DictConfig, arguments: list[str], groups: dict[str, Any]) -
             "sweep.max_trial_milli_node_hours, or budget.min_milli_node_hours"
         )
     task = _section(cfg, "task")
+    monitor, maximize = trials_monitor(cfg)
     mlflow_cfg = _section(cfg, "mlflow")
     sweep_id = new_id(record.ID_PREFIX)
     folder = record.sweeps_root(str(cfg.home)) / sweep_id
@@ -144,7 +146,7 @@ def start_sweep(cfg: DictConfig, arguments: list[str], groups: dict[str, Any]) -
         settings=kept, rungs=settings.rungs, arguments=tuple(map(redact, arguments)),
         fixed=tuple(o for o in space.fixed if not _names_the_store(o)),
         distributions=_distributions_json(space),
-        monitor=str(task["monitor"]), maximize=task["monitor_mode"] == "max",
+        monitor=monitor, maximize=maximize,
         id_prefix=str(task["id_prefix"]), home=str(Path(str(cfg.home)).resolve()),
         cwd=os.getcwd(), tracking_uri=redact(tracking_uri), experiment=experiment,
         parent_run_id=parent_run, pid=os.getpid(),
@@ -154,6 +156,21 @@ def start_sweep(cfg: DictConfig, arguments: list[str], groups: dict[str, Any]) -
              "python -m trainer sweeps get %s", sweep_id, settings.budget, list(settings.rungs),
              settings.parallel, sweep_id)  # fmt: skip
     return Sweep(folder, tracking_uri, settings.storage).run()
+
+
+def trials_monitor(cfg: DictConfig) -> tuple[str, bool]:
+    """The metric the trials' best passes are judged by, and whether more is better, as each
+    trial settles it: a MULTILABEL classification's own (trainer/job/settings.py)."""
+    # Hydra's own keys stay out: its sweep folder names a job number that a sweep has not.
+    resolved = {str(key): OmegaConf.select(cfg, str(key)) for key in cfg if key != "hydra"}
+    settings = checked_settings(
+        {key: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+         for key, v in resolved.items()}  # fmt: skip
+    )
+    found = read_classification_type(settings)
+    if found is not None:
+        settings = as_classification_type(settings, found)
+    return settings.task.monitor, settings.task.monitor_mode == "max"
 
 
 def _redacted(sweep_cfg: dict[str, Any]) -> dict[str, Any]:

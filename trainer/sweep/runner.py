@@ -162,15 +162,16 @@ def trials_monitor(cfg: DictConfig) -> tuple[str, bool]:
     """The metric the trials' best passes are judged by, and whether more is better, as each
     trial settles it: a MULTILABEL classification's own (trainer/job/settings.py)."""
     # Hydra's own keys stay out: its sweep folder names a job number that a sweep has not.
-    resolved = {str(key): OmegaConf.select(cfg, str(key)) for key in cfg if key != "hydra"}
-    settings = checked_settings(
-        {key: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-         for key, v in resolved.items()}  # fmt: skip
-    )
+    settings = checked_settings({str(key): _plain(cfg[key]) for key in cfg if key != "hydra"})
     found = read_classification_type(settings)
     if found is not None:
         settings = as_classification_type(settings, found)
     return settings.task.monitor, settings.task.monitor_mode == "max"
+
+
+def _plain(value: Any) -> Any:
+    """A config value resolved into plain Python values."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def _redacted(sweep_cfg: dict[str, Any]) -> dict[str, Any]:

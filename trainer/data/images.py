@@ -255,8 +255,11 @@ def make_loaders(
     batch_size, seed = data.batch_size, settings.seed
     # A compiled step is compiled again for a new batch shape: the last, smaller batch of each
     # epoch would be a slow step. Dropping it (its images are shuffled into other epochs)
-    # keeps one shape.
-    drop_last = trainer.compile and len(splits[TRAIN]) > batch_size
+    # keeps one shape. A last batch of one image is dropped too: batch norm cannot train on
+    # it ("Expected more than 1 value per channel"), which 65 TRAIN images in batches of 32
+    # gave.
+    train_count = len(splits[TRAIN])
+    drop_last = train_count > batch_size and (trainer.compile or train_count % batch_size == 1)
     loaders: dict[str, Iterable] = {}
     if outcome.cache is not None:
         plan.augment = DeviceAugment(size, mean, std, crop_scale, flip)

@@ -75,14 +75,15 @@ def check_tflite_package(package: Path, model: dict, inference: str) -> dict:
 
 @pytest.fixture(scope="module")
 def edge_shapes(tmp_path_factory) -> Path:
-    """The demo shapes with 96 TEST images (16 a label) beside tiny_shapes' TRAIN and VALIDATE:
-    the int8 rule's 95% agreement then allows four flips, where a dozen TEST images allowed
-    none, and the TEST images cost the training nothing."""
+    """The demo shapes with 192 TEST images (32 a label) beside 20 TRAIN and 4 VALIDATE ones a
+    label: the int8 rule's 95% agreement then allows nine flips and its 2 points of accuracy a
+    net loss of three images (with 96, a loss of two, 2.1 points, failed a CI run), and the
+    TEST images cost the training nothing."""
     from trainer.tasks.image_classification.demo import LABELS, write_shapes
 
     folder = tmp_path_factory.mktemp("edge_shapes")
-    write_shapes(folder, per_label=40, size=64, seed=7)
-    splits = ["TRAIN"] * 20 + ["VALIDATE"] * 4 + ["TEST"] * 16
+    write_shapes(folder, per_label=56, size=64, seed=7)
+    splits = ["TRAIN"] * 20 + ["VALIDATE"] * 4 + ["TEST"] * 32
     rows = [f"{split},{label}/{label}_{index:04d}.png,{label}"
             for label in LABELS for index, split in enumerate(splits)]  # fmt: skip
     (folder / "edge.csv").write_text("\n".join(rows) + "\n")
@@ -156,7 +157,7 @@ def test_an_int8_package_is_full_integer_smaller_and_agrees_with_pytorch_in_lite
     model = classifier.models[MODEL_TYPE]
     meta = check_tflite_package(int8_package, model, "QUANTIZED_INT8")
     verification = meta["verification"]
-    assert meta["quantize"] == "int8" and verification["testImages"] == 96
+    assert meta["quantize"] == "int8" and verification["testImages"] == 192
     assert verification["top1AgreementWithFloat"] >= 0.95
     assert verification["floatTestAccuracy"] - verification["int8TestAccuracy"] <= 0.02
     # The issue's target for the mobile types: int8 at most 0.3 of the float file's size.
@@ -170,7 +171,7 @@ def test_an_int8_package_is_full_integer_smaller_and_agrees_with_pytorch_in_lite
     # LiteRT alone, the logits dequantized with the metadata's scale and zero point as an app
     # does, against the PyTorch model on every TEST image.
     trained = stored(classifier, model, monkeypatch)
-    inputs, truth = zip(*edge_inputs(trained, 96), strict=True)
+    inputs, truth = zip(*edge_inputs(trained, 192), strict=True)
     scale, zero_point = output["quantization"]["scale"], output["quantization"]["zeroPoint"]
     got = [(have - zero_point) * scale for (have,) in litert_alone(int8_package, inputs, tmp_path)]
     expected = pytorch_logits(trained, list(inputs))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from trainer.settings import Settings
 from trainer.tasks.image_classification.demo import write_shapes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,6 +87,18 @@ def multilabel_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from trainer.tasks.image_classification.demo import write_multilabel_shapes
 
     return write_multilabel_shapes(tmp_path_factory.mktemp("multilabel"), 120, 32, seed=5)
+
+
+def checked(
+    home: Path, tracking_uri: str, *overrides: str, task: str = "image_classification"
+) -> Settings:
+    """The typed settings a training in ``home`` with its store at ``tracking_uri`` checks
+    (trainer/job/settings.py), its type the task's default."""
+    from trainer.job.settings import checked_settings
+    from trainer.settings import composed
+
+    where = [f"home={home}", f"mlflow.tracking_uri={tracking_uri}"]
+    return checked_settings(composed(task, "default", [*where, *overrides]))
 
 
 # Two processes, one training: Lightning's DDP over gloo on the CPU (tests/test_distributed.py).

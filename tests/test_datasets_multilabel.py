@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from google.cloud import automl_v1
 
-from tests.conftest import FAST, read_json, train
+from tests.conftest import FAST, checked, read_json, train
 from tests.test_datasets import (
     bare,
     cli,  # noqa: F401 - a fixture
@@ -149,11 +149,7 @@ def test_a_folder_imports_into_a_multilabel_dataset(
 
 
 def training_settings(workspace: Workspace, *overrides: str) -> Any:
-    from trainer.job.settings import checked_settings
-    from trainer.settings import composed
-
-    where = [f"home={workspace.home}", f"mlflow.tracking_uri={workspace.tracking_uri.reveal()}"]
-    return checked_settings(composed("image_classification", "default", [*where, *overrides]))
+    return checked(Path(workspace.home), workspace.tracking_uri.reveal(), *overrides)
 
 
 def test_a_training_reads_the_datasets_type_and_refuses_another(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, Trained, read_json, run_dir_of, run_trainer, train
+from tests.conftest import FAST, Trained, checked, read_json, run_dir_of, run_trainer, train
 from tests.test_automl_conformance import automl, parse_operation, strict
 from tests.test_resume import refusal
 from trainer.errors import UserError
@@ -176,11 +176,7 @@ def test_a_deployed_multilabel_model_answers_every_label_at_or_over_the_threshol
 
 
 def settings_of(tmp_path: Path, *overrides: str) -> Settings:
-    from trainer.job.settings import checked_settings
-    from trainer.settings import composed
-
-    where = [f"home={tmp_path / 'home'}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
-    return checked_settings(composed("image_classification", "default", [*where, *overrides]))
+    return checked(tmp_path / "home", f"sqlite:///{tmp_path}/m.db", *overrides)
 
 
 def test_val_accuracy_cannot_judge_a_multilabel_models_convergence(tmp_path: Path) -> None:

@@ -126,14 +126,15 @@ def checked_size(value: Any, key: str) -> tuple[int, int]:
 
 
 MULTICLASS, MULTILABEL = "MULTICLASS", "MULTILABEL"  # AutoML's classificationType
+AUTO = "auto"  # dataset.classification_type: MULTILABEL when a CSV row has several labels
 
 
 def classification_type(key: str, value: Any) -> str:
     """``dataset.classification_type``: auto, MULTICLASS or MULTILABEL, in any case."""
     found = str(value).upper()
-    if found not in ("AUTO", MULTICLASS, MULTILABEL):
+    if found not in (AUTO.upper(), MULTICLASS, MULTILABEL):
         raise UserError(f"{key}={value!r} is invalid: use auto, {MULTICLASS} or {MULTILABEL}")
-    return "auto" if found == "AUTO" else found
+    return AUTO if found == AUTO.upper() else found
 
 
 def pretrained_mode(setting: Any) -> str:

@@ -28,14 +28,13 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from trainer.errors import UserError
-from trainer.settings import MULTICLASS, MULTILABEL
+from trainer.settings import AUTO, MULTICLASS, MULTILABEL
 from trainer.store.resources import check_name
 
 TRAIN, VALIDATE, TEST = "TRAIN", "VALIDATE", "TEST"
 SPLITS = (TRAIN, VALIDATE, TEST)
 ML_USE = {"TRAIN": TRAIN, "VALIDATE": VALIDATE, "VALIDATION": VALIDATE, "TEST": TEST}
 UNASSIGNED = "UNASSIGNED"
-AUTO = "auto"  # dataset.classification_type: MULTILABEL when a CSV row has several labels
 NO_LABEL = "no label"  # a MULTICLASS row with a path alone: nothing to learn from it
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from trainer import CONF_DIR
 from trainer.errors import UserError
-from trainer.settings import MULTICLASS, MULTILABEL, Settings, Workspace
+from trainer.settings import AUTO, MULTICLASS, MULTILABEL, Settings, Workspace
 from trainer.store.automl import Parent
 from trainer.store.resources import check_name
 from trainer.tasks import default_task
@@ -48,7 +48,7 @@ def _from_dataset(settings: Settings) -> Settings:
         Workspace.of(settings), str(settings.dataset_id), settings.task.name, settings.dataset.path
     )
     given, kind = settings.dataset.classification_type, rows.classification_type
-    if kind is not None and given not in ("auto", kind):
+    if kind is not None and given not in (AUTO, kind):
         raise UserError(
             f"dataset {rows.dataset_id} is a {kind} dataset but dataset.classification_type="
             f"{given}; leave it auto (or set {kind}) to train on it"
@@ -81,7 +81,7 @@ def as_classification_type(settings: Settings, found: str) -> Settings:
 def read_classification_type(settings: Settings) -> str | None:
     """What an image classification's dataset reads as, from its listing alone (no file is
     opened); None for a task of one label an example. The bundled demo is a folder."""
-    from trainer.data.manifest import AUTO, read_dataset
+    from trainer.data.manifest import read_dataset
 
     if settings.task.multilabel is None:
         return None
